@@ -98,6 +98,20 @@ def vectors_of(table: pa.Table, column: str = "embedding") -> np.ndarray:
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
+def write_store_table(table: pa.Table, path: str | Path) -> None:
+    """Write a store data file (or part) with the store's Parquet layout.
+
+    Vectors are neither dictionary-encoded nor compressed: float16 embeddings gain nothing
+    from either, and retrieval reads them again and again. Dictionary encoding made reading
+    100k x 384 vectors ~8x slower (2.36 s vs 0.28 s); Snappy roughly doubled the decode
+    time of a random 62,500 x 384 file (0.55 s vs 0.23 s). Row groups of 65,536 rows let readers
+    stream a file in bounded memory.
+    """
+    pq.write_table(table, path, row_group_size=65_536, use_dictionary=["doc_id"],
+                   compression={c: ("none" if c == "embedding" else "snappy")
+                                for c in table.column_names})
+
+
 def write_part(store: str | Path, corpus: str, shard: str, rows: np.ndarray, doc_ids: list[str],
                text_lens: np.ndarray, vectors: np.ndarray) -> Path:
     """Write one part of a shard. Its name is a hash of its rows, so a retried write of the same
@@ -113,7 +127,7 @@ def write_part(store: str | Path, corpus: str, shard: str, rows: np.ndarray, doc
     })
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(out)
-    pq.write_table(table, tmp, use_dictionary=["doc_id"])
+    write_store_table(table, tmp)
     os.replace(tmp, out)
     return out
 
@@ -152,9 +166,7 @@ def finalize_shard(store: str | Path, corpus: str, shard: str) -> int:
     out = data_path(store, corpus, shard)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(out)
-    # Dictionary-encoding float16 vectors gains nothing and makes reading them ~8x slower
-    # (measured on 100k x 384: 2.36 s vs 0.28 s), and retrieval reads them again and again.
-    pq.write_table(table, tmp, row_group_size=65_536, use_dictionary=["doc_id"])
+    write_store_table(table, tmp)
     os.replace(tmp, out)
     shutil.rmtree(pdir, ignore_errors=True)
     return table.num_rows

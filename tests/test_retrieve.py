@@ -152,8 +152,11 @@ def test_select_modes_dedup_and_provenance() -> None:
 # --- exact top-k against brute force ------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 1000])
-def test_scan_and_merge_match_brute_force(tmp_path: Path, chunk_rows: int) -> None:
+@pytest.mark.parametrize(("chunk_rows", "cast_rows"), [(7, 4096), (1000, 4096), (1000, 3)])
+def test_scan_and_merge_match_brute_force(tmp_path: Path, chunk_rows: int, cast_rows: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # cast_rows=3: the CPU product converts float16 rows in blocks that do not divide chunks.
+    monkeypatch.setattr("craft_ray.retrieve.CAST_ROWS", cast_rows)
     store, info, vecs = random_store(tmp_path, [60, 45, 1, 80])
     rng = np.random.default_rng(1)
     queries = unit(rng, 5).astype(np.float32)
@@ -194,6 +197,18 @@ def test_leakage_guard_drops_near_copies(tmp_path: Path) -> None:
         str(store / info.shards[1].file), 5, 5)
     per, _ = ranked_lists(off["pool"], 2, 5, 5)
     assert str(off["pool"].doc_id[per[0][0]]) == "c/s1#7"
+
+
+def test_leakage_reports_the_closest_few_shot_across_query_blocks(tmp_path: Path) -> None:
+    store, info, vecs = random_store(tmp_path, [40], ties=False)
+    rng = np.random.default_rng(4)
+    # Few-shot 2 (in the third block of one query) is stored document c/s0#9 itself.
+    queries = np.stack([unit(rng, 1)[0], unit(rng, 1)[0], vecs["s0"][9],
+                        unit(rng, 1)[0]]).astype(np.float32)
+    res = ShardScanner(queries, 0.98, 16, query_block=1).scan(
+        str(store / info.shards[0].file), 5, 5)
+    assert list(res["leaked_doc_id"]) == ["c/s0#9"]
+    assert int(res["leaked_shot"][0]) == 2
 
 
 def test_search_store_on_ray_matches_brute_force(ray_local, tmp_path: Path) -> None:

@@ -20,9 +20,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from craft_ray.store import ShardInfo, StoreInfo, embedding_array, read_info, write_info
+from craft_ray.store import (
+    ShardInfo,
+    StoreInfo,
+    embedding_array,
+    read_info,
+    write_info,
+    write_store_table,
+)
 
 logger = logging.getLogger(__name__)
+
+
+def _has_store_layout(data_file: Path) -> bool:
+    """Whether a data file was written as :func:`write_store_table` writes them today (a store
+    left by an older version is rebuilt, so the benchmark measures the current layout)."""
+    rg = pq.ParquetFile(data_file).metadata.row_group(0)
+    cols = [rg.column(i) for i in range(rg.num_columns)
+            if rg.column(i).path_in_schema.startswith("embedding")]
+    return bool(cols) and all(c.compression == "UNCOMPRESSED"
+                              and "RLE_DICTIONARY" not in c.encodings for c in cols)
 
 
 def build_random_store(path: Path, rows: int, dim: int, shards: int, seed: int = 0
@@ -31,7 +48,8 @@ def build_random_store(path: Path, rows: int, dim: int, shards: int, seed: int =
     one with the same shape exists)."""
     try:
         info = read_info(path)
-        if info.num_rows == rows and info.dim == dim and len(info.shards) == shards:
+        if info.num_rows == rows and info.dim == dim and len(info.shards) == shards \
+                and _has_store_layout(path / info.shards[0].file):
             return info
     except Exception:  # noqa: BLE001 - no usable store yet: build it
         pass
@@ -45,12 +63,12 @@ def build_random_store(path: Path, rows: int, dim: int, shards: int, seed: int =
         rel = f"data/bench/s{s:04d}.parquet"
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         start = s * per
-        pq.write_table(pa.table({
+        write_store_table(pa.table({
             "doc_id": pa.array([f"bench/s{s:04d}#{r}" for r in range(n)], pa.string()),
             "row": pa.array(np.arange(n, dtype=np.int64)),
             "text_len": pa.array(np.zeros(n, np.int32)),
             "embedding": embedding_array(v.astype(np.float16)),
-        }), path / rel, row_group_size=65_536)
+        }), path / rel)
         infos.append(ShardInfo(corpus="bench", shard=f"s{s:04d}", file=rel, num_rows=n))
         del v
         logger.info("bench: wrote shard %d/%d (rows %d..%d)", s + 1, shards, start, start + n)
