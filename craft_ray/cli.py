@@ -419,7 +419,8 @@ def bench_retrieve(
                f"(+ {r['faiss_load_s']:.3f} s load)   ratio {r['ratio']} warm, "
                f"{r['ratio_cold']} cold")
     typer.echo(f"recall@{k} of stage vs FAISS: {r['recall']}   peak RSS (driver + actors): "
-               f"{r['peak_rss_mb']} MB   store: {r['store_mb']} MB")
+               f"{r['peak_rss_mb']} MB (search working set {r['stage_working_set_mb']} MB)   "
+               f"store: {r['store_mb']} MB")
     typer.echo(json.dumps(r))
 
 

@@ -611,6 +611,7 @@ class SimilarityScorer:
         self.scanner = ShardScanner(queries, leakage_threshold, chunk_rows, query_block, device,
                                     vector_cache=vector_cache)
         self.budgets = budgets
+        self.base_rss_mb = _peak_rss_mb()  # after imports, before any scan
 
     def scan_file(self, path: str, corpus: str, shard: str) -> dict[str, Any]:
         """The candidate pool of one data file, with its provenance and this actor's RSS."""
@@ -618,6 +619,7 @@ class SimilarityScorer:
         res = self.scanner.scan(path, k_shot, k_mean)
         res["corpus"], res["shard"] = corpus, shard
         res["pid"], res["peak_rss_mb"] = os.getpid(), _peak_rss_mb()
+        res["base_rss_mb"] = self.base_rss_mb
         return res
 
 
@@ -641,6 +643,7 @@ class SearchResult:
     leaked: list[dict[str, Any]]
     seconds: float
     actor_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # by actor pid
+    actor_base_rss_mb: dict[int, float] = field(default_factory=dict)  # same, before scanning
 
 
 def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
@@ -668,6 +671,7 @@ def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
     n_rows = n_leaked = 0
     leaked: list[dict[str, Any]] = []
     peaks: dict[int, float] = {}
+    bases: dict[int, float] = {}
     if not items:
         return SearchResult({}, 0, 0, [], time.time() - t0)
     # Plain actors fed by ray.util.ActorPool rather than a Ray Data pipeline: the inputs are
@@ -692,13 +696,14 @@ def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
             n_rows += res["num_rows"]
             n_leaked += res["n_leaked"]
             peaks[res["pid"]] = max(peaks.get(res["pid"], 0.0), res["peak_rss_mb"])
+            bases[res["pid"]] = res["base_rss_mb"]
             for d, s, v in zip(res["leaked_doc_id"], res["leaked_shot"], res["leaked_sim"]):
                 leaked.append({"doc_id": str(d), "shot": int(s), "similarity": float(v)})
     finally:
         for a in actors:
             ray.kill(a)
     leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
-    return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks)
+    return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases)
 
 
 # --- optional FAISS index ----------------------------------------------------------------

@@ -112,6 +112,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     import shutil
 
     shutil.rmtree(store / "_vector_cache", ignore_errors=True)
+    driver_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Ray up, no search
     timings = []
     for _ in range(2):  # cold: decode Parquet (and write the cache); warm: memory-mapped cache
         t = time.time()
@@ -124,6 +125,11 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     stage_cold_s, stage_s = timings
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     actor_peak = max(res.actor_peak_rss_mb.values(), default=0.0)
+    # What the search itself held: each process' peak above its RSS before it searched
+    # (interpreter, numpy, pyarrow and Ray's worker are a fixed cost, whatever the store size).
+    actor_ws = [res.actor_peak_rss_mb[p] - res.actor_base_rss_mb.get(p, 0.0)
+                for p in res.actor_peak_rss_mb]
+    working_set = (driver_peak - driver_base) + sum(actor_ws)
 
     # FAISS: the whole matrix in memory as float32 (doc ids in store order).
     t = time.time()
@@ -156,6 +162,9 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
         "ratio_cold": round(stage_cold_s / faiss_s, 3) if faiss_s > 0 else None,
         "recall": round(recall, 6),
         "peak_rss_mb": round(driver_peak + sum(res.actor_peak_rss_mb.values()), 1),
+        "stage_working_set_mb": round(working_set, 1),
+        "driver_working_set_mb": round(driver_peak - driver_base, 1),
+        "actor_working_set_mb": round(max(actor_ws, default=0.0), 1),
         "driver_peak_rss_mb": round(driver_peak, 1), "actor_peak_rss_mb": round(actor_peak, 1),
         "actors": len(res.actor_peak_rss_mb),
         "store_mb": round(info.num_rows * dim * 2 / 2**20, 1),
