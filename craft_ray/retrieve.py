@@ -655,8 +655,8 @@ def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
     """Stream every data file of ``store`` through similarity actors and merge the pools.
 
     ``budgets`` maps a corpus name (or ``"*"`` for all) to ``(k_shot, k_mean)``. The driver
-    merges each shard's pool as it arrives, so it holds at most one group's candidates plus
-    one shard's, never the store.
+    merges the shards' pools as they arrive, a few at a time, so it holds at most one group's
+    candidates plus about eight lists' worth of waiting entries, never the store.
     """
     import ray
     from ray.util import ActorPool
@@ -688,17 +688,33 @@ def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
     try:
         results = ActorPool(actors).map_unordered(
             lambda a, it: a.scan_file.remote(it["path"], it["corpus"], it["shard"]), items)
+        # Pools wait in `pending` and are merged a few at a time: a merge sorts every entry,
+        # so merging each shard's pool on arrival would cost the driver a sort per shard.
+        pending: dict[str, list[Pool]] = {}
+        seen: set[tuple[str, str]] = set()
         for res in results:
+            if (res["corpus"], res["shard"]) in seen:  # a shard's result arrives once, but
+                continue                                # never count a file twice
+            seen.add((res["corpus"], res["shard"]))
             key = res["corpus"] if grouped else "*"
             k_shot, k_mean = budgets[key]
-            cur = pools.get(key, Pool())
-            pools[key] = Pool.concat([cur, res["pool"]]).reduce(k_shot, k_mean)
+            waiting = pending.setdefault(key, [])
+            waiting.append(res["pool"])
+            if sum(len(p) for p in waiting) > 8 * (len(queries) * k_shot + k_mean):
+                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting]).reduce(
+                    k_shot, k_mean)
+                waiting.clear()
             n_rows += res["num_rows"]
             n_leaked += res["n_leaked"]
             peaks[res["pid"]] = max(peaks.get(res["pid"], 0.0), res["peak_rss_mb"])
             bases[res["pid"]] = res["base_rss_mb"]
             for d, s, v in zip(res["leaked_doc_id"], res["leaked_shot"], res["leaked_sim"]):
                 leaked.append({"doc_id": str(d), "shot": int(s), "similarity": float(v)})
+        for key, waiting in pending.items():
+            if waiting:
+                k_shot, k_mean = budgets[key]
+                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting]).reduce(
+                    k_shot, k_mean)
     finally:
         for a in actors:
             ray.kill(a)

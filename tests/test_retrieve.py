@@ -212,10 +212,11 @@ def test_leakage_reports_the_closest_few_shot_across_query_blocks(tmp_path: Path
 
 
 def test_search_store_on_ray_matches_brute_force(ray_local, tmp_path: Path) -> None:
-    store, info, vecs = random_store(tmp_path, [50, 30, 70, 20])
+    # 12 shards: more pools than the driver lets wait, so it also merges part-way through.
+    store, info, vecs = random_store(tmp_path, [50, 30, 70, 20] * 3)
     queries = unit(np.random.default_rng(4), 3).astype(np.float32)
     res = search_store(store, info, queries, {"*": (10, 10)}, chunk_rows=16, concurrency=2)
-    assert res.num_rows == 170
+    assert res.num_rows == 510
     per, mean = ranked_lists(res.pools["*"], 3, 10, 10)
     ref_per, ref_mean = brute_force(vecs, queries, 10)
     assert [[str(res.pools["*"].doc_id[u]) for u in lst] for lst in per] == ref_per
