@@ -1,8 +1,10 @@
-"""Evaluation stage: multiple-choice accuracy of base models, adapters and merged models.
+"""Evaluation stage: base models, adapters and merged models on multiple-choice and generative
+evaluation sets.
 
-CRAFT's method: one greedy next token after the prompt; the prediction is the argmax of the
-next-token log-probability over the letters the item has (A-D, A-E, A/B). A letter that is
-not among the scored tokens counts as -inf; an item with no usable letter is wrong.
+Multiple-choice sets (accuracy) follow CRAFT's method: one greedy next token after the prompt;
+the prediction is the argmax of the next-token log-probability over the letters the item has
+(A-D, A-E, A/B). A letter that is not among the scored tokens counts as -inf; an item with no
+usable letter is wrong.
 
 - ``backend: hf``: a Ray Data actor pool, each actor loading the model (+ PEFT adapter) once;
   the letter scores come straight from the last position's logits (full vocabulary, so no
@@ -10,6 +12,18 @@ not among the scored tokens counts as -inf; an item with no usable letter is wro
 - ``backend: vllm``: ``ray.data.llm`` vLLM engines, ``max_tokens=1`` and the top-k logprobs
   of that token; letters outside the top k are -inf, as in CRAFT. Adapters are served as
   LoRA requests (no merge needed).
+
+Generative sets (``cnn_dailymail`` -> summarization, ``recipenlg`` -> recipegen): the evaluated
+model answers each prompt itself (greedy by default, ``generation.max_new_tokens`` or the task's
+CRAFT budget), on the same backends and with the model loaded the same way (hf actors; vLLM
+through :mod:`craft_ray.backends.vllm` with the adapter as a LoRA request). Every answer gets
+ROUGE-L F1 against the reference; with ``judge`` set, all (model, set) pairs then go to the LLM
+judge in one call (:func:`craft_ray.judge.judge_groups`: pairwise vs the reference, seeded
+order swap), and the win rate is reported CRAFT's way (ties and unparsable as losses, the
+metric) and over decided pairs only.
+
+Models: ``models`` lists them; ``sweep`` adds every finished trial of a sweep (base model +
+the trial's adapter, with its size and seed) read from ``RUN_DIR/sweep/results.jsonl``.
 
 Prompts are built exactly as training built them: the eval item becomes a task record
 (``question``, ``options`` ["A. ...", ...], ``answer``), ``Task.training_pair(record)[0]`` is
@@ -19,8 +33,12 @@ as ``train``), so a fine-tuned adapter is scored on exactly the token sequence i
 
 Outputs under ``RUN_DIR/evaluate/``::
 
-    {model}/{set}/predictions.parquet|.jsonl   prompt, letter scores, prediction, gold, correct
-    {model}/{set}/results.json                 accuracy, n, 95% CI, gold/prediction counts
+    {model}/{set}/predictions.parquet|.jsonl   MC: prompt, letter scores, prediction, gold,
+                                               correct; generative: instruction, prompt,
+                                               prediction, reference, rougeL_f1, judge verdict
+    {model}/{set}/results.json                 MC: accuracy, n, 95% CI, gold/prediction counts;
+                                               generative: rougeL_f1 (+CI), win rates (+CI),
+                                               wins/losses/ties/unparsable
     rejects/{set}.jsonl                        eval rows that could not be parsed, with reason
     results.json, results.md, accuracy.png, report.md    all (model, set) pairs together
 """
@@ -1104,7 +1122,7 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     names = [m.name for m in models]
     if not force and stage.is_complete(cfg):
         done = json.loads((stage.path / "stats.json").read_text())
-        if done.get("extra", {}).get("models", names) == names:
+        if done.get("models", names) == names:
             logger.info("evaluate: already complete in %s (same config); skipping", stage.path)
             return done
         logger.info("evaluate: the sweep has other trials than last time; updating")

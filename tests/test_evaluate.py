@@ -536,4 +536,102 @@ def test_generative_end_to_end_copy_model(ray_local, tmp_path):
     for f in ("results.json", "results.md", "accuracy.png", "report.md", "_SUCCESS"):
         assert (out / f).is_file(), f
     assert "win_rate" in (out / "results.md").read_text()
-    assert {x["model"] for x in stats["extra"]["results"]} == {"base", "copy"}
+    assert {x["model"] for x in stats["results"]} == {"base", "copy"}
+    assert stats["models"] == ["base", "copy"]
+    # a rerun with the same config generates and judges nothing again
+    n_prompts = len(judge_prompts)
+    again = run_evaluate(cfg, judge_generate=stub_judge)
+    assert len(judge_prompts) == n_prompts and again["results"] == stats["results"]
+
+
+# --- sweep discovery -----------------------------------------------------------------------------
+
+
+def fake_sweep(run: Path) -> Path:
+    """RUN_DIR/sweep as `craft-ray sweep` leaves it: config.yaml, results.jsonl, adapters."""
+    sweep = run / "sweep"
+    sweep.mkdir(parents=True)
+    (sweep / "config.yaml").write_text("run_dir: x\ntrain:\n  base_model: org/base-7b\n"
+                                       "sweep:\n  sizes: [S, M]\n")
+    rows = []
+    for size in ("S", "M"):
+        for seed in (1, 2):
+            trial = f"{size}-seed{seed}"
+            adapter = run / "train" / trial / "adapter"
+            adapter.mkdir(parents=True)
+            (adapter / "adapter_config.json").write_text("{}")
+            rows.append({"size": size, "seed": seed, "trial": trial, "status": "finished",
+                         "adapter": str(adapter), "error": None})
+    rows[1]["adapter"] = "/old/cluster/path/train/S-seed2/adapter"  # moved since the sweep
+    rows.append({"size": "M", "seed": 3, "trial": "M-seed3", "status": "failed",
+                 "adapter": None, "error": "RuntimeError: OOM"})
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return sweep
+
+
+def test_sweep_trials_are_discovered(tmp_path):
+    from craft_ray.config import ConfigError
+    from craft_ray.evaluate import SweepModelsConfig, discover_sweep_models, resolve_models
+
+    run = tmp_path / "run"
+    fake_sweep(run)
+    models = discover_sweep_models(SweepModelsConfig(), run)
+    assert [m.name for m in models] == ["S-seed1", "S-seed2", "M-seed1", "M-seed2"]
+    assert {m.model for m in models} == {"org/base-7b"}
+    assert models[1].adapter == str((run / "train" / "S-seed2" / "adapter").resolve())
+    assert [(m.size, m.seed, m.series) for m in models[:2]] == [("S", 1, "craft"),
+                                                                 ("S", 2, "craft")]
+    only_m = discover_sweep_models(SweepModelsConfig(sizes=["M"], base_model="/m"), run)
+    assert [m.name for m in only_m] == ["M-seed1", "M-seed2"] and only_m[0].model == "/m"
+    # listed models first, then the trials; a listed name that clashes is an error
+    cfg = EvaluateConfig(models=[ModelSpec(name="base", model="org/base-7b")], sweep={},
+                         sets=[EvalSetConfig(name="medmcqa")])
+    assert [m.name for m in resolve_models(cfg, run)][:2] == ["base", "S-seed1"]
+    clash = EvaluateConfig(models=[ModelSpec(name="S-seed1", model="x")], sweep={},
+                           sets=[EvalSetConfig(name="medmcqa")])
+    with pytest.raises(ConfigError, match="S-seed1"):
+        resolve_models(clash, run)
+    with pytest.raises(ConfigError, match="run `craft-ray sweep`"):
+        discover_sweep_models(SweepModelsConfig(), tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        EvaluateConfig(sets=[EvalSetConfig(name="medmcqa")])
+
+
+@pytest.mark.parametrize("task,set_name", [("summarization", "cnn_dailymail"),
+                                           ("recipegen", "recipenlg")])
+def test_shipped_generative_configs(task, set_name):
+    """configs/{task}.yaml evaluates the sweep's trials + the base model on the real set with
+    vLLM, and judges with Llama-3-70B-Instruct."""
+    from craft_ray.config import load_config
+
+    cfg = load_config(EvaluateStageConfig, Path(__file__).resolve().parents[1] / "configs" /
+                      f"{task}.yaml").evaluate
+    assert cfg.backend == "vllm" and cfg.sweep is not None and cfg.judge is not None
+    assert [(s.name, s.kind, s.task) for s in cfg.sets] == [(set_name, "generative", task)]
+    assert cfg.judge.model == "meta-llama/Meta-Llama-3-70B-Instruct"
+    assert cfg.generation.temperature == 0.0
+
+
+@pytest.mark.gpu
+def test_vllm_generation_on_gpu(tmp_path):
+    """Not run on CPU machines: base model answers a generative set through vLLM."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import ray
+
+    from craft_ray.evaluate import run_evaluate
+    from craft_ray.tiny import build_tiny_causal_lm
+
+    build_tiny_causal_lm(tmp_path / "base", seed=TINY_SEED)
+    ray.init(ignore_reinit_error=True)
+    cfg = EvaluateStageConfig(run_dir=str(tmp_path / "run"), evaluate=EvaluateConfig(
+        models=[ModelSpec(name="base", model=str(tmp_path / "base"))],
+        sets=[EvalSetConfig(name="cnn_dailymail", path=str(EVAL / "cnn_dailymail_test.jsonl"),
+                            limit=3)],
+        backend="vllm", num_gpus=1, generation={"max_new_tokens": 16}))
+    run_evaluate(cfg)
+    r = json.loads((tmp_path / "run" / "evaluate" / "base" / "cnn_dailymail" /
+                    "results.json").read_text())
+    assert r["n"] == 3 and r["metric"] == "rougeL_f1"
