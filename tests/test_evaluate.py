@@ -635,3 +635,16 @@ def test_vllm_generation_on_gpu(tmp_path):
     r = json.loads((tmp_path / "run" / "evaluate" / "base" / "cnn_dailymail" /
                     "results.json").read_text())
     assert r["n"] == 3 and r["metric"] == "rougeL_f1"
+
+
+def test_generative_set_uses_its_own_task():
+    from craft_ray.config import ConfigError
+    from craft_ray.evaluate import _generative_task
+
+    cnn = EvalSetConfig(name="cnn_dailymail")
+    for task in (None, "bioqa", "summarization"):  # an MC task is for the MC sets
+        cfg = EvaluateConfig(task=task, models=[ModelSpec(name="m", model="x")], sets=[cnn])
+        assert _generative_task(cfg, cnn).name == "summarization"
+    cfg = EvaluateConfig(task="recipegen", models=[ModelSpec(name="m", model="x")], sets=[cnn])
+    with pytest.raises(ConfigError, match="recipegen"):
+        _generative_task(cfg, cnn)
