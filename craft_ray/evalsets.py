@@ -1,8 +1,10 @@
-"""Loaders for the multiple-choice evaluation sets, each read in its original schema.
+"""Loaders for the evaluation sets, each read in its original schema.
 
-Every loader turns one source row into an :class:`EvalItem` (question, choice texts, the
-letters A, B, ... in order, the gold letter) or a :class:`EvalReject` with a reason, so one
-bad row is reported and skipped instead of stopping an evaluation.
+Every loader turns one source row into an item or an :class:`EvalReject` with a reason, so one
+bad row is reported and skipped instead of stopping an evaluation. Multiple-choice sets give an
+:class:`EvalItem` (question, choice texts, the letters A, B, ... in order, the gold letter);
+generative sets give a :class:`GenItem` (a record of the CRAFT task the set evaluates, whose
+``Task.training_pair`` is the prompt and the reference output).
 
 Sets and where they come from:
 
@@ -21,12 +23,34 @@ name               source                                  schema               
                    validation (CRAFT csqa)
 =================  =====================================  ==========================  =====
 
+Generative sets (the reference is the task's completion text):
+
+==================  ====================================  ===========================  =========
+name                source                                schema                       task
+==================  ====================================  ===========================  =========
+``cnn_dailymail``   hub ``abisee/cnn_dailymail`` 3.0.0    article, highlights, id      summari-
+                    test (CRAFT: 1000 items, see                                       zation
+                    ``craft_subset``)
+``recipenlg``       local RecipeNLG release               title, ingredients,          recipegen
+                    (``RecipeNLG_dataset.csv`` or a       directions (lists, or JSON
+                    .jsonl/.parquet of the hub's          list strings in the CSV),
+                    ``recipe_nlg`` columns)               link, source, NER
+==================  ====================================  ===========================  =========
+
+CRAFT evaluated summarization on 1000 CNN/DailyMail test articles (``run_eval.py``: sklearn
+``train_test_split(range(n), test_size=1000, random_state=1234)``, prompt
+``"Please summarize the text below:\n{article}"``, reference ``highlights``) and recipe
+generation on 1000 held-out RecipeNLG recipes (its ``datasets/recipenlg/test.jsonl`` with
+``instruction``/``ingredients``/``steps``; that file is not published, so rows in that form
+are read as they are and RecipeNLG rows get an instruction from ``instruction_template``).
+
 A hub set can also be read from a local copy (``path``: a .jsonl, .json or .parquet file with
 the hub's columns), which is what the tests and air-gapped clusters use.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -44,7 +68,17 @@ logger = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 
-EvalSetName = Literal["commonsenseqa", "medqa", "scienceqa_bio", "medmcqa", "csqa2"]
+EvalSetName = Literal["commonsenseqa", "medqa", "scienceqa_bio", "medmcqa", "csqa2",
+                      "cnn_dailymail", "recipenlg"]
+
+# Generative sets and the CRAFT task whose records they hold.
+GENERATIVE_SETS = {"cnn_dailymail": "summarization", "recipenlg": "recipegen"}
+
+# CRAFT's evaluation instruction for CNN/DailyMail (FormatExtractor.summarization, official).
+CNN_INSTRUCTION = "Please summarize the text below:"
+RECIPE_INSTRUCTION = "How can I cook {title}? List the ingredients and the steps."
+# CRAFT's summarization subset: sklearn train_test_split(test_size=1000, random_state=1234).
+CRAFT_SUBSET = {"cnn_dailymail": (1000, 1234)}
 
 
 class EvalSetError(ValueError):
@@ -88,6 +122,21 @@ class EvalItem:
 
 
 @dataclass(frozen=True)
+class GenItem:
+    """One generative item: a record of ``task`` (the CRAFT task's ``record_fields``).
+
+    ``Task.training_pair(record)`` gives (prompt text, reference output), so an item is
+    prompted exactly as that task's training data was.
+    """
+
+    id: str
+    task: str
+    record: dict[str, Any]
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class EvalReject:
     """A source row that could not be turned into an :class:`EvalItem`."""
 
@@ -124,6 +173,20 @@ class EvalSetConfig(StrictModel):
         default=None,
         description="Shuffle items with this seed before `limit` (default: keep file order).",
     )
+    hub_config: str | None = Field(
+        default=None, description="Hub dataset config (cnn_dailymail: default '3.0.0')."
+    )
+    craft_subset: bool = Field(
+        default=False,
+        description="cnn_dailymail: evaluate CRAFT's 1000 test articles (the test part of "
+        "sklearn train_test_split(range(n), test_size=1000, random_state=1234), in its order).",
+    )
+    instruction: str | None = Field(
+        default=None, min_length=1,
+        description="Generative sets: the instruction of each item (cnn_dailymail: CRAFT's "
+        "'Please summarize the text below:'; recipenlg: a template with {title}, default "
+        "'How can I cook {title}? List the ingredients and the steps.').",
+    )
 
     @model_validator(mode="after")
     def _needs_path(self) -> EvalSetConfig:
@@ -132,16 +195,35 @@ class EvalSetConfig(StrictModel):
                 f"eval set {self.name!r} is read from a local file: set path "
                 f"(e.g. {LOCAL_ONLY[self.name]})"
             )
+        if self.craft_subset and self.name not in CRAFT_SUBSET:
+            raise ValueError(f"craft_subset exists for {sorted(CRAFT_SUBSET)} only, not "
+                             f"{self.name!r}; use limit + shuffle_seed")
+        if self.instruction and self.name not in GENERATIVE_SETS:
+            raise ValueError(f"instruction applies to generative sets {sorted(GENERATIVE_SETS)}")
+        if self.name == "recipenlg" and self.instruction and "{title}" not in self.instruction:
+            raise ValueError("recipenlg instruction must contain '{title}'")
         return self
 
     @property
     def display_name(self) -> str:
         return self.label or self.name
 
+    @property
+    def kind(self) -> Literal["multiple_choice", "generative"]:
+        """multiple_choice (accuracy) or generative (ROUGE-L, judge win rate)."""
+        return "generative" if self.name in GENERATIVE_SETS else "multiple_choice"
+
+    @property
+    def task(self) -> str | None:
+        """The CRAFT task whose records a generative set holds (None for MC sets)."""
+        return GENERATIVE_SETS.get(self.name)
+
 
 LOCAL_ONLY = {
     "commonsenseqa": "../shared/data/eval/commonsenseqa/dev_rand_split.jsonl",
     "medqa": "../shared/data/eval/medqa/US/4_options/phrases_no_exclude_test.jsonl",
+    # the hub's recipe_nlg needs a manual download, so the release file is read directly
+    "recipenlg": "/data/recipenlg/RecipeNLG_dataset.csv",
 }
 
 # (hub id, split) CRAFT's run_eval.py used for each hub set.
@@ -149,7 +231,9 @@ HUB_DEFAULTS = {
     "scienceqa_bio": ("derek-thomas/ScienceQA", "test"),
     "medmcqa": ("openlifescienceai/medmcqa", "validation"),
     "csqa2": ("tasksource/commonsense_qa_2.0", "validation"),
+    "cnn_dailymail": ("abisee/cnn_dailymail", "test"),
 }
+HUB_CONFIGS = {"cnn_dailymail": "3.0.0"}
 
 
 # --- per-row parsers (pure functions; each raises RowError on a bad row) --------------------
@@ -275,12 +359,63 @@ def parse_csqa2(obj: dict[str, Any], idx: int) -> EvalItem:
                     meta={"confidence": obj.get("confidence")})
 
 
-PARSERS: dict[str, Callable[[dict[str, Any], int], EvalItem]] = {
+def parse_cnn_dailymail(obj: dict[str, Any], idx: int, instruction: str | None = None
+                        ) -> GenItem:
+    """CNN/DailyMail 3.0.0 (``article``, ``highlights``, ``id``) as a summarization record."""
+    article = _text(obj, "article")
+    highlights = _text(obj, "highlights")
+    return GenItem(id=str(obj.get("id") or idx), task="summarization", record={
+        "instruction": instruction or CNN_INSTRUCTION, "summary": highlights,
+        "long_but_clean_text": article}, source="cnn_dailymail")
+
+
+def _str_list(obj: dict[str, Any], key: str) -> list[str]:
+    """A list of strings: a list, or (RecipeNLG's CSV) a JSON list written as a string."""
+    val = obj.get(key)
+    if isinstance(val, str):
+        try:
+            val = json.loads(val)
+        except json.JSONDecodeError:
+            raise RowError(f"bad_{key}", f"field {key!r} is a string but not a JSON list") \
+                from None
+    if not isinstance(val, list):
+        raise RowError(f"bad_{key}", f"field {key!r} is missing or not a list")
+    items = [v.strip() for v in val if isinstance(v, str) and v.strip()]
+    if len(items) != len(val):
+        raise RowError(f"bad_{key}", f"field {key!r} has empty or non-string entries")
+    if not items:
+        raise RowError(f"empty_{key}", f"field {key!r} is empty")
+    return items
+
+
+def parse_recipenlg(obj: dict[str, Any], idx: int, instruction: str | None = None
+                    ) -> GenItem:
+    """RecipeNLG (``title``, ``ingredients``, ``directions``, ``link``, ``source``, ``NER``)
+    as a recipegen record; a row already in CRAFT's form (``instruction``, ``ingredients``,
+    ``steps``) is taken as it is."""
+    if "steps" in obj and "instruction" in obj:
+        ins = _text(obj, "instruction")
+        ingredients, steps = _str_list(obj, "ingredients"), _str_list(obj, "steps")
+        title = None
+    else:
+        title = _text(obj, "title")
+        ingredients, steps = _str_list(obj, "ingredients"), _str_list(obj, "directions")
+        ins = (instruction or RECIPE_INSTRUCTION).format(title=title)
+    rid = obj.get("id", obj.get("", obj.get("Unnamed: 0")))
+    return GenItem(id=str(rid if rid not in (None, "") else idx), task="recipegen",
+                   record={"instruction": ins, "ingredients": ingredients, "steps": steps},
+                   source="recipenlg",
+                   meta={"title": title, "link": obj.get("link"), "origin": obj.get("source")})
+
+
+PARSERS: dict[str, Callable[..., EvalItem | GenItem]] = {
     "commonsenseqa": parse_commonsenseqa,
     "medqa": parse_medqa,
     "scienceqa_bio": parse_scienceqa,
     "medmcqa": parse_medmcqa,
     "csqa2": parse_csqa2,
+    "cnn_dailymail": parse_cnn_dailymail,
+    "recipenlg": parse_recipenlg,
 }
 
 
@@ -322,18 +457,26 @@ def _iter_local(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
 
         for i, obj in enumerate(pq.read_table(path).to_pylist()):
             yield i, obj, ""
+    elif suffix == ".csv":  # RecipeNLG's release: an unnamed index column, lists as JSON
+        import csv
+
+        with path.open("r", encoding="utf-8", errors="replace", newline="") as fh:
+            for i, rec in enumerate(csv.DictReader(fh)):
+                yield i, dict(rec), ""
     else:
-        raise EvalSetError(f"eval file {path}: unknown format {suffix!r} (use .jsonl, .json or "
-                           ".parquet in the set's original schema)")
+        raise EvalSetError(f"eval file {path}: unknown format {suffix!r} (use .jsonl, .json, "
+                           ".parquet or .csv in the set's original schema)")
 
 
-def _iter_hub(hub_id: str, split: str) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+def _iter_hub(hub_id: str, split: str, config: str | None = None
+              ) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a hard dependency
         raise EvalSetError("loading a hub set needs `pip install datasets`") from exc
     try:
-        ds = datasets.load_dataset(hub_id, split=split)
+        kwargs = {"name": config} if config else {}
+        ds = datasets.load_dataset(hub_id, split=split, **kwargs)
     except Exception as exc:  # network, auth, unknown split: all stop before work starts
         raise EvalSetError(
             f"cannot load hub dataset {hub_id!r} split {split!r}: {exc}. Without hub access, "
@@ -353,11 +496,18 @@ def _raw(obj: dict[str, Any] | None, line: str) -> str:
 
 
 def parse_rows(name: str, rows: Iterable[tuple[int, dict[str, Any] | None, str]],
-               source: str) -> tuple[list[EvalItem], list[EvalReject]]:
-    """Parse ``(row, obj, raw)`` triples with the set's parser; bad rows become rejects."""
-    parser = PARSERS[name]
+               source: str, instruction: str | None = None
+               ) -> tuple[list[Any], list[EvalReject]]:
+    """Parse ``(row, obj, raw)`` triples with the set's parser; bad rows become rejects.
+
+    Items are :class:`EvalItem` for multiple-choice sets, :class:`GenItem` for generative ones
+    (``instruction`` is their instruction / template).
+    """
+    parser: Callable[..., Any] = PARSERS[name]
+    if name in GENERATIVE_SETS:
+        parser = functools.partial(parser, instruction=instruction)
     keep = _row_filter(name)
-    items: list[EvalItem] = []
+    items: list[Any] = []
     rejects: list[EvalReject] = []
     seen: set[str] = set()
     for i, obj, line in rows:
@@ -381,8 +531,20 @@ def parse_rows(name: str, rows: Iterable[tuple[int, dict[str, Any] | None, str]]
     return items, rejects
 
 
+def craft_subset_rows(n_rows: int, size: int, seed: int) -> list[int]:
+    """Row indices of CRAFT's evaluation subset, in CRAFT's order.
+
+    CRAFT took ``train_test_split(range(n), test_size=size, random_state=seed)[1]``; sklearn's
+    ShuffleSplit draws ``RandomState(seed).permutation(n)`` and the test part is its first
+    ``size`` entries (all rows when there are fewer).
+    """
+    import numpy as np
+
+    return [int(i) for i in np.random.RandomState(seed).permutation(n_rows)[:size]]
+
+
 def load_eval_set(cfg: EvalSetConfig, base_dir: str | Path | None = None
-                  ) -> tuple[list[EvalItem], list[EvalReject]]:
+                  ) -> tuple[list[Any], list[EvalReject]]:
     """Load one evaluation set: its items (shuffled/limited as configured) and its rejects.
 
     Raises :class:`EvalSetError` when the set cannot be read at all (missing file, hub
@@ -401,9 +563,15 @@ def load_eval_set(cfg: EvalSetConfig, base_dir: str | Path | None = None
         hub_id, split = HUB_DEFAULTS[cfg.name]
         hub_id = cfg.hub_id or hub_id
         split = cfg.split or split
-        rows = _iter_hub(hub_id, split)
-        source = f"{hub_id}:{split}"
-    items, rejects = parse_rows(cfg.name, rows, source)
+        config = cfg.hub_config or HUB_CONFIGS.get(cfg.name)
+        rows = _iter_hub(hub_id, split, config)
+        source = f"{hub_id}{'/' + config if config else ''}:{split}"
+    if cfg.craft_subset:
+        # the subset indexes the source rows (before parsing), as CRAFT's select() did
+        all_rows = list(rows)
+        size, seed = CRAFT_SUBSET[cfg.name]
+        rows = iter([all_rows[i] for i in craft_subset_rows(len(all_rows), size, seed)])
+    items, rejects = parse_rows(cfg.name, rows, source, cfg.instruction)
     if cfg.shuffle_seed is not None:
         random.Random(cfg.shuffle_seed).shuffle(items)
     if cfg.limit is not None:

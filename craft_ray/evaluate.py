@@ -1,8 +1,10 @@
-"""Evaluation stage: multiple-choice accuracy of base models, adapters and merged models.
+"""Evaluation stage: base models, adapters and merged models on multiple-choice and generative
+evaluation sets.
 
-CRAFT's method: one greedy next token after the prompt; the prediction is the argmax of the
-next-token log-probability over the letters the item has (A-D, A-E, A/B). A letter that is
-not among the scored tokens counts as -inf; an item with no usable letter is wrong.
+Multiple-choice sets (accuracy) follow CRAFT's method: one greedy next token after the prompt;
+the prediction is the argmax of the next-token log-probability over the letters the item has
+(A-D, A-E, A/B). A letter that is not among the scored tokens counts as -inf; an item with no
+usable letter is wrong.
 
 - ``backend: hf``: a Ray Data actor pool, each actor loading the model (+ PEFT adapter) once;
   the letter scores come straight from the last position's logits (full vocabulary, so no
@@ -10,6 +12,18 @@ not among the scored tokens counts as -inf; an item with no usable letter is wro
 - ``backend: vllm``: ``ray.data.llm`` vLLM engines, ``max_tokens=1`` and the top-k logprobs
   of that token; letters outside the top k are -inf, as in CRAFT. Adapters are served as
   LoRA requests (no merge needed).
+
+Generative sets (``cnn_dailymail`` -> summarization, ``recipenlg`` -> recipegen): the evaluated
+model answers each prompt itself (greedy by default, ``generation.max_new_tokens`` or the task's
+CRAFT budget), on the same backends and with the model loaded the same way (hf actors; vLLM
+through :mod:`craft_ray.backends.vllm` with the adapter as a LoRA request). Every answer gets
+ROUGE-L F1 against the reference; with ``judge`` set, all (model, set) pairs then go to the LLM
+judge in one call (:func:`craft_ray.judge.judge_groups`: pairwise vs the reference, seeded
+order swap), and the win rate is reported CRAFT's way (ties and unparsable as losses, the
+metric) and over decided pairs only.
+
+Models: ``models`` lists them; ``sweep`` adds every finished trial of a sweep (base model +
+the trial's adapter, with its size and seed) read from ``RUN_DIR/sweep/results.jsonl``.
 
 Prompts are built exactly as training built them: the eval item becomes a task record
 (``question``, ``options`` ["A. ...", ...], ``answer``), ``Task.training_pair(record)[0]`` is
@@ -19,8 +33,12 @@ as ``train``), so a fine-tuned adapter is scored on exactly the token sequence i
 
 Outputs under ``RUN_DIR/evaluate/``::
 
-    {model}/{set}/predictions.parquet|.jsonl   prompt, letter scores, prediction, gold, correct
-    {model}/{set}/results.json                 accuracy, n, 95% CI, gold/prediction counts
+    {model}/{set}/predictions.parquet|.jsonl   MC: prompt, letter scores, prediction, gold,
+                                               correct; generative: instruction, prompt,
+                                               prediction, reference, rougeL_f1, judge verdict
+    {model}/{set}/results.json                 MC: accuracy, n, 95% CI, gold/prediction counts;
+                                               generative: rougeL_f1 (+CI), win rates (+CI),
+                                               wins/losses/ties/unparsable
     rejects/{set}.jsonl                        eval rows that could not be parsed, with reason
     results.json, results.md, accuracy.png, report.md    all (model, set) pairs together
 """
@@ -41,6 +59,7 @@ from pydantic import Field, field_validator, model_validator
 
 from craft_ray.config import RayConfig, StrictModel, config_hash
 from craft_ray.evalsets import LETTERS, EvalItem, EvalSetConfig, load_eval_set
+from craft_ray.judge import JUDGE_TEMPLATE, JudgeModelConfig
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -107,6 +126,43 @@ class VLLMScoreConfig(StrictModel):
     )
 
 
+class GenerationConfig(StrictModel):
+    """How generative sets are answered by the evaluated model (greedy by default)."""
+
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=65_536,
+        description="Answer budget (default: the task's CRAFT budget: summarization 1536, "
+        "recipegen 1280).")
+    temperature: float = Field(
+        default=0.0, ge=0, le=5,
+        description="0: greedy (reproducible). CRAFT's run_eval.py sampled at 0.7 / top_p "
+        "0.9 / top_k 40.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling (temperature > 0).")
+    top_k: int = Field(default=-1, ge=-1, le=100_000,
+                       description="Top-k sampling (temperature > 0; -1: off).")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1,
+                      description="Sampling seed per item (temperature > 0).")
+    generate_batch_size: int = Field(default=4, ge=1, le=1024,
+                                     description="hf: prompts per generate() call (left-padded).")
+
+
+class SweepModelsConfig(StrictModel):
+    """Evaluate every finished trial of a sweep: its adapters are found in the sweep output."""
+
+    path: str | None = Field(
+        default=None, description="The sweep folder (default RUN_DIR/sweep; it holds "
+        "results.jsonl, one row per trial, written by `craft-ray sweep`).")
+    base_model: str | None = Field(
+        default=None, description="Base model of the adapters (default: train.base_model "
+        "in the sweep's config.yaml).")
+    group: str = Field(default="craft", min_length=1,
+                       description="Series name of the trials in tables and plots.")
+    sizes: list[str] | None = Field(default=None,
+                                    description="Only trials of these sizes (default: all).")
+    merge_adapter: bool = Field(default=False,
+                                description="As ModelSpec.merge_adapter, for every trial.")
+
+
 class EvaluateConfig(StrictModel):
     """Config of ``craft-ray evaluate``."""
 
@@ -116,8 +172,24 @@ class EvaluateConfig(StrictModel):
         "a custom multiple-choice task). Empty: CRAFT's evaluation format "
         "'question\\nA. ...\\nB. ...'.",
     )
-    models: list[ModelSpec] = Field(min_length=1, description="Models to evaluate.")
-    sets: list[EvalSetConfig] = Field(min_length=1, description="Evaluation sets.")
+    models: list[ModelSpec] = Field(
+        default_factory=list,
+        description="Models to evaluate (with or instead of the trials found by `sweep`).")
+    sweep: SweepModelsConfig | None = Field(
+        default=None, description="Also evaluate every finished trial of a sweep.")
+    sets: list[EvalSetConfig] = Field(
+        min_length=1, description="Evaluation sets: multiple-choice (accuracy) and generative "
+        "(ROUGE-L, plus the judge's win rate when `judge` is set).")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig,
+                                         description="Generative sets: decoding settings.")
+    judge: JudgeModelConfig | None = Field(
+        default=None, description="Generative sets: the LLM judge comparing each output with "
+        "the reference (win rate); none: ROUGE-L only.")
+    judge_seed: int = Field(default=1234, ge=0, le=2**31 - 1,
+                            description="Seed of the judge's random order swap (CRAFT: 1234).")
+    judge_template: str = Field(
+        default=JUDGE_TEMPLATE, min_length=1,
+        description="Judge prompt with {instruction}, {output_1}, {output_2}.")
     backend: Literal["hf", "vllm"] = Field(
         default="hf", description="hf: logits from transformers; vllm: ray.data.llm logprobs."
     )
@@ -164,6 +236,12 @@ class EvaluateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique(self) -> EvaluateConfig:
+        if not self.models and self.sweep is None:
+            raise ValueError("nothing to evaluate: list `models` and/or set `sweep` (every "
+                             "finished trial of a sweep)")
+        for key in ("{instruction}", "{output_1}", "{output_2}"):
+            if key not in self.judge_template:
+                raise ValueError(f"judge_template must contain {key}")
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -571,6 +649,284 @@ def vllm_scores(row: dict[str, Any], letter_ids: dict[str, list[int]]) -> dict[s
     return keep
 
 
+# --- generative sets: the evaluated model answers, then ROUGE-L and the judge ---------------
+
+
+def trim_at_eos(tokens: Sequence[int], eos_ids: set[int], limit: int
+                ) -> tuple[list[int], bool]:
+    """Generated tokens up to (not including) the first EOS, at most ``limit``; (tokens,
+    stopped): stopped is True when the model ended the answer itself."""
+    out: list[int] = []
+    for t in list(tokens)[:limit]:
+        if t in eos_ids:
+            return out, True
+        out.append(int(t))
+    return out, False
+
+
+def sampling_of(gen: GenerationConfig) -> dict[str, Any]:
+    """The generation backends' sampling dict (craft_ray.backends) for ``gen``."""
+    return {"temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k,
+            "seed": gen.seed, "guided": False}
+
+
+class HFTextGenerator:
+    """Ray Data actor: loads the model (+ adapter, merged or not) once, as the scorer does,
+    and answers batches of tokenized prompts (greedy unless a temperature is set)."""
+
+    def __init__(self, model: str, adapter: str | None, merge_adapter: bool, dtype: str,
+                 num_gpus: float, torch_threads: int | None, generate_batch_size: int,
+                 sampling: dict[str, Any]) -> None:
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.model, self.tok = load_hf_model(model, adapter, merge_adapter, dtype, device)
+        self.generate_batch_size = generate_batch_size
+        self.sampling = sampling
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tok.eos_token_id is not None:
+            self.eos_ids.add(self.tok.eos_token_id)
+        pad = self.tok.pad_token_id
+        self.pad = pad if pad is not None else (self.tok.eos_token_id or 0)
+
+    def generate(self, ids: list[list[int]], max_new: list[int], keys: list[str]
+                 ) -> list[tuple[str, int, str]]:
+        """(text, generated tokens, finish reason) per prompt, in input order."""
+        import torch
+
+        from craft_ray.backends import row_seed
+
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding per call
+        out: list[tuple[str, int, str] | None] = [None] * len(ids)
+        for s in range(0, len(order), self.generate_batch_size):
+            chunk = order[s:s + self.generate_batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            # Left padding: all prompts end at the same position; generation starts after it.
+            inp = torch.tensor([[self.pad] * (width - len(ids[i])) + ids[i] for i in chunk],
+                               device=self.device)
+            att = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i])
+                                for i in chunk], device=self.device)
+            kwargs: dict[str, Any] = {"max_new_tokens": max(max_new[i] for i in chunk),
+                                      "pad_token_id": self.pad}
+            if self.sampling["temperature"] > 0:
+                kwargs.update(do_sample=True, temperature=self.sampling["temperature"],
+                              top_p=self.sampling["top_p"])
+                if self.sampling["top_k"] > 0:
+                    kwargs["top_k"] = self.sampling["top_k"]
+                torch.manual_seed(row_seed(int(self.sampling["seed"]), keys[chunk[0]]))
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.inference_mode():
+                gen = self.model.generate(input_ids=inp, attention_mask=att, **kwargs)
+            for r, i in enumerate(chunk):
+                toks, stopped = trim_at_eos(gen[r, width:].tolist(), self.eos_ids, max_new[i])
+                out[i] = (self.tok.decode(toks, skip_special_tokens=True).strip(),
+                          len(toks) + int(stopped), "stop" if stopped else "length")
+        return out  # type: ignore[return-value]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [[int(t) for t in x] for x in batch["tokenized_prompt"]]
+        keys = [f"{m}/{e}/{i}" for m, e, i in zip(batch["model_name"], batch["eval_set"],
+                                                   batch["id"])]
+        res = self.generate(ids, [int(x) for x in batch["max_new_tokens"]], keys)
+        out = {k: v for k, v in batch.items() if k != "tokenized_prompt"}
+        out["prediction"] = np.array([r[0] for r in res], dtype=object)
+        out["tokens_out"] = np.array([r[1] for r in res], dtype=np.int64)
+        out["finish_reason"] = np.array([r[2] for r in res], dtype=object)
+        out["prompt_tokens"] = np.array([len(x) for x in ids], dtype=np.int64)
+        return out
+
+
+def vllm_generation_config(cfg: EvaluateConfig, model: ModelSpec) -> Any:
+    """The generation backend's vLLM settings (craft_ray.backends.vllm) for one model: the
+    adapter is served as a LoRA request, so base and adapter share the engine settings."""
+    from craft_ray.backends.vllm import VLLMBackendConfig
+
+    engine: dict[str, Any] = {}
+    if cfg.vllm.max_model_len:
+        engine["max_model_len"] = cfg.vllm.max_model_len
+    if model.adapter:
+        engine.update(enable_lora=True, max_lora_rank=cfg.vllm.max_lora_rank, max_loras=1)
+    engine.update(cfg.vllm.engine_kwargs)
+    return VLLMBackendConfig(
+        tensor_parallel_size=cfg.vllm.tensor_parallel_size,
+        gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+        concurrency=cfg.concurrency, batch_size=cfg.batch_size, engine_kwargs=engine)
+
+
+def vllm_generation_request(row: dict[str, Any], sampling: dict[str, Any],
+                            adapter: str | None) -> dict[str, Any]:
+    """Preprocess: the backend's request (token ids in, sampling params) + the LoRA adapter."""
+    from craft_ray.backends.vllm import preprocess
+
+    out = preprocess(row, sampling)
+    if adapter:
+        out["model"] = adapter
+    return out
+
+
+def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]]
+                   ) -> list[dict[str, Any]]:
+    """Answers of ``model`` to the prompt rows (columns: prediction, tokens_out, finish_reason,
+    prompt_tokens added)."""
+    import ray.data
+
+    sampling = sampling_of(cfg.generation)
+    ds = ray.data.from_items(rows)
+    if cfg.backend == "hf":
+        out = ds.map_batches(
+            HFTextGenerator, batch_size=cfg.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
+            fn_constructor_kwargs={
+                "model": model.model, "adapter": model.adapter,
+                "merge_adapter": model.merge_adapter, "dtype": cfg.dtype,
+                "num_gpus": cfg.num_gpus,
+                "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
+                "generate_batch_size": cfg.generation.generate_batch_size,
+                "sampling": sampling,
+            })
+        return out.take_all()
+    from functools import partial
+
+    from craft_ray.backends.vllm import postprocess, processor_config
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("backend: vllm needs vLLM on the workers: pip install "
+                          "'craft-ray[gpu]' (or pip install vllm)") from exc
+    from ray.data.llm import build_processor
+
+    vrows = [{**r, "sample_id": f"{r['model_name']}/{r['eval_set']}/{r['id']}",
+              "prompt_token_ids": r["tokenized_prompt"], "schema": ""} for r in rows]
+    processor = build_processor(
+        processor_config(vllm_generation_config(cfg, model), model.model),
+        preprocess=partial(vllm_generation_request, sampling=sampling, adapter=model.adapter),
+        postprocess=postprocess)
+    got = []
+    for r in processor(ray.data.from_items(vrows)).take_all():
+        got.append({**r, "prediction": str(r.get("text") or "").strip(),
+                    "prompt_tokens": int(r.get("tokens_in") or 0)})
+    return got
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): normal-approximation CI of a mean (sample std), clipped to [0, 1]."""
+    from statistics import NormalDist
+
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    mean = float(np.mean(values))
+    if n == 1:
+        return mean, mean, mean
+    half = NormalDist().inv_cdf(0.5 + level / 2) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def summarise_generative(rows: list[dict[str, Any]], level: float,
+                         judged: dict[str, Any] | None) -> dict[str, Any]:
+    """ROUGE-L (mean, CI) always; with a judge summary, the win rates (both ways) and their
+    Wilson CIs, the win rate (CRAFT's: ties and unparsable as losses) being the metric."""
+    n = len(rows)
+    mean, lo, hi = mean_ci([r["rougeL_f1"] for r in rows], level)
+    out: dict[str, Any] = {
+        "metric": "rougeL_f1", "rougeL_f1": mean, "n": n, "ci_low": lo, "ci_high": hi,
+        "ci_level": level, "ci_method": "normal", "rougeL_ci_low": lo, "rougeL_ci_high": hi,
+        "empty_predictions": sum(1 for r in rows if not r["prediction"]),
+        "truncated": sum(1 for r in rows if r.get("truncated")),
+        "finish_reasons": dict(sorted(Counter(r["finish_reason"] for r in rows).items())),
+    }
+    if judged is not None:
+        w, d = judged["wins"], judged["wins"] + judged["losses"]
+        lo_w, hi_w = wilson_interval(w, n, level)
+        lo_d, hi_d = wilson_interval(w, d, level)
+        out.update({k: judged[k] for k in ("wins", "losses", "ties", "unparsable", "win_rate",
+                                           "win_rate_decided", "win_rate_ties_half",
+                                           "swapped")})
+        out.update(metric="win_rate", ci_low=lo_w, ci_high=hi_w, ci_method="wilson",
+                   win_rate_decided_ci_low=lo_d, win_rate_decided_ci_high=hi_d,
+                   judge_seed=judged["seed"])
+    return out
+
+
+# --- sweep discovery ---------------------------------------------------------------------------
+
+
+def discover_sweep_models(sweep: SweepModelsConfig, run_dir: str | Path) -> list[ModelSpec]:
+    """One model per finished sweep trial: base model + the trial's adapter, with its size,
+    seed and series (``sweep.group``). Read from the sweep's ``results.jsonl``.
+
+    An adapter folder recorded at sweep time that has moved is looked up again at
+    ``{sweep folder}/../train/{trial}/adapter``; a trial without an adapter is skipped with a
+    warning.
+    """
+    from craft_ray.config import ConfigError
+
+    sdir = Path(sweep.path) if sweep.path else Path(run_dir) / "sweep"
+    table = sdir / "results.jsonl"
+    if not table.is_file():
+        raise ConfigError(f"evaluate.sweep: no sweep results at {table}; run `craft-ray "
+                          "sweep` first or point evaluate.sweep.path at the sweep folder")
+    base = sweep.base_model
+    if base is None:
+        import yaml
+
+        conf = sdir / "config.yaml"
+        data = yaml.safe_load(conf.read_text()) if conf.is_file() else None
+        base = ((data or {}).get("train") or {}).get("base_model")
+        if not base:
+            raise ConfigError(f"evaluate.sweep: cannot read train.base_model from {conf}; "
+                              "set evaluate.sweep.base_model")
+    models = []
+    for line in table.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        size = str(row["size"])
+        if sweep.sizes is not None and size not in sweep.sizes:
+            continue
+        if row.get("status") != "finished":
+            logger.warning("evaluate.sweep: trial %s did not finish (%s); not evaluated",
+                           row.get("trial"), row.get("error") or row.get("status"))
+            continue
+        trial = str(row["trial"])
+        candidates = [Path(row["adapter"])] if row.get("adapter") else []
+        candidates.append(sdir.parent / "train" / trial / "adapter")
+        adapter = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
+        if adapter is None:
+            logger.warning("evaluate.sweep: trial %s has no adapter at %s; not evaluated",
+                           trial, " or ".join(map(str, candidates)))
+            continue
+        models.append(ModelSpec(name=trial, model=base, adapter=str(adapter.resolve()),
+                                group=sweep.group, size=size, seed=row.get("seed"),
+                                merge_adapter=sweep.merge_adapter))
+    if not models:
+        raise ConfigError(f"evaluate.sweep: no finished trial with an adapter in {table}")
+    logger.info("evaluate.sweep: %d trials from %s", len(models), table)
+    return models
+
+
+def resolve_models(cfg: EvaluateConfig, run_dir: str | Path) -> list[ModelSpec]:
+    """The listed models followed by the sweep's trials; names must stay unique."""
+    from craft_ray.config import ConfigError
+
+    models = list(cfg.models)
+    if cfg.sweep is not None:
+        models += discover_sweep_models(cfg.sweep, run_dir)
+    names = [m.name for m in models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"evaluate: model names {dup} are listed and also sweep trials; "
+                          "rename the listed ones")
+    return models
+
+
 # --- stage -----------------------------------------------------------------------------------
 
 
@@ -697,94 +1053,245 @@ def _score_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]
     return [_clean_row(r) for r in scored.take_all()]
 
 
+def _gen_pair_hash(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig,
+                   max_new_tokens: int) -> str:
+    class _Key(StrictModel):
+        model: ModelSpec
+        eval_set: EvalSetConfig
+        backend: str
+        template: str
+        plain_template: str
+        system_prompt: str | None
+        max_prompt_tokens: int
+        max_new_tokens: int
+        generation: GenerationConfig
+        judge: JudgeModelConfig | None
+        judge_seed: int | None
+        judge_template: str | None
+
+    judged = cfg.judge is not None
+    return config_hash(_Key(model=model, eval_set=es, backend=cfg.backend, template=cfg.template,
+                            plain_template=cfg.plain_template, system_prompt=cfg.system_prompt,
+                            max_prompt_tokens=cfg.max_prompt_tokens,
+                            max_new_tokens=max_new_tokens, generation=cfg.generation,
+                            judge=cfg.judge, judge_seed=cfg.judge_seed if judged else None,
+                            judge_template=cfg.judge_template if judged else None))
+
+
+def _generative_task(cfg: EvaluateConfig, es: EvalSetConfig) -> Any:
+    """The task formatting a generative set: the set's CRAFT task (``evaluate.task``, when it
+    names a generative task, must be that one)."""
+    from craft_ray.config import ConfigError
+    from craft_ray.evalsets import GENERATIVE_SETS
+
+    if cfg.task in set(GENERATIVE_SETS.values()) and cfg.task != es.task:
+        raise ConfigError(f"eval set {es.display_name!r} holds {es.task} records but "
+                          f"evaluate.task is {cfg.task!r}")
+    return load_task(es.task)
+
+
+def _prompt_rows(model: ModelSpec, name: str, prompts: list[str], ids: list[list[int]],
+                 cfg: EvaluateConfig, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for p, x, e in zip(prompts, ids, extra):
+        # keep the end when too long: the answer position must stay
+        rows.append({"eval_set": name, "model_name": model.name, "prompt": p,
+                     "tokenized_prompt": x[-cfg.max_prompt_tokens:],
+                     "truncated": len(x) > cfg.max_prompt_tokens, **e})
+    return rows
+
+
 def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
-                 base_dir: str | Path | None = None) -> dict[str, Any]:
+                 base_dir: str | Path | None = None,
+                 judge_generate: Any | None = None) -> dict[str, Any]:
     """Run the evaluation stage (Ray must be initialised). Returns the stage's stats.
 
-    Every (model, set) pair whose results exist for the same settings is kept (resume);
-    ``force`` recomputes all. The summary files are rewritten from all pairs at the end.
+    Multiple-choice sets are scored by letter log-probs; on generative sets each model
+    writes its answers, scored by ROUGE-L and (with ``judge``) the judge's win rate, all
+    (model, set) pairs in one judge call. Every pair whose results exist for the same
+    settings is kept (resume); ``force`` recomputes all. The summary files are rewritten from
+    all pairs at the end. ``judge_generate`` (prompts -> answers) replaces the configured
+    judge backend (tests, custom judges).
     """
     from transformers import AutoTokenizer
 
     cfg = stage_cfg.evaluate
     root = _stage_root(stage_cfg)
     stage = StageDir(root.parent, root.name)
+    models = resolve_models(cfg, stage_cfg.run_dir)
+    names = [m.name for m in models]
     if not force and stage.is_complete(cfg):
-        logger.info("evaluate: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
-    task = load_task(cfg.task)
+        done = json.loads((stage.path / "stats.json").read_text())
+        if done.get("models", names) == names:
+            logger.info("evaluate: already complete in %s (same config); skipping", stage.path)
+            return done
+        logger.info("evaluate: the sweep has other trials than last time; updating")
+    task = load_task(cfg.task) if cfg.task and any(
+        es.kind == "multiple_choice" for es in cfg.sets) else None
     # Load every set first: a missing file or an unreachable hub stops before any model loads.
     loaded = {}
     for es in cfg.sets:
         items, rejects = load_eval_set(es, base_dir)
-        loaded[es.display_name] = (es, items, rejects)
-    _check_models(cfg)
+        gtask = _generative_task(cfg, es) if es.kind == "generative" else None
+        loaded[es.display_name] = (es, items, rejects, gtask)
+    _check_models(cfg, models)
     stage.begin(cfg)
     stats = StageStats("evaluate")
-    for name, (_es, items, rejects) in loaded.items():
+    for name, (_es, items, rejects, _t) in loaded.items():
         stats.rows_in += len(items) + len(rejects)
         stats.rejects.update(f"{name}:{r.reason}" for r in rejects)
         atomic_write_text(stage.path / "rejects" / f"{name}.jsonl", "".join(
             json.dumps(r.__dict__) + "\n" for r in rejects))
 
     results: list[dict[str, Any]] = []
-    for model in cfg.models:
+    pending: list[dict[str, Any]] = []  # generated pairs waiting for ROUGE-L / the judge
+    for model in models:
         tok = AutoTokenizer.from_pretrained(
             model.adapter if model.adapter and _has_tokenizer(model.adapter) else model.model)
-        letter_ids = letter_token_ids(tok, LETTERS, cfg.letter_prefixes)
-        todo_rows: list[dict[str, Any]] = []
-        todo_sets = []
-        for name, (es, items, _r) in loaded.items():
+        mc_rows: list[dict[str, Any]] = []
+        gen_rows: list[dict[str, Any]] = []
+        mc_sets, gen_sets = [], []
+        for name, (es, items, _r, gtask) in loaded.items():
             pair_dir = stage.path / model.name / name
-            key = _pair_hash(cfg, model, es)
+            max_new = (cfg.generation.max_new_tokens or gtask.max_new_tokens) if gtask else 0
+            key = (_gen_pair_hash(cfg, model, es, max_new) if gtask
+                   else _pair_hash(cfg, model, es))
             res_path = pair_dir / "results.json"
             if not force and res_path.is_file() and \
                     json.loads(res_path.read_text()).get("pair_hash") == key:
                 logger.info("evaluate: %s on %s already done; keeping it", model.name, name)
                 results.append(json.loads(res_path.read_text()))
                 continue
-            texts = [task_prompt(it, task) for it in items]
-            prompts, ids = render_prompts(texts, tok, cfg.template, cfg.plain_template,
-                                          cfg.system_prompt)
-            todo_sets.append((name, es, key))
-            for it, p, x in zip(items, prompts, ids):
-                # keep the end when too long: the answer position must stay
-                todo_rows.append({"id": it.id, "eval_set": name, "model_name": model.name,
-                                  "prompt": p, "tokenized_prompt": x[-cfg.max_prompt_tokens:],
-                                  "truncated": len(x) > cfg.max_prompt_tokens,
-                                  "letters": "".join(it.letters), "gold": it.gold})
-        if not todo_rows:
-            continue
-        logger.info("evaluate: scoring %s (%s%s) on %d items with %s", model.name, model.model,
-                    f" + {model.adapter}" if model.adapter else "", len(todo_rows), cfg.backend)
-        scored = _score_rows(cfg, model, todo_rows, letter_ids)
-        stats.rows_out += len(scored)
-        for name, es, key in todo_sets:
-            rows = sorted((r for r in scored if r["eval_set"] == name),
-                          key=lambda r: r["id"])
-            pair_dir = stage.path / model.name / name
-            _write_predictions(pair_dir, rows)
-            res = {"model": model.name, "base_model": model.model, "adapter": model.adapter,
-                   "group": model.series, "size": model.size, "seed": model.seed,
-                   "eval_set": name, "eval_source": es.name, "backend": cfg.backend,
-                   "task": cfg.task, "pair_hash": key, **summarise(rows, cfg.ci_level)}
-            atomic_write_json(pair_dir / "results.json", res)
-            logger.info("evaluate: %s on %s: accuracy %.4f (n=%d, %.0f%% CI %.4f-%.4f)",
-                        model.name, name, res["accuracy"], res["n"], 100 * cfg.ci_level,
-                        res["ci_low"], res["ci_high"])
-            results.append(res)
+            if gtask is None:
+                prompts, ids = render_prompts([task_prompt(it, task) for it in items], tok,
+                                              cfg.template, cfg.plain_template,
+                                              cfg.system_prompt)
+                mc_sets.append((name, es, key))
+                mc_rows += _prompt_rows(model, name, prompts, ids, cfg, [
+                    {"id": it.id, "letters": "".join(it.letters), "gold": it.gold}
+                    for it in items])
+            else:
+                pairs = [gtask.training_pair(it.record) for it in items]
+                prompts, ids = render_prompts([p for p, _ in pairs], tok, cfg.template,
+                                              cfg.plain_template, cfg.system_prompt)
+                gen_sets.append((name, es, key))
+                gen_rows += _prompt_rows(model, name, prompts, ids, cfg, [
+                    {"id": it.id, "instruction": p, "reference": ref, "max_new_tokens": max_new}
+                    for it, (p, ref) in zip(items, pairs)])
+        if mc_rows:
+            logger.info("evaluate: scoring %s (%s%s) on %d items with %s", model.name,
+                        model.model, f" + {model.adapter}" if model.adapter else "",
+                        len(mc_rows), cfg.backend)
+            scored = _score_rows(cfg, model, mc_rows, _letter_ids(tok, cfg))
+            stats.rows_out += len(scored)
+            for name, es, key in mc_sets:
+                rows = sorted((r for r in scored if r["eval_set"] == name),
+                              key=lambda r: r["id"])
+                pair_dir = stage.path / model.name / name
+                _write_predictions(pair_dir, rows)
+                res = {**_result_head(cfg, model, es, name, key),
+                       **summarise(rows, cfg.ci_level)}
+                atomic_write_json(pair_dir / "results.json", res)
+                logger.info("evaluate: %s on %s: accuracy %.4f (n=%d, %.0f%% CI %.4f-%.4f)",
+                            model.name, name, res["accuracy"], res["n"], 100 * cfg.ci_level,
+                            res["ci_low"], res["ci_high"])
+                results.append(res)
+        if gen_rows:
+            logger.info("evaluate: %s (%s%s) answers %d generative items with %s",
+                        model.name, model.model, f" + {model.adapter}" if model.adapter
+                        else "", len(gen_rows), cfg.backend)
+            answered = _generate_rows(cfg, model, gen_rows)
+            stats.rows_out += len(answered)
+            for name, es, key in gen_sets:
+                rows = sorted((_clean_gen_row(r) for r in answered if r["eval_set"] == name),
+                              key=lambda r: r["id"])
+                pending.append({"model": model, "name": name, "es": es, "key": key,
+                                "rows": rows})
 
+    results += _finish_generative(cfg, stage.path, pending, judge_generate)
     write_summary(stage.path, results, plot=cfg.plot)
-    stats.extra["results"] = [{k: r[k] for k in ("model", "eval_set", "accuracy", "n",
-                                                 "ci_low", "ci_high")} for r in results]
+    from craft_ray.plots import metric_of
+
+    stats.extra["results"] = [{"model": r["model"], "eval_set": r["eval_set"],
+                               "metric": metric_of(r)[0], "value": metric_of(r)[1],
+                               "n": r["n"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+                              for r in results]
+    stats.extra["models"] = names
     stats.extra["outputs"] = str(stage.path)
     return stage.finish(cfg, stats)
 
 
-def _check_models(cfg: EvaluateConfig) -> None:
+def _letter_ids(tok: Any, cfg: EvaluateConfig) -> dict[str, list[int]]:
+    return letter_token_ids(tok, LETTERS, cfg.letter_prefixes)
+
+
+def _result_head(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig, name: str,
+                 key: str) -> dict[str, Any]:
+    return {"model": model.name, "base_model": model.model, "adapter": model.adapter,
+            "group": model.series, "size": model.size, "seed": model.seed,
+            "eval_set": name, "eval_source": es.name, "kind": es.kind, "backend": cfg.backend,
+            "task": es.task or cfg.task, "pair_hash": key}
+
+
+def _clean_gen_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One generated item with plain Python values (scores are added later)."""
+    return {"id": str(r["id"]), "eval_set": str(r["eval_set"]), "model": str(r["model_name"]),
+            "instruction": str(r["instruction"]), "prompt": str(r["prompt"]),
+            "prediction": str(r.get("prediction") or ""), "reference": str(r["reference"]),
+            "prompt_tokens": int(r.get("prompt_tokens") or 0),
+            "tokens_out": int(r.get("tokens_out") or 0),
+            "finish_reason": str(r.get("finish_reason") or ""),
+            "truncated": bool(r.get("truncated", False))}
+
+
+def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, Any]],
+                       judge_generate: Any | None) -> list[dict[str, Any]]:
+    """ROUGE-L of every generated pair, then (with a judge) one judge call over all pairs;
+    writes each pair's predictions and results; returns the results."""
+    from craft_ray.judge import backend_generate, judge_groups, rouge_l
+
+    if not pending:
+        return []
+    for p in pending:
+        rouge = rouge_l([r["prediction"] for r in p["rows"]], [r["reference"] for r in p["rows"]])
+        for r, f1 in zip(p["rows"], rouge["per_item"]):
+            r["rougeL_f1"] = float(f1)
+    judged: list[dict[str, Any] | None] = [None] * len(pending)
+    if cfg.judge is not None or judge_generate is not None:
+        gen = judge_generate
+        if gen is None:
+            assert cfg.judge is not None
+            gen = backend_generate(cfg.judge, cfg.judge_seed)
+        logger.info("evaluate: judging %d pairs (%d items)", len(pending),
+                    sum(len(p["rows"]) for p in pending))
+        groups = [([r["instruction"] for r in p["rows"]], [r["reference"] for r in p["rows"]],
+                   [r["prediction"] for r in p["rows"]]) for p in pending]
+        for i, (summary, jrows) in enumerate(judge_groups(groups, gen, cfg.judge_seed,
+                                                          cfg.judge_template)):
+            judged[i] = summary
+            for r, j in zip(pending[i]["rows"], jrows):
+                r.update({k: j[k] for k in ("swapped", "judge_answer", "verdict", "outcome")})
+    results = []
+    for p, summary in zip(pending, judged):
+        model, name = p["model"], p["name"]
+        pair_dir = out / model.name / name
+        _write_predictions(pair_dir, p["rows"])
+        res = {**_result_head(cfg, model, p["es"], name, p["key"]),
+               **summarise_generative(p["rows"], cfg.ci_level, summary)}
+        if summary is not None:
+            res["judge_model"] = cfg.judge.model if cfg.judge else "custom"
+        atomic_write_json(pair_dir / "results.json", res)
+        logger.info("evaluate: %s on %s: ROUGE-L %.4f%s (n=%d)", model.name, name,
+                    res["rougeL_f1"], f", win rate {res['win_rate']:.4f}"
+                    if summary is not None else "", res["n"])
+        results.append(res)
+    return results
+
+
+def _check_models(cfg: EvaluateConfig, models: Sequence[ModelSpec] | None = None) -> None:
     from craft_ray.config import ConfigError
 
-    for m in cfg.models:
+    for m in (cfg.models if models is None else models):
         if m.adapter and not (Path(m.adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"model {m.name!r}: adapter {m.adapter} has no adapter_config.json "
                               "(point adapter at a PEFT folder, e.g. RUN_DIR/train/TRIAL/adapter)")

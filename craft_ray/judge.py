@@ -154,11 +154,36 @@ def judge_outputs(instructions: Sequence[str], references: Sequence[str],
     ``generate`` maps judge prompts to the judge's answers in order (greedy decoding and a
     short ``max_tokens`` are the caller's backend settings).
     """
-    pairs = build_pairs(instructions, references, candidates, seed)
-    prompts = [judge_prompt(p, template) for p in pairs]
-    answers = generate(prompts)
+    return judge_groups([(instructions, references, candidates)], generate, seed, template)[0]
+
+
+def judge_groups(groups: Sequence[tuple[Sequence[str], Sequence[str], Sequence[str]]],
+                 generate: Callable[[list[str]], list[str]], seed: int = 1234,
+                 template: str = JUDGE_TEMPLATE
+                 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Several ``(instructions, references, candidates)`` groups (e.g. one per model and eval
+    set) judged with a single ``generate`` call, so the judge model is loaded once.
+
+    Each group gets the same seeded order swap it would get judged alone, so a group's
+    result does not depend on which other groups share the call.
+    """
+    all_pairs = [build_pairs(ins, refs, cands, seed) for ins, refs, cands in groups]
+    prompts = [judge_prompt(p, template) for pairs in all_pairs for p in pairs]
+    answers = generate(prompts) if prompts else []
     if len(answers) != len(prompts):
         raise ValueError(f"judge returned {len(answers)} answers for {len(prompts)} prompts")
+    out = []
+    start = 0
+    for (_ins, references, candidates), pairs in zip(groups, all_pairs):
+        mine = answers[start:start + len(pairs)]
+        start += len(pairs)
+        out.append(_judged(pairs, references, candidates, mine, seed))
+    return out
+
+
+def _judged(pairs: list[JudgePair], references: Sequence[str], candidates: Sequence[str],
+            answers: Sequence[str], seed: int
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     verdicts = [parse_verdict(a) for a in answers]
     outs = [outcome(v, p.swapped) for v, p in zip(verdicts, pairs)]
     rouge = rouge_l(candidates, references)

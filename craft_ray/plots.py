@@ -182,11 +182,55 @@ def write_report(path: str | Path, rows: Sequence[dict[str, Any]], png: Path | N
     atomic_write_text(path, "\n".join(parts) + "\n")
 
 
+def sweep_trials(inputs: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+    """Finished sweep trials found among ``inputs`` (a run dir with ``sweep/results.jsonl``
+    or a sweep folder), keyed by their adapter folder (resolved)."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in inputs:
+        p = Path(p)
+        for table in (p / "sweep" / "results.jsonl", p / "results.jsonl"):
+            if not table.is_file():
+                continue
+            for line in table.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line) if line.strip() else {}
+                if row.get("status") != "finished":
+                    continue
+                # the recorded folder and where it is now (RUN_DIR/train/TRIAL/adapter)
+                for a in (row.get("adapter"),
+                          table.parent.parent / "train" / str(row.get("trial")) / "adapter"):
+                    if a:
+                        out[str(Path(a).resolve())] = row
+    return out
+
+
+def annotate_from_sweep(results: list[dict[str, Any]], trials: dict[str, dict[str, Any]],
+                        group: str = "craft") -> int:
+    """Fill size / seed / series of results whose adapter is a sweep trial's (models listed
+    by hand without them). Returns how many results were annotated."""
+    n = 0
+    for r in results:
+        adapter = r.get("adapter")
+        row = trials.get(str(Path(adapter).resolve())) if adapter else None
+        if row is None or r.get("size") is not None:
+            continue
+        r["size"] = str(row["size"])
+        r["seed"] = r.get("seed") if r.get("seed") is not None else row.get("seed")
+        if r.get("group") in (None, "adapter"):
+            r["group"] = group
+        n += 1
+    return n
+
+
 def run_aggregate(inputs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """Aggregate result files/folders into ``out_dir`` (table, results.json, plot, report)."""
+    """Aggregate result files/folders into ``out_dir`` (table, results.json, plot, report).
+
+    When an input is a run dir (or a sweep folder) holding a sweep's ``results.jsonl``,
+    results of that sweep's adapters get their size and seed from it.
+    """
     from craft_ray.runtime import atomic_write_json
 
     results = load_results(inputs)
+    annotated = annotate_from_sweep(results, sweep_trials(inputs))
     if not results:
         raise FileNotFoundError(f"no results.json found under {list(map(str, inputs))}")
     out_dir = Path(out_dir)
@@ -196,4 +240,4 @@ def run_aggregate(inputs: Sequence[str | Path], out_dir: str | Path) -> dict[str
     png = plot_vs_size(rows, out_dir / "accuracy.png")
     write_report(out_dir / "report.md", rows, png, results)
     return {"results": len(results), "rows": len(rows), "out": str(out_dir),
-            "plot": str(png)}
+            "plot": str(png), "annotated_from_sweep": annotated}

@@ -157,3 +157,104 @@ def test_full_shared_files_load_without_rejects():
                           1273)]:
         items, rejects = load_eval_set(EvalSetConfig(name=name, path=str(shared_data(rel))))
         assert (len(items), len(rejects)) == (n, 0)
+
+
+# --- generative sets -------------------------------------------------------------------------
+
+
+def test_cnn_dailymail_real_schema_and_malformed_rows():
+    from craft_ray.evalsets import CNN_INSTRUCTION, GenItem
+    from craft_ray.tasks import get_task
+
+    cfg = EvalSetConfig(name="cnn_dailymail", path=str(EVAL / "cnn_dailymail_test.jsonl"))
+    assert cfg.kind == "generative" and cfg.task == "summarization"
+    items, rejects = load_eval_set(cfg)
+    assert len(items) == 10 and all(isinstance(it, GenItem) for it in items)
+    assert reasons(rejects) == Counter({"malformed_json": 1, "missing_article": 2,
+                                        "missing_highlights": 1, "duplicate_id": 1})
+    first = json.loads((EVAL / "cnn_dailymail_test.jsonl").read_text().splitlines()[0])
+    assert items[0].id == first["id"] and items[0].task == "summarization"
+    prompt, reference = get_task("summarization").training_pair(items[0].record)
+    # CRAFT's evaluation prompt and reference (run_eval.py, eval_format_official)
+    assert prompt == f"{CNN_INSTRUCTION}\n{first['article']}"
+    assert reference == first["highlights"]
+
+
+def _good_cnn(line: str) -> bool:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return all(isinstance(obj.get(k), str) and obj[k].strip() for k in ("article", "highlights"))
+
+
+def test_cnn_dailymail_craft_subset_is_sklearns_split():
+    sklearn = pytest.importorskip("sklearn.model_selection")
+    from craft_ray.evalsets import craft_subset_rows
+
+    # CRAFT: train_test_split(range(len(test)), test_size=1000, random_state=1234)[1]
+    _, expected = sklearn.train_test_split(range(11490), test_size=1000, random_state=1234)
+    assert craft_subset_rows(11490, 1000, 1234) == list(expected)
+    items, _ = load_eval_set(EvalSetConfig(name="cnn_dailymail", craft_subset=True,
+                                           path=str(EVAL / "cnn_dailymail_test.jsonl")))
+    lines = (EVAL / "cnn_dailymail_test.jsonl").read_text().splitlines()
+    # the subset is drawn over source rows (bad ones included), then bad rows are rejected
+    picked = [lines[i] for i in craft_subset_rows(len(lines), 1000, 1234)]
+    assert [it.id for it in items] == list(dict.fromkeys(
+        json.loads(ln)["id"] for ln in picked if _good_cnn(ln)))
+    assert [it.id for it in items] != list(dict.fromkeys(
+        json.loads(ln)["id"] for ln in lines if _good_cnn(ln)))  # the order did change
+    with pytest.raises(ValueError, match="craft_subset"):
+        EvalSetConfig(name="medmcqa", craft_subset=True)
+
+
+def test_recipenlg_release_csv_and_hub_columns():
+    from craft_ray.tasks import get_task
+
+    cfg = EvalSetConfig(name="recipenlg", path=str(EVAL / "recipenlg_release.csv"))
+    assert cfg.task == "recipegen"
+    items, rejects = load_eval_set(cfg)
+    assert [it.id for it in items] == ["0", "1", "2", "3", "4", "5"]
+    assert reasons(rejects) == Counter({"missing_title": 1, "bad_directions": 1,
+                                        "empty_ingredients": 1, "duplicate_id": 1})
+    rec = items[0].record
+    assert rec["instruction"] == ("How can I cook No-Bake Nut Cookies? List the ingredients "
+                                  "and the steps.")
+    assert rec["ingredients"][0] == "1 c. firmly packed brown sugar" and len(rec["steps"]) == 6
+    prompt, reference = get_task("recipegen").training_pair(rec)
+    assert prompt == rec["instruction"]
+    assert reference.startswith("Ingredients:\n1 c. firmly packed brown sugar\n")
+    assert "\nSteps:\nIn a heavy 2-quart saucepan" in reference  # CRAFT's response format
+
+    items, rejects = load_eval_set(EvalSetConfig(
+        name="recipenlg", path=str(EVAL / "recipenlg_hub.jsonl"),
+        instruction="Write a recipe for {title}."))
+    assert [it.id for it in items] == ["100", "101", "102", "300"]
+    assert items[1].record["instruction"] == "Write a recipe for Chicken Giblet Gravy."
+    # a row in CRAFT's own test form keeps its instruction and steps
+    assert items[3].record["instruction"] == "How do I make easy lemon bars for a party?"
+    assert reasons(rejects) == Counter({"bad_ingredients": 1})
+    with pytest.raises(ValueError, match="title"):
+        EvalSetConfig(name="recipenlg", path="x.csv", instruction="no placeholder")
+    with pytest.raises(ValueError, match="local file"):
+        EvalSetConfig(name="recipenlg")
+
+
+def test_cnn_dailymail_hub_call(monkeypatch, tmp_path):
+    import datasets
+
+    lines = list(dict.fromkeys(ln for ln in (EVAL / "cnn_dailymail_test.jsonl").read_text(
+    ).splitlines() if _good_cnn(ln)))
+    local = tmp_path / "hub.jsonl"
+    local.write_text("\n".join(lines) + "\n")
+    real = datasets.load_dataset
+    calls = []
+
+    def fake(path, split=None, **kw):
+        calls.append((path, split, kw))
+        return real("json", data_files=str(local), split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    items, rejects = load_eval_set(EvalSetConfig(name="cnn_dailymail"))
+    assert calls == [("abisee/cnn_dailymail", "test", {"name": "3.0.0"})]
+    assert len(items) == len(lines) == 10 and rejects == []

@@ -358,3 +358,293 @@ def test_vllm_backend_scores_on_gpu(request, tmp_path):
     r = json.loads((tmp_path / "run" / "evaluate" / "always-a" / "medqa" /
                     "results.json").read_text())
     assert r["prediction_counts"] == {"A": 30}
+
+
+# --- generative sets ---------------------------------------------------------------------------
+
+COPY = "Ingredients:\nsalt\nSteps:\nboil"  # what the copy model learns to answer, always
+
+
+def test_trim_at_eos_and_mean_ci():
+    from craft_ray.evaluate import mean_ci, trim_at_eos
+
+    assert trim_at_eos([5, 6, 2, 7], {2}, 10) == ([5, 6], True)
+    assert trim_at_eos([5, 6, 7], {2}, 2) == ([5, 6], False)
+    assert trim_at_eos([2], {2}, 5) == ([], True)
+    mean, lo, hi = mean_ci([0.2, 0.4, 0.6, 0.8], 0.95)
+    sd = float(np.std([0.2, 0.4, 0.6, 0.8], ddof=1))
+    assert mean == pytest.approx(0.5) and hi - mean == pytest.approx(1.959964 * sd / 2, 1e-5)
+    assert mean_ci([1.0, 1.0]) == (1.0, 1.0, 1.0) and mean_ci([]) == (0.0, 0.0, 0.0)
+
+
+def test_vllm_generation_config_on_cpu():
+    from craft_ray.evaluate import vllm_generation_config, vllm_generation_request
+
+    cfg = EvaluateConfig(
+        models=[ModelSpec(name="m", model="/models/base", adapter="/runs/x/adapter")],
+        sets=[EvalSetConfig(name="cnn_dailymail")], backend="vllm", batch_size=8,
+        concurrency=2, vllm={"max_model_len": 16384, "tensor_parallel_size": 2,
+                             "engine_kwargs": {"seed": 3}})
+    bcfg = vllm_generation_config(cfg, cfg.models[0])
+    from craft_ray.backends.vllm import processor_config
+
+    pc = processor_config(bcfg, "/models/base")
+    assert pc.model_source == "/models/base" and pc.batch_size == 8 and pc.concurrency == 2
+    eng = pc.engine_kwargs
+    assert eng["enable_lora"] and eng["max_lora_rank"] == 64 and eng["max_model_len"] == 16384
+    assert eng["tensor_parallel_size"] == 2 and eng["seed"] == 3
+    assert not vllm_generation_config(cfg, ModelSpec(name="b", model="/m")).engine_kwargs.get(
+        "enable_lora")
+    row = {"sample_id": "m/s/1", "prompt": "p", "prompt_token_ids": [1, 2],
+           "max_new_tokens": 1536, "schema": ""}
+    req = vllm_generation_request(row, {"temperature": 0.0, "top_p": 1.0, "top_k": -1,
+                                        "seed": 0, "guided": False}, "/runs/x/adapter")
+    sp = req["sampling_params"]
+    assert sp["temperature"] == 0.0 and sp["max_tokens"] == 1536 and "structured_outputs" not in sp
+    assert req["tokenized_prompt"] == [1, 2] and req["model"] == "/runs/x/adapter"
+
+
+def _copy_set(tmp_path: Path) -> Path:
+    """The RecipeNLG hub-form fixture plus one recipe whose reference is exactly COPY."""
+    rows = [json.loads(ln) for ln in (EVAL / "recipenlg_hub.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if isinstance(r.get("ingredients"), list)]
+    rows.append({"id": 999, "title": "Salted Water", "ingredients": ["salt"],
+                 "directions": ["boil"], "link": "-", "source": 0, "ner": ["salt"]})
+    path = tmp_path / "recipes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_copy_model(base: Path, out: Path, prompt_ids: list[list[int]], steps: int = 120
+                     ) -> float:
+    """Full fine-tune (a 'merged model') that answers COPY + EOS after any prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    comp = tok(COPY, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    enc = [x + comp for x in prompt_ids]
+    width = max(len(x) for x in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id)
+    att = torch.zeros_like(ids)
+    lab = torch.full_like(ids, -100)
+    for r, (x, p) in enumerate(zip(enc, prompt_ids)):
+        ids[r, : len(x)] = torch.tensor(x)
+        att[r, : len(x)] = 1
+        lab[r, len(p): len(x)] = torch.tensor(x[len(p):])
+    loss = float("nan")
+    for _ in range(steps):
+        out_ = model(input_ids=ids, attention_mask=att, labels=lab)
+        out_.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        loss = out_.loss.item()
+        if loss < 0.02:
+            break
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return loss
+
+
+def test_generative_end_to_end_copy_model(ray_local, tmp_path):
+    """A model trained to always answer COPY: every prediction is COPY, its ROUGE-L is
+    rouge-score's of COPY against each reference (1.0 on the item whose reference is COPY),
+    and a stub judge that prefers COPY gives wins everywhere except, depending on the seeded
+    swap, the item where both outputs are COPY. The base model is evaluated beside it."""
+    from rouge_score import rouge_scorer
+    from transformers import AutoTokenizer
+
+    from craft_ray.evaluate import run_evaluate
+    from craft_ray.judge import build_pairs
+    from craft_ray.tasks import get_task
+    from craft_ray.tiny import build_tiny_causal_lm
+
+    build_tiny_causal_lm(tmp_path / "base", seed=TINY_SEED, hidden_size=32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    recipes = EvalSetConfig(name="recipenlg", path=str(_copy_set(tmp_path)))
+    items, _ = load_eval_set(recipes)
+    task = get_task("recipegen")
+    instructions = [task.training_pair(it.record)[0] for it in items]
+    references = [task.training_pair(it.record)[1] for it in items]
+    assert references[-1] == COPY and COPY not in references[:-1]
+    _, ids = render_prompts(instructions, tok, "auto")
+    loss = train_copy_model(tmp_path / "base", tmp_path / "copy", ids)
+    assert loss < 0.05, f"the copy model did not learn its answer (loss {loss})"
+
+    judge_prompts: list[str] = []
+
+    def stub_judge(prompts: list[str]) -> list[str]:
+        judge_prompts.extend(prompts)
+        out = []
+        for p in prompts:
+            o1 = p.split("## Output (1)\n", 1)[1].split("\n\n## Output (2)", 1)[0]
+            out.append("Output (1)" if o1 == COPY else "Output (2)" if (
+                "## Output (2)\n" + COPY + "\n") in p else "I cannot decide.")
+        return out
+
+    cnn = EvalSetConfig(name="cnn_dailymail", path=str(EVAL / "cnn_dailymail_test.jsonl"),
+                        limit=2)
+    cfg = EvaluateStageConfig(run_dir=str(tmp_path / "run"), evaluate=EvaluateConfig(
+        models=[ModelSpec(name="base", model=str(tmp_path / "base")),
+                ModelSpec(name="copy", model=str(tmp_path / "copy"), group="craft")],
+        sets=[recipes, cnn], generation={"max_new_tokens": 24}, batch_size=8,
+        max_prompt_tokens=256))
+    stats = run_evaluate(cfg, judge_generate=stub_judge)
+    out = tmp_path / "run" / "evaluate"
+    n = len(items)
+    assert len(judge_prompts) == 2 * n + 2 * 2  # one call: both models, both sets
+
+    r = json.loads((out / "copy" / "recipenlg" / "results.json").read_text())
+    preds = [json.loads(ln) for ln in
+             (out / "copy" / "recipenlg" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in preds] == [COPY] * n
+    assert {p["reference"] for p in preds} == set(references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = {ref: scorer.score(ref, COPY)["rougeL"].fmeasure for ref in references}
+    for p in preds:
+        assert p["rougeL_f1"] == pytest.approx(expected[p["reference"]])
+        assert p["finish_reason"] == "stop" and p["instruction"] in p["prompt"]
+    assert expected[COPY] == 1.0 and max(v for k, v in expected.items() if k != COPY) < 0.6
+    assert r["rougeL_f1"] == pytest.approx(sum(expected.values()) / n)
+    # the judge: COPY wins wherever it is shown; on the item whose reference is COPY too,
+    # the stub answers "Output (1)", a win only when the seeded swap put the model there
+    swap_last = build_pairs(instructions, references, [COPY] * n, 1234)[-1].swapped
+    order = [it.id for it in items]
+    assert [p["id"] for p in preds] == sorted(order)
+    assert r["metric"] == "win_rate" and r["n"] == n
+    assert r["wins"] == n - 1 + int(swap_last) and r["losses"] == 1 - int(swap_last)
+    assert r["ties"] == 0 and r["unparsable"] == 0
+    assert r["win_rate"] == pytest.approx(r["wins"] / n)
+    assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
+
+    base = json.loads((out / "base" / "recipenlg" / "results.json").read_text())
+    bpreds = [json.loads(ln) for ln in
+              (out / "base" / "recipenlg" / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["prediction"] != COPY for p in bpreds)  # COPY is the training's doing
+    # the stub prefers the reference where it is COPY (a loss), else it cannot answer
+    assert base["wins"] == 0 and base["losses"] == 1 and base["unparsable"] == n - 1
+    assert base["win_rate"] == 0.0 and base["win_rate_decided"] == 0.0
+    cnn_res = json.loads((out / "base" / "cnn_dailymail" / "results.json").read_text())
+    assert cnn_res["n"] == 2 and cnn_res["task"] == "summarization"
+    cnn_rows = [json.loads(ln) for ln in
+                (out / "base" / "cnn_dailymail" / "predictions.jsonl").read_text().splitlines()]
+    assert cnn_rows[0]["instruction"].startswith("Please summarize the text below:\n")
+    assert all(row["tokens_out"] <= 24 for row in cnn_rows)
+    for f in ("results.json", "results.md", "accuracy.png", "report.md", "_SUCCESS"):
+        assert (out / f).is_file(), f
+    assert "win_rate" in (out / "results.md").read_text()
+    assert {x["model"] for x in stats["results"]} == {"base", "copy"}
+    assert stats["models"] == ["base", "copy"]
+    # a rerun with the same config generates and judges nothing again
+    n_prompts = len(judge_prompts)
+    again = run_evaluate(cfg, judge_generate=stub_judge)
+    assert len(judge_prompts) == n_prompts and again["results"] == stats["results"]
+
+
+# --- sweep discovery -----------------------------------------------------------------------------
+
+
+def fake_sweep(run: Path) -> Path:
+    """RUN_DIR/sweep as `craft-ray sweep` leaves it: config.yaml, results.jsonl, adapters."""
+    sweep = run / "sweep"
+    sweep.mkdir(parents=True)
+    (sweep / "config.yaml").write_text("run_dir: x\ntrain:\n  base_model: org/base-7b\n"
+                                       "sweep:\n  sizes: [S, M]\n")
+    rows = []
+    for size in ("S", "M"):
+        for seed in (1, 2):
+            trial = f"{size}-seed{seed}"
+            adapter = run / "train" / trial / "adapter"
+            adapter.mkdir(parents=True)
+            (adapter / "adapter_config.json").write_text("{}")
+            rows.append({"size": size, "seed": seed, "trial": trial, "status": "finished",
+                         "adapter": str(adapter), "error": None})
+    rows[1]["adapter"] = "/old/cluster/path/train/S-seed2/adapter"  # moved since the sweep
+    rows.append({"size": "M", "seed": 3, "trial": "M-seed3", "status": "failed",
+                 "adapter": None, "error": "RuntimeError: OOM"})
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return sweep
+
+
+def test_sweep_trials_are_discovered(tmp_path):
+    from craft_ray.config import ConfigError
+    from craft_ray.evaluate import SweepModelsConfig, discover_sweep_models, resolve_models
+
+    run = tmp_path / "run"
+    fake_sweep(run)
+    models = discover_sweep_models(SweepModelsConfig(), run)
+    assert [m.name for m in models] == ["S-seed1", "S-seed2", "M-seed1", "M-seed2"]
+    assert {m.model for m in models} == {"org/base-7b"}
+    assert models[1].adapter == str((run / "train" / "S-seed2" / "adapter").resolve())
+    assert [(m.size, m.seed, m.series) for m in models[:2]] == [("S", 1, "craft"),
+                                                                 ("S", 2, "craft")]
+    only_m = discover_sweep_models(SweepModelsConfig(sizes=["M"], base_model="/m"), run)
+    assert [m.name for m in only_m] == ["M-seed1", "M-seed2"] and only_m[0].model == "/m"
+    # listed models first, then the trials; a listed name that clashes is an error
+    cfg = EvaluateConfig(models=[ModelSpec(name="base", model="org/base-7b")], sweep={},
+                         sets=[EvalSetConfig(name="medmcqa")])
+    assert [m.name for m in resolve_models(cfg, run)][:2] == ["base", "S-seed1"]
+    clash = EvaluateConfig(models=[ModelSpec(name="S-seed1", model="x")], sweep={},
+                           sets=[EvalSetConfig(name="medmcqa")])
+    with pytest.raises(ConfigError, match="S-seed1"):
+        resolve_models(clash, run)
+    with pytest.raises(ConfigError, match="run `craft-ray sweep`"):
+        discover_sweep_models(SweepModelsConfig(), tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        EvaluateConfig(sets=[EvalSetConfig(name="medmcqa")])
+
+
+@pytest.mark.parametrize("task,set_name", [("summarization", "cnn_dailymail"),
+                                           ("recipegen", "recipenlg")])
+def test_shipped_generative_configs(task, set_name):
+    """configs/{task}.yaml evaluates the sweep's trials + the base model on the real set with
+    vLLM, and judges with Llama-3-70B-Instruct."""
+    from craft_ray.config import load_config
+
+    cfg = load_config(EvaluateStageConfig, Path(__file__).resolve().parents[1] / "configs" /
+                      f"{task}.yaml").evaluate
+    assert cfg.backend == "vllm" and cfg.sweep is not None and cfg.judge is not None
+    assert [(s.name, s.kind, s.task) for s in cfg.sets] == [(set_name, "generative", task)]
+    assert cfg.judge.model == "meta-llama/Meta-Llama-3-70B-Instruct"
+    assert cfg.generation.temperature == 0.0
+
+
+@pytest.mark.gpu
+def test_vllm_generation_on_gpu(tmp_path):
+    """Not run on CPU machines: base model answers a generative set through vLLM."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import ray
+
+    from craft_ray.evaluate import run_evaluate
+    from craft_ray.tiny import build_tiny_causal_lm
+
+    build_tiny_causal_lm(tmp_path / "base", seed=TINY_SEED)
+    ray.init(ignore_reinit_error=True)
+    cfg = EvaluateStageConfig(run_dir=str(tmp_path / "run"), evaluate=EvaluateConfig(
+        models=[ModelSpec(name="base", model=str(tmp_path / "base"))],
+        sets=[EvalSetConfig(name="cnn_dailymail", path=str(EVAL / "cnn_dailymail_test.jsonl"),
+                            limit=3)],
+        backend="vllm", num_gpus=1, generation={"max_new_tokens": 16}))
+    run_evaluate(cfg)
+    r = json.loads((tmp_path / "run" / "evaluate" / "base" / "cnn_dailymail" /
+                    "results.json").read_text())
+    assert r["n"] == 3 and r["metric"] == "rougeL_f1"
+
+
+def test_generative_set_uses_its_own_task():
+    from craft_ray.config import ConfigError
+    from craft_ray.evaluate import _generative_task
+
+    cnn = EvalSetConfig(name="cnn_dailymail")
+    for task in (None, "bioqa", "summarization"):  # an MC task is for the MC sets
+        cfg = EvaluateConfig(task=task, models=[ModelSpec(name="m", model="x")], sets=[cnn])
+        assert _generative_task(cfg, cnn).name == "summarization"
+    cfg = EvaluateConfig(task="recipegen", models=[ModelSpec(name="m", model="x")], sets=[cnn])
+    with pytest.raises(ConfigError, match="recipegen"):
+        _generative_task(cfg, cnn)

@@ -76,3 +76,28 @@ def test_aggregate_cli_over_result_folders(tmp_path):
     assert "60.00 ± 14.14" in report and (out / "accuracy.png").is_file()
     res_ = CliRunner().invoke(app, ["aggregate", str(tmp_path / "empty"), "--out", str(out)])
     assert res_.exit_code == 2
+
+
+def test_aggregate_of_a_run_dir_takes_sizes_from_its_sweep(tmp_path):
+    """Results of adapters listed by hand (no size/seed) get them from the sweep's table."""
+    from craft_ray.plots import run_aggregate
+    from tests.test_evaluate import fake_sweep
+
+    run = tmp_path / "run"
+    fake_sweep(run)
+    for trial, acc in (("S-seed1", 0.5), ("S-seed2", 0.7), ("M-seed1", 0.6)):
+        d = run / "evaluate" / trial / "medqa"
+        d.mkdir(parents=True)
+        r = res(trial, "adapter", None, None, acc)
+        r["adapter"] = str(run / "train" / trial / "adapter")
+        (d / "results.json").write_text(json.dumps(r))
+    d = run / "evaluate" / "base" / "medqa"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(res("base", "base", None, None, 0.3)))
+    out = run_aggregate([run], tmp_path / "agg")
+    assert out["annotated_from_sweep"] == 3 and out["results"] == 4
+    rows = {(r["group"], r["size"]): r for r in json.loads(
+        (tmp_path / "agg" / "aggregate.json").read_text())}
+    assert set(rows) == {("base", None), ("craft", "S"), ("craft", "M")}
+    assert rows[("craft", "S")]["mean"] == pytest.approx(0.6) and rows[("craft", "S")][
+        "runs"] == 2
