@@ -324,7 +324,8 @@ def train(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
 @app.command()
 def evaluate(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
              force: ForceOpt = False) -> None:
-    """Multiple-choice accuracy of base models / adapters on eval sets (+ table and plot)."""
+    """Score base models / adapters / merged models on eval sets: multiple-choice accuracy,
+    or for generative sets the model's own answers with ROUGE-L and an LLM-judge win rate."""
     from craft_ray.evalsets import EvalSetError
     from craft_ray.evaluate import EvaluateStageConfig, run_evaluate
     from craft_ray.runtime import init_ray

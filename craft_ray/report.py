@@ -222,12 +222,15 @@ def _eval_section(run: Path) -> str:
     rows = []
     for p in sorted(d.rglob("results*.json")):
         res = _read_json(p) or {}
-        if "accuracy" in res or "win_rate" in res:
+        metric = res.get("metric") if isinstance(res, dict) else None
+        if metric is None and isinstance(res, dict):
+            metric = next((m for m in ("accuracy", "win_rate", "rougeL_f1") if m in res), None)
+        if metric is not None and metric in res:
             rows.append([_esc(p.parent.relative_to(d) if p.parent != d else p.stem),
                          _esc(res.get("model", res.get("name", ""))),
                          _esc(res.get("eval_set", res.get("dataset", ""))),
-                         res.get("accuracy", res.get("win_rate", "")), res.get("n", "")])
-    out = _table(["run", "model", "eval set", "accuracy / win rate", "n"], rows) if rows else ""
+                         _esc(metric), res[metric], res.get("n", "")])
+    out = _table(["run", "model", "eval set", "metric", "value", "n"], rows) if rows else ""
     for png in sorted(d.rglob("*.png")):
         out += ('<img alt="evaluation plot" src="data:image/png;base64,'
                 + base64.b64encode(png.read_bytes()).decode() + '">')

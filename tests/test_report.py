@@ -48,6 +48,11 @@ def fake_run(run: Path) -> Path:
     ev.mkdir(parents=True)
     ev.joinpath("results.json").write_text(json.dumps(
         {"accuracy": 0.25, "n": 40, "model": "tiny", "eval_set": "medqa"}))
+    gen = run / "evaluate" / "tiny" / "cnn_dailymail"
+    gen.mkdir(parents=True)
+    gen.joinpath("results.json").write_text(json.dumps(
+        {"metric": "rougeL_f1", "rougeL_f1": 0.1875, "n": 12, "model": "tiny",
+         "eval_set": "cnn_dailymail"}))
     return run
 
 
@@ -55,7 +60,8 @@ def test_report_sections(tmp_path: Path):
     out = build_report(fake_run(tmp_path / "run"))
     page = out.read_text()
     for needle in ["Stages and throughput", "complete", "stackexchange", "70.0%",
-                   "no_json_object", "Training loss", "0.250", "data:image/png;base64,"]:
+                   "no_json_object", "Training loss", "0.250", "data:image/png;base64,",
+                   "rougeL_f1", "0.188", "cnn_dailymail"]:
         assert needle in page, needle
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert page.count("<img") >= 4  # scores, 2 length histograms, loss curve
