@@ -1090,6 +1090,35 @@ def _generative_task(cfg: EvaluateConfig, es: EvalSetConfig) -> Any:
     return load_task(es.task)
 
 
+def fit_generative_prompts(texts: Sequence[str], tokenizer: Any, max_tokens: int,
+                           template: str, plain_template: str = "{prompt}\n",
+                           system_prompt: str | None = None
+                           ) -> tuple[list[str], list[list[int]], list[bool]]:
+    """:func:`render_prompts`, but a prompt over ``max_tokens`` loses the end of its text.
+
+    A generative instruction starts with what to do ("Please summarize the text below:") and
+    goes on with the document, and the chat template closes it with the generation prompt;
+    cutting the token sequence from the left (as the multiple-choice path does, to keep the
+    answer position) would drop the instruction. Here the instruction text is shortened from
+    its end instead and the prompt rendered again. Returns (prompts, ids, truncated flags).
+    """
+    prompts, ids = render_prompts(texts, tokenizer, template, plain_template, system_prompt)
+    cut = [False] * len(texts)
+    for i, t in enumerate(texts):
+        text = t
+        for _ in range(4):  # re-tokenising a decoded cut can differ by a few tokens
+            over = len(ids[i]) - max_tokens
+            if over <= 0:
+                break
+            tt = tokenizer(text, add_special_tokens=False)["input_ids"]
+            keep = max(0, len(tt) - over - 8)
+            text = tokenizer.decode(tt[:keep], skip_special_tokens=True)
+            (p,), (x,) = render_prompts([text], tokenizer, template, plain_template,
+                                        system_prompt)
+            prompts[i], ids[i], cut[i] = p, x, True
+    return prompts, ids, cut
+
+
 def _prompt_rows(model: ModelSpec, name: str, prompts: list[str], ids: list[list[int]],
                  cfg: EvaluateConfig, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
@@ -1172,12 +1201,14 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
                     for it in items])
             else:
                 pairs = [gtask.training_pair(it.record) for it in items]
-                prompts, ids = render_prompts([p for p, _ in pairs], tok, cfg.template,
-                                              cfg.plain_template, cfg.system_prompt)
+                prompts, ids, cut = fit_generative_prompts(
+                    [p for p, _ in pairs], tok, cfg.max_prompt_tokens, cfg.template,
+                    cfg.plain_template, cfg.system_prompt)
                 gen_sets.append((name, es, key))
                 gen_rows += _prompt_rows(model, name, prompts, ids, cfg, [
-                    {"id": it.id, "instruction": p, "reference": ref, "max_new_tokens": max_new}
-                    for it, (p, ref) in zip(items, pairs)])
+                    {"id": it.id, "instruction": p, "reference": ref, "max_new_tokens": max_new,
+                     "truncated": c}
+                    for it, (p, ref), c in zip(items, pairs, cut)])
         if mc_rows:
             logger.info("evaluate: scoring %s (%s%s) on %d items with %s", model.name,
                         model.model, f" + {model.adapter}" if model.adapter else "",

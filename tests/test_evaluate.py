@@ -151,6 +151,24 @@ def test_prompt_is_the_task_training_prompt():
         task_prompt(yn, get_task("recipegen"))
 
 
+def test_long_generative_prompt_loses_the_end_of_its_text_not_the_instruction(tiny):
+    from transformers import AutoTokenizer
+
+    from craft_ray.evaluate import fit_generative_prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny / "base")
+    long = "Please summarize the text below:\n" + " ".join(f"w{i}" for i in range(400))
+    prompts, ids, cut = fit_generative_prompts([long, "Please summarize: short."], tok, 64,
+                                               "chat")
+    assert cut == [True, False]
+    assert len(ids[0]) <= 64 and "Please summarize the text below:" in prompts[0]
+    assert "w0 w1" in prompts[0] and "w399" not in prompts[0]
+    # the chat template still closes the prompt (the generation prompt is at the end)
+    full, _ = render_prompts(["x"], tok, "chat")
+    assert prompts[0].endswith(full[0][full[0].index("x") + 1:])
+    assert ids[1] == render_prompts(["Please summarize: short."], tok, "chat")[1][0]
+
+
 def test_render_prompts_like_training(tiny):
     from transformers import AutoTokenizer
 
