@@ -147,7 +147,13 @@ class JudgeConfig(StrictModel):
     max_new_tokens: int = Field(default=64, ge=8, le=4096,
                                 description="Tokens of the judge's reply (a small JSON).")
     guided_decoding: bool = Field(default=True, description="Constrain the reply to the scores' "
-                                  "JSON schema (integers 1-10).")
+                                  "JSON schema (integers 1-10, compact JSON unless the "
+                                  "backend's guided_any_whitespace is set).")
+    temperature: float = Field(default=0.0, ge=0, le=2,
+                               description="Judge sampling temperature (0: greedy, the usual "
+                               "choice; > 0 samples the scores, seeded per row).")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1,
+                      description="Seed of the judge's sampling (temperature > 0).")
     hf: HFBackendConfig | None = Field(default=None, description="hf backend settings "
                                        "(default: the generate stage's).")
     openai: OpenAIBackendConfig | None = Field(default=None, description="openai backend "
@@ -1009,7 +1015,7 @@ def judge_dataset(ds: Any, cfg: JudgeConfig, run_dir: Path, task: Any) -> Any:
                                "is_multiple_choice": "correctness" in criteria,
                                "max_doc_chars": cfg.max_doc_chars,
                                "max_new_tokens": cfg.max_new_tokens})
-    sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": 0,
+    sampling = {"temperature": cfg.temperature, "top_p": 1.0, "top_k": -1, "seed": cfg.seed,
                 "guided": cfg.guided_decoding}
     if r["backend"] == "hf":
         from craft_ray.backends.hf import hf_generate

@@ -290,7 +290,8 @@ def test_vllm_row_mapping():
     assert pre["tokenized_prompt"] == [0, 5, 6] and pre["doc_id"] == "c/s#1"
     sp = pre["sampling_params"]
     assert (sp["temperature"], sp["top_p"], sp["top_k"], sp["max_tokens"]) == (0.7, 0.9, 40, 256)
-    assert sp["structured_outputs"] == {"json": '{"type": "object"}'}
+    assert sp["structured_outputs"] == {"json": '{"type": "object"}',
+                                        "disable_any_whitespace": True}
     assert "structured_outputs" not in sampling_params(row, dict(SAMPLING, guided=False))
     ok = postprocess({**pre, "generated_text": "{}", "num_generated_tokens": 256,
                       "num_input_tokens": 3, "time_taken_llm": 0.5, "__inference_error__": ""})

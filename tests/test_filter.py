@@ -312,17 +312,16 @@ def test_judge_parse_batch_sets_scores_and_reasons():
 
 
 def test_judge_through_the_hf_backend(tmp_path, ray_local, tiny_causal_lm):
-    """The judge wired end to end through the generate stage's hf backend (tiny random model,
-    guided JSON). A random model rarely closes the JSON (xgrammar allows unbounded
-    whitespace), so this checks the wiring: every sample reached the backend with the judge
-    prompt and score schema, and every outcome is accounted for with its reason."""
+    """The judge wired end to end through the hf backend (tiny random model, guided JSON
+    compiled without free whitespace): every reply parses to 1-10 scores, a sample whose
+    document is missing is rejected with that reason, and every outcome is accounted for."""
     rows = make_clean_rows(12)[0][:12]
     cfg = _stage_cfg(tmp_path, decontamination={"enabled": False},
                      dedup={"exact": {"enabled": False}, "fuzzy": {"enabled": False},
                             "semantic": {"enabled": False}},
                      datasets={"sizes": {"S": 6}},
                      judge={"enabled": True, "backend": "hf", "model": str(tiny_causal_lm),
-                            "max_new_tokens": 24, "hf": {"batch_size": 6},
+                            "hf": {"batch_size": 6},
                             "min_scores": {"relevance": 4, "coverage": 2, "correctness": 1}})
     run_dir = Path(cfg.run_dir)
     pq.write_table(pa.Table.from_pylist(rows), run_dir / "generate" / "clean.parquet")
@@ -339,10 +338,13 @@ def test_judge_through_the_hf_backend(tmp_path, ray_local, tiny_causal_lm):
     assert len(survivors) + len(rejects) == 12 and judge["dropped"] == len(rejects)
     by_id = {r["sample_id"]: r for r in rejects}
     assert by_id[rows[0]["sample_id"]]["reject_reason"] == "judge_missing_document"
-    for r in rejects[1:]:
-        if r["reject_reason"] == "judge_unparseable":  # guided decoding started the schema
-            assert '{"relevance":' in r["reject_detail"]
-    for r in survivors:  # whatever parsed passed every minimum
+    # no reply was cut off or malformed: compact JSON closes well within max_new_tokens
+    assert set(judge["reasons"]) <= {"judge_missing_document", "judge_low_score"}
+    crit = ("relevance", "coverage", "correctness")
+    for r in survivors + [r for r in rejects if r["reject_reason"] == "judge_low_score"]:
+        assert all(1 <= r[f"judge_{c}"] <= 10 for c in crit), r
+    for r in survivors:  # whatever passed met every minimum
         assert r["judge_relevance"] >= 4 and r["judge_coverage"] >= 2
-    assert set(judge["reasons"]) <= {"judge_missing_document", "judge_unparseable",
-                                     "judge_low_score"}
+    for r in rejects:
+        if r["reject_reason"] == "judge_low_score":
+            assert r["judge_relevance"] < 4 or r["judge_coverage"] < 2

@@ -2,7 +2,11 @@
 
 For small generators and CPU runs. JSON-schema guided decoding goes through xgrammar's
 transformers integration (``xgrammar.contrib.hf.LogitsProcessor``), one compiled grammar per
-row, so rows of different prompt variants can share a batch.
+row, so rows of different prompt variants can share a batch. Schemas are compiled without free
+whitespace by default (``guided_any_whitespace: false``): the reply is laid out as
+``json.dumps`` writes it (``", "`` and ``": "`` separators, nothing else between tokens). JSON
+itself allows unlimited whitespace between tokens, and a weak or untrained model under a
+grammar that allows it can emit whitespace until max tokens and never close the object.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ class HFBackendConfig(StrictModel):
     generate_batch_size: int = Field(
         default=4, ge=1, le=1024,
         description="Rows per generate() call inside an actor (left-padded together).",
+    )
+    guided_any_whitespace: bool = Field(
+        default=False,
+        description="Guided decoding: allow any whitespace between JSON tokens (xgrammar's "
+        "default). False: the JSON layout of json.dumps (', ' and ': ' separators, no other "
+        "whitespace), so a model cannot loop on whitespace until max tokens.",
     )
 
 
@@ -80,7 +90,8 @@ class HFGenerator:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer,
                                                           vocab_size=self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info)
-            self._grammars[schema] = self._compiler.compile_json_schema(schema)
+            self._grammars[schema] = compile_schema(self._compiler, schema,
+                                                    self.cfg.guided_any_whitespace)
         return self._grammars[schema]
 
     def _generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -98,8 +109,10 @@ class HFGenerator:
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": pad}
         temp = float(self.sampling["temperature"])
         if temp > 0:
+            # top_k <= 0 means "off" in our configs (vLLM's -1); transformers wants 0 for off
+            # (a negative top_k raises in TopKLogitsWarper).
             kwargs.update(do_sample=True, temperature=temp, top_p=float(self.sampling["top_p"]),
-                          top_k=int(self.sampling["top_k"]))
+                          top_k=max(0, int(self.sampling["top_k"])))
         else:
             kwargs.update(do_sample=False)
         if self.sampling["guided"]:
@@ -151,6 +164,15 @@ class HFGenerator:
                 r["gen_seconds"] = per_row
                 outs[i] = r
         return merge_outputs(batch, outs)
+
+
+def compile_schema(compiler: Any, schema: str, any_whitespace: bool = False) -> Any:
+    """A JSON schema compiled by an ``xgrammar.GrammarCompiler``.
+
+    ``any_whitespace=False``: one fixed layout (``", "`` / ``": "`` separators, no newlines or
+    indentation), so every whitespace token the model could loop on is masked out.
+    """
+    return compiler.compile_json_schema(schema, any_whitespace=any_whitespace)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

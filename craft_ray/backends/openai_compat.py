@@ -77,7 +77,10 @@ class OpenAIBackendConfig(StrictModel):
     guided_format: Literal["response_format", "none"] = Field(
         default="response_format",
         description="How guided decoding is requested: OpenAI's response_format json_schema "
-        "(vLLM, llama.cpp, OpenAI), or not at all.",
+        "(vLLM, llama.cpp, OpenAI), or not at all. Whitespace inside the JSON is the server's "
+        "choice: for vLLM start it with --structured-outputs-config "
+        "'{\"disable_any_whitespace\": true}' (its xgrammar backend ignores the per-request "
+        "flag), else a weak model can loop on whitespace until max_tokens.",
     )
     extra_body: dict[str, Any] = Field(
         default_factory=dict,

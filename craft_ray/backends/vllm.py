@@ -4,7 +4,10 @@ Prompts arrive already rendered with the generator's chat template and tokenized
 :mod:`craft_ray.generate`), so ``ray.data.llm``'s own chat-template and tokenize stages are
 switched off and the token ids go straight to the engine (no second BOS, and the length rule
 applied when building prompts is exactly what the engine sees). JSON-schema guided decoding
-uses vLLM's structured outputs (``sampling_params.structured_outputs.json``).
+uses vLLM's structured outputs (``sampling_params.structured_outputs.json``). As in the ``hf``
+backend, JSON is decoded without free whitespace by default (``guided_any_whitespace: false``):
+vLLM's xgrammar backend reads that switch from the engine's ``structured_outputs_config``
+(``disable_any_whitespace``), its guidance backend from the request, so both are set.
 
 vLLM is imported only when the processor is built (GPU machines: ``pip install craft-ray[gpu]``).
 """
@@ -47,6 +50,11 @@ class VLLMBackendConfig(StrictModel):
         default=None, description="Ray accelerator type to schedule engines on (e.g. H100).")
     max_concurrent_batches: int = Field(default=8, ge=1, le=1024,
                                         description="Batches in flight per engine.")
+    guided_any_whitespace: bool = Field(
+        default=False,
+        description="Guided decoding: allow any whitespace between JSON tokens. False sets "
+        "vLLM's disable_any_whitespace (engine structured_outputs_config and each request), "
+        "so a model cannot loop on whitespace until max tokens.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments (override the above).")
 
@@ -65,7 +73,13 @@ def processor_config(cfg: VLLMBackendConfig, model: str) -> Any:
     }
     if cfg.max_model_len is not None:
         engine_kwargs["max_model_len"] = cfg.max_model_len
-    engine_kwargs.update(cfg.engine_kwargs)
+    extra = dict(cfg.engine_kwargs)
+    so = extra.get("structured_outputs_config")
+    if not cfg.guided_any_whitespace and (so is None or isinstance(so, dict)):
+        # The xgrammar backend takes this switch only from the engine config; keys the user
+        # set in engine_kwargs.structured_outputs_config win.
+        extra["structured_outputs_config"] = {"disable_any_whitespace": True, **(so or {})}
+    engine_kwargs.update(extra)
     return vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs=engine_kwargs,
@@ -94,7 +108,9 @@ def sampling_params(row: dict[str, Any], sampling: dict[str, Any]) -> dict[str, 
     }
     if sampling["guided"]:
         # A JSON string, not a dict: a nested schema does not fit one Arrow type per column.
-        params["structured_outputs"] = {"json": str(row["schema"])}
+        params["structured_outputs"] = {
+            "json": str(row["schema"]),
+            "disable_any_whitespace": not sampling.get("any_whitespace", False)}
     return params
 
 
@@ -145,6 +161,7 @@ def vllm_generate(ds: Any, model: str, cfg: VLLMBackendConfig, sampling: dict[st
         ) from exc
     from ray.data.llm import build_processor
 
+    sampling = {**sampling, "any_whitespace": cfg.guided_any_whitespace}
     processor = build_processor(
         processor_config(cfg, model),
         preprocess=functools.partial(preprocess, sampling=sampling),
