@@ -19,6 +19,7 @@ from craft_ray.train import (
     check_resources,
     choose_max_length,
     collate_batch,
+    deepspeed_config,
     encode_example,
     load_tokenizer,
     make_plan,
@@ -77,12 +78,23 @@ def test_config_errors_are_clear():
         TrainConfig(base_model="m", batch_size=16, per_device_batch_size=3)
     with pytest.raises(ValueError, match="plain_template must contain"):
         TrainConfig(base_model="m", plain_template="no placeholder")
-    for block in ({"qlora": {"enabled": True}}, {"deepspeed": {"enabled": True, "stage": 3}}):
-        with pytest.raises(ValueError, match="GPU only; set use_gpu: true"):
+    for block in ({"qlora": {"enabled": True}}, {"precision": "fp16"}):
+        with pytest.raises(ValueError, match="GPU only .*set use_gpu: true"):
             TrainConfig(base_model="m", **block)
         cfg = TrainConfig(base_model="m", use_gpu=True, **block)  # valid on a GPU cluster
         with pytest.raises(ConfigError, match="the Ray cluster has no GPUs"):
             check_resources(cfg, gpu_available=False)
+    # DeepSpeed also runs on CPU workers (its CPU accelerator, gloo), in fp32
+    ds = TrainConfig(base_model="m", deepspeed={"enabled": True, "stage": 3, "extra": {
+        "zero_optimization": {"stage3_param_persistence_threshold": 0}}})
+    ds_cfg = deepspeed_config(ds, on_gpu=False)
+    assert ds_cfg["zero_optimization"] == {  # extra is merged into, not over, the section
+        "stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+        "stage3_param_persistence_threshold": 0}
+    assert not ds_cfg["bf16"]["enabled"] and not ds_cfg["fp16"]["enabled"]
+    assert deepspeed_config(ds, on_gpu=True)["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="deepspeed on CPU workers trains in fp32"):
+        TrainConfig(base_model="m", precision="bf16", deepspeed={"enabled": True})
     assert TrainConfig(base_model="m", num_workers=2, per_device_batch_size=2).grad_accum == 4
 
 
@@ -114,39 +126,127 @@ def _examples(tiny_lm, n):
             for s in shots], tok.pad_token_id
 
 
-def _run_steps(rank, world, per_device, accum, global_batches, base, pad_id, out, init):
-    """Train a few steps on this rank's slice of each global batch; save losses + weights."""
+def _run_steps(rank, world, per_device, accum, global_batches, base, pad_id, out, init,
+               zero=0):
+    """Train a few steps on this rank's slice of each global batch; save losses + weights.
+
+    ``zero`` 2 or 3: through a DeepSpeed ZeRO engine (CPU accelerator, gloo) instead of DDP;
+    the adapter is then also saved with the library's gather-and-save path and rank 0 keeps
+    the engine's logits on a probe batch, to compare with the reloaded adapter.
+    """
     import torch
     import torch.distributed as dist
-    from peft import get_peft_model_state_dict
 
-    from craft_ray.train import build_lora_model, build_optimizer, train_step
+    from craft_ray.train import (
+        build_lora_model,
+        build_optimizer,
+        deepspeed_config,
+        lora_state_dict,
+        save_adapter,
+        train_step,
+    )
 
     torch.set_num_threads(1)
-    if world > 1:
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    ds = {"enabled": True, "stage": zero,
+          # ZeRO-3 keeps parameters under this size whole on every rank; 0: LoRA weights
+          # really are partitioned, so saving must gather them
+          "extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
     cfg = TrainConfig(base_model=base, learning_rate=5e-3, per_device_batch_size=per_device,
                       batch_size=per_device * accum * world, num_workers=world, seed=7,
-                      lora={"dropout": 0.0})  # dropout off: the runs must be comparable
+                      lora={"dropout": 0.0},  # dropout off: the runs must be comparable
+                      deepspeed=ds if zero else {})
     model = build_lora_model(cfg, "cpu", False)
     opt, sched = build_optimizer(cfg, model, len(global_batches))
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    engine = None
+    if zero:
+        import deepspeed
+
+        # what a launcher (torchrun, Ray Train's torch backend) sets for DeepSpeed
+        os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+
+        engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt,
+                                                     lr_scheduler=sched,
+                                                     config=deepspeed_config(cfg, False))
+        net = engine
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     losses = []
     for gb in global_batches:
         mine = gb[rank * per_device * accum:(rank + 1) * per_device * accum]
         mbs = [collate_batch([r[0] for r in mine[i:i + per_device]],
                              [r[1] for r in mine[i:i + per_device]], pad_id, loss_on="full")
                for i in range(0, len(mine), per_device)]
-        losses.append(train_step(net, mbs, opt, sched, device="cpu", max_grad_norm=1.0)["loss"])
+        losses.append(train_step(net, mbs, opt, sched, device="cpu", max_grad_norm=1.0,
+                                 engine=engine)["loss"])
+    lora = [p for p in model.parameters() if p.requires_grad]
+    partitioned = any(p.numel() == 0 for p in lora)  # ZeRO-3 shards live outside p.data
+    weights = lora_state_dict(model, zero)  # every rank: a collective under ZeRO-3
+    probe = collate_batch([global_batches[0][0][0]], [0], pad_id)
+    net.eval()
+    with torch.no_grad():  # under ZeRO-3 a forward is a collective too
+        logits = net(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     if rank == 0:
-        torch.save({"losses": losses, "lora": get_peft_model_state_dict(model)}, out)
-    if world > 1:
+        if zero:
+            save_adapter(Path(out).with_suffix(""), model, weights)
+        torch.save({"losses": losses, "lora": weights, "partitioned": partitioned,
+                    "logits": logits.detach().cpu(), "probe": probe["input_ids"]}, out)
+
+
+def _rank_main(rank, log_dir, jobs):
+    """Spawned rank: run ``_run_steps`` for each job; stdout/stderr to a file (pytest's
+    capture would drop them on a hang) and a stack dump of every thread shortly before the
+    parent gives up."""
+    import faulthandler
+    import sys
+
+    import torch.distributed as dist
+
+    log = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    faulthandler.enable(log)
+    faulthandler.dump_traceback_later(_DDP_BOUND_S - 10, exit=False, file=log)
+    print(f"rank {rank} pid {os.getpid()} start", flush=True)
+    for job in jobs:
+        _run_steps(rank, *job)
+    if dist.is_initialized():
         dist.destroy_process_group()
+    print(f"rank {rank} done", flush=True)
+
+
+def _spawn_two_ranks(tmp_path, jobs):
+    """Run ``jobs`` on 2 spawned ranks (gloo over TCP on a free port); fail, with both ranks'
+    logs, if they are not done in _DDP_BOUND_S."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init = f"tcp://127.0.0.1:{port}"
+    jobs = [(*job[:7], init, *job[7:]) for job in jobs]
+    t0 = time.time()
+    ctx = mp.start_processes(_rank_main, nprocs=2, join=False, start_method="spawn",
+                             args=(str(tmp_path), jobs))
+    while not ctx.join(timeout=5):
+        if time.time() - t0 > _DDP_BOUND_S:
+            for proc in ctx.processes:
+                proc.kill()
+            logs = "\n".join(f"--- rank {i} (exit {p.exitcode}):\n"
+                             + (tmp_path / f"rank{i}.log").read_text()[-4000:]
+                             for i, p in enumerate(ctx.processes))
+            pytest.fail(f"the 2-process gloo run was not done in {_DDP_BOUND_S} s:\n{logs}")
+
+
+_DDP_BOUND_S = 150
 
 
 def test_two_workers_match_one_worker_with_double_batch(tiny_lm, tmp_path):
     import torch
-    import torch.multiprocessing as mp
 
     examples, pad_id = _examples(tiny_lm, 16)
     # full-sequence loss on examples of different lengths: per-worker label counts differ,
@@ -155,28 +255,45 @@ def test_two_workers_match_one_worker_with_double_batch(tiny_lm, tmp_path):
     ref, acc, ddp = tmp_path / "ref.pt", tmp_path / "acc.pt", tmp_path / "ddp.pt"
     _run_steps(0, 1, 4, 1, global_batches, str(tiny_lm), pad_id, ref, "")
     _run_steps(0, 1, 2, 2, global_batches, str(tiny_lm), pad_id, acc, "")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.start_processes(_run_steps, nprocs=2, join=False, start_method="spawn",
-                             args=(2, 2, 1, global_batches, str(tiny_lm), pad_id, ddp,
-                                   f"tcp://127.0.0.1:{port}"))
-    # Bounded: once (in a full-suite CI run) one gloo rank vanished and the other waited
-    # forever. A hang must not stall the suite; it is reported as a skip with this reason.
-    deadline = time.time() + 150
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.skip("the 2-process gloo run did not finish in 150 s (rendezvous hang)")
+    _spawn_two_ranks(tmp_path, [(2, 2, 1, global_batches, str(tiny_lm), pad_id, ddp)])
     r, a, d = (torch.load(p, weights_only=True) for p in (ref, acc, ddp))
     assert r["losses"][-1] < r["losses"][0]  # it does learn
     for other in (a, d):
         assert other["losses"] == pytest.approx(r["losses"], rel=1e-4, abs=1e-5)
         for k, v in r["lora"].items():
             torch.testing.assert_close(other["lora"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_deepspeed_zero2_and_zero3_on_two_cpu_ranks(tiny_lm, tmp_path):
+    """ZeRO-2 and ZeRO-3 (DeepSpeed's CPU accelerator over gloo) give the same steps as one
+    process, and the ZeRO-3 adapter, gathered from its shards, reloads with the same logits."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    examples, pad_id = _examples(tiny_lm, 8)
+    global_batches = [examples[i:i + 4] for i in range(0, 8, 4)]
+    ref = tmp_path / "ref.pt"
+    _run_steps(0, 1, 4, 1, global_batches, str(tiny_lm), pad_id, ref, "")
+    _spawn_two_ranks(tmp_path, [(2, 2, 1, global_batches, str(tiny_lm), pad_id,
+                                 tmp_path / f"z{z}.pt", z) for z in (2, 3)])
+    r = torch.load(ref, weights_only=True)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm)).eval()
+    for z in (2, 3):
+        got = torch.load(tmp_path / f"z{z}.pt", weights_only=True)
+        assert got["partitioned"] is (z == 3)  # the ZeRO-3 save really had to gather
+        assert got["losses"] == pytest.approx(r["losses"], rel=1e-4, abs=1e-5)
+        saved = load_file(tmp_path / f"z{z}" / "adapter_model.safetensors")
+        assert set(saved) == set(r["lora"])
+        for k, v in r["lora"].items():
+            torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5)
+        reloaded = PeftModel.from_pretrained(base, str(tmp_path / f"z{z}")).eval()
+        with torch.no_grad():
+            logits = reloaded(input_ids=got["probe"]).logits
+        torch.testing.assert_close(logits, got["logits"], rtol=1e-4, atol=1e-4)
+        base = reloaded.unload()
 
 
 # --- a real Ray Train fit: 2 CPU workers, stopped, resumed, adapter reloaded, merged ---------
