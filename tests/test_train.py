@@ -388,3 +388,70 @@ def test_two_worker_fit_resumes_and_adapter_reloads(ray_local, tiny_lm, tmp_path
     again = run_train(TrainStageConfig.model_validate(base))
     assert again["skipped"] is True
     assert os.path.getmtime(adapter / "adapter_model.safetensors") == mtime
+
+
+# --- a killed `craft-ray train` resumes from its last checkpoint ---------------------------
+
+
+def test_sigkilled_train_command_resumes_from_its_checkpoint(tiny_lm, tmp_path):
+    """`craft-ray train` in its own process group (with its own embedded Ray) is SIGKILLed
+    once a checkpoint exists; the same command again continues from that checkpoint."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    write_task_dataset(run_dir, "S", "bioqa", shared_data("craft-fewshots/bioqa.jsonl"),
+                       limit=16)
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "run_dir": str(run_dir), "ray": {"num_cpus": 2},
+        "train": {"base_model": str(tiny_lm), "task": "bioqa", "seed": 5, "num_workers": 1,
+                  "per_device_batch_size": 1, "batch_size": 1, "epochs": 2,
+                  "max_length": 96, "overlong": "truncate", "lora": {"r": 4},
+                  "checkpoint_every_steps": 3, "report_every_steps": 3}}))
+    trial = run_dir / "train" / "S-seed5"
+    cmd = [sys.executable, "-m", "craft_ray", "train", "--config", str(cfg_file)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env, start_new_session=True, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    proc = start()
+    deadline = time.time() + 240
+    ckpts: list[Path] = []
+    while time.time() < deadline and proc.poll() is None and not ckpts:
+        ckpts = list(trial.glob("ray/*/checkpoint_*/train_state.json"))
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert not (trial / "_SUCCESS").exists()
+    ckpt_steps = sorted(json.loads(p.read_text())["global_step"]
+                        for p in trial.glob("ray/*/checkpoint_*/train_state.json"))
+    assert ckpt_steps and ckpt_steps[0] == 3
+    killed_lines = (trial / "metrics.jsonl").read_text().splitlines()
+    assert 3 <= len(killed_lines) < 32  # 16 rows x 2 epochs = 32 steps: killed part-way
+
+    proc = start()
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-5000:]
+    stats = json.loads((trial / "stats.json").read_text())
+    assert stats["finished"] is True and stats["steps"] == stats["total_steps"] == 32
+    lines = (trial / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if not json.loads(x).get("final")]
+    assert steps == list(range(1, 33))
+    # continued, not restarted: the metrics lines up to the checkpoint it resumed from are
+    # the killed run's own (same wall-clock stamps); a restart from step 0 rewrites them all
+    kept = next((i for i, (a, b) in enumerate(zip(lines, killed_lines)) if a != b),
+                len(killed_lines))
+    assert kept >= 3 and kept in ckpt_steps, (kept, ckpt_steps)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_lm)),
+                                      stats["adapter"])
+    assert any("lora_A" in n for n, _ in model.named_parameters())
