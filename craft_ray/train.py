@@ -157,7 +157,7 @@ class TrainConfig(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
     qlora: QLoraSettings = Field(default_factory=QLoraSettings, description="QLoRA (GPU).")
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings,
-                                         description="DeepSpeed ZeRO (GPU).")
+                                         description="DeepSpeed ZeRO-2/3 (GPU; CPU for tests).")
     epochs: int = Field(default=3, ge=1, le=1000, description="Passes over the data.")
     learning_rate: float = Field(default=1e-4, gt=0, le=1, description="AdamW peak lr.")
     weight_decay: float = Field(default=0.05, ge=0, le=1, description="AdamW weight decay.")
