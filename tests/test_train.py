@@ -401,7 +401,7 @@ def test_two_worker_fit_resumes_and_adapter_reloads(ray_local, tiny_lm, tmp_path
 
 def test_sigkilled_train_command_resumes_from_its_checkpoint(tiny_lm, tmp_path):
     """`craft-ray train` in its own process group (with its own embedded Ray) is SIGKILLed
-    once a checkpoint exists; the same command again continues from that checkpoint."""
+    once Ray Train has registered a checkpoint; the same command again continues from it."""
     import signal
     import subprocess
     import sys
@@ -414,14 +414,15 @@ def test_sigkilled_train_command_resumes_from_its_checkpoint(tiny_lm, tmp_path):
     write_task_dataset(run_dir, "S", "bioqa", shared_data("craft-fewshots/bioqa.jsonl"),
                        limit=16)
     cfg_file = tmp_path / "train.yaml"
+    epochs = 6  # 16 rows x 6 epochs = 96 steps: still running when the kill lands
     cfg_file.write_text(yaml.safe_dump({
         "run_dir": str(run_dir), "ray": {"num_cpus": 2},
         "train": {"base_model": str(tiny_lm), "task": "bioqa", "seed": 5, "num_workers": 1,
-                  "per_device_batch_size": 1, "batch_size": 1, "epochs": 2,
-                  # truncated to 96 tokens the answer may be cut off: learn the whole text
-                  "max_length": 96, "overlong": "truncate", "loss_on": "full",
-                  "lora": {"r": 4},
-                  "checkpoint_every_steps": 3, "report_every_steps": 3}}))
+                  "per_device_batch_size": 1, "batch_size": 1, "epochs": epochs,
+                  # truncated to 128 tokens the answer may be cut off: learn the whole text
+                  "max_length": 128, "overlong": "truncate", "loss_on": "full",
+                  "lora": {"r": 4}, "checkpoint_every_steps": 4, "report_every_steps": 4}}))
+    total = 16 * epochs
     trial = run_dir / "train" / "S-seed5"
     cmd = [sys.executable, "-m", "craft_ray", "train", "--config", str(cfg_file)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -430,37 +431,45 @@ def test_sigkilled_train_command_resumes_from_its_checkpoint(tiny_lm, tmp_path):
         return subprocess.Popen(cmd, env=env, start_new_session=True, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
+    def registered() -> list[int]:
+        """Steps of the checkpoints Ray Train has registered (what a rerun resumes from; a
+        checkpoint folder alone is not enough)."""
+        for snap in trial.glob("ray/*/checkpoint_manager_snapshot.json"):
+            try:
+                data = json.loads(snap.read_text())
+            except (OSError, json.JSONDecodeError):  # being rewritten
+                return []
+            return [r["metrics"]["step"] for r in data["checkpoint_results"]]
+        return []
+
     proc = start()
     deadline = time.time() + 240
-    ckpts: list[Path] = []
-    while time.time() < deadline and proc.poll() is None and not ckpts:
-        ckpts = list(trial.glob("ray/*/checkpoint_*/train_state.json"))
+    while time.time() < deadline and proc.poll() is None and not registered():
         time.sleep(0.1)
     assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stdout.close()
     assert not (trial / "_SUCCESS").exists()
-    ckpt_steps = sorted(json.loads(p.read_text())["global_step"]
-                        for p in trial.glob("ray/*/checkpoint_*/train_state.json"))
-    assert ckpt_steps and ckpt_steps[0] == 3
+    ckpt_steps = registered()
+    assert ckpt_steps and all(s % 4 == 0 for s in ckpt_steps), ckpt_steps
     killed_lines = (trial / "metrics.jsonl").read_text().splitlines()
-    assert 3 <= len(killed_lines) < 32  # 16 rows x 2 epochs = 32 steps: killed part-way
+    assert max(ckpt_steps) <= len(killed_lines) < total  # killed part-way
 
     proc = start()
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-5000:]
     stats = json.loads((trial / "stats.json").read_text())
-    assert stats["finished"] is True and stats["steps"] == stats["total_steps"] == 32
+    assert stats["finished"] is True and stats["steps"] == stats["total_steps"] == total
     lines = (trial / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x)["step"] for x in lines if not json.loads(x).get("final")]
-    assert steps == list(range(1, 33))
+    assert steps == list(range(1, total + 1))
     assert all(json.loads(x)["loss"] > 0 for x in lines)  # it trained on real labels
     # continued, not restarted: the metrics lines up to the checkpoint it resumed from are
     # the killed run's own (same wall-clock stamps); a restart from step 0 rewrites them all
     kept = next((i for i, (a, b) in enumerate(zip(lines, killed_lines)) if a != b),
                 len(killed_lines))
-    assert kept >= 3 and kept in ckpt_steps, (kept, ckpt_steps)
+    assert kept == max(ckpt_steps), (kept, ckpt_steps)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_lm)),
                                       stats["adapter"])
     assert any("lora_A" in n for n, _ in model.named_parameters())
