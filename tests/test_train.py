@@ -283,7 +283,8 @@ def test_deepspeed_zero2_and_zero3_on_two_cpu_ranks(tiny_lm, tmp_path):
     global_batches = [examples[i:i + 4] for i in range(0, 8, 4)]
     ref = tmp_path / "ref.pt"
     _run_steps(0, 1, 4, 1, global_batches, str(tiny_lm), pad_id, ref, "")
-    _spawn_two_ranks(tmp_path, [(2, 2, 1, global_batches, str(tiny_lm), pad_id,
+    # 2 ranks x micro-batch 1 x 2 accumulated micro-batches = the reference's batch of 4
+    _spawn_two_ranks(tmp_path, [(2, 1, 2, global_batches, str(tiny_lm), pad_id,
                                  tmp_path / f"z{z}.pt", z) for z in (2, 3)])
     r = torch.load(ref, weights_only=True)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_lm)).eval()
