@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,15 @@ def _trial_rows(stage_cfg: SweepStageConfig, errors: dict[tuple[str, int], str]
     return rows
 
 
-def run_sweep(stage_cfg: SweepStageConfig) -> dict[str, Any]:
-    """Run (or resume) the seed x size grid on Ray Tune; write results and the table."""
+def run_sweep(stage_cfg: SweepStageConfig,
+              trial_fn: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the seed x size grid on Ray Tune; write results and the table.
+
+    ``trial_fn`` replaces :func:`sweep_trial` as the Tune function (it gets the same config:
+    ``stage``, ``size``, ``seed``; it must be importable by the Ray workers and should end by
+    calling ``sweep_trial`` or reporting the same keys). A trial that raises is retried up to
+    ``sweep.max_failures`` times; one that still fails is listed as failed in the table.
+    """
     import ray.tune
 
     cfg = stage_cfg.sweep
@@ -190,7 +198,7 @@ def run_sweep(stage_cfg: SweepStageConfig) -> dict[str, Any]:
     logger.info("sweep: %d trials (%d sizes x %d seeds), up to %d at once", n_trials,
                 len(cfg.sizes), len(cfg.seeds), concurrency)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(sweep_trial, {"cpu": cfg.trial_cpus}),
+        ray.tune.with_resources(trial_fn or sweep_trial, {"cpu": cfg.trial_cpus}),
         param_space={"stage": stage_cfg.model_dump(mode="json"),
                      "size": ray.tune.grid_search(cfg.sizes),
                      "seed": ray.tune.grid_search(cfg.seeds)},

@@ -85,7 +85,13 @@ class QLoraSettings(StrictModel):
 
 
 class DeepSpeedSettings(StrictModel):
-    """DeepSpeed ZeRO (GPU only; `pip install deepspeed`)."""
+    """DeepSpeed ZeRO-2/3 (`pip install 'craft-ray[deepspeed]'`).
+
+    On GPU workers DeepSpeed uses NCCL; on CPU workers its CPU accelerator over gloo (slow;
+    for testing configs). Under ZeRO-3 the LoRA weights are gathered from all ranks before
+    every save. Resume restores weights, data position and lr schedule; the ZeRO-sharded
+    AdamW moments start afresh.
+    """
 
     enabled: bool = Field(default=False, description="Train through a DeepSpeed engine.")
     stage: Literal[2, 3] = Field(default=2, description="ZeRO stage.")
@@ -93,7 +99,8 @@ class DeepSpeedSettings(StrictModel):
     offload_params: bool = Field(default=False, description="ZeRO-3 parameters in CPU RAM.")
     extra: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keys merged over the generated DeepSpeed config (expert escape hatch).")
+        description="Keys merged (recursively) over the generated DeepSpeed config (expert "
+        "escape hatch, e.g. {zero_optimization: {stage3_param_persistence_threshold: 0}}).")
 
 
 class TrainConfig(StrictModel):
@@ -150,7 +157,7 @@ class TrainConfig(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
     qlora: QLoraSettings = Field(default_factory=QLoraSettings, description="QLoRA (GPU).")
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings,
-                                         description="DeepSpeed ZeRO (GPU).")
+                                         description="DeepSpeed ZeRO-2/3 (GPU; CPU for tests).")
     epochs: int = Field(default=3, ge=1, le=1000, description="Passes over the data.")
     learning_rate: float = Field(default=1e-4, gt=0, le=1, description="AdamW peak lr.")
     weight_decay: float = Field(default=0.05, ge=0, le=1, description="AdamW weight decay.")
@@ -216,12 +223,15 @@ class TrainConfig(StrictModel):
         if self.max_length is not None and self.max_length_percentile is not None:
             raise ValueError("set max_length or max_length_percentile, not both")
         needs = [n for n, on in (("qlora", self.qlora.enabled),
-                                 ("deepspeed", self.deepspeed.enabled),
                                  ("precision=fp16", self.precision == "fp16")) if on]
         if needs and not self.use_gpu:
             raise ValueError(
-                f"{', '.join(needs)}: GPU only; set use_gpu: true on a GPU cluster, or turn "
-                "it off (qlora.enabled: false, deepspeed.enabled: false) to train on CPU")
+                f"{', '.join(needs)}: GPU only (bitsandbytes 4-bit kernels / fp16 need CUDA); "
+                "set use_gpu: true on a GPU cluster, or turn it off (qlora.enabled: false, "
+                "precision: auto) to train on CPU")
+        if self.deepspeed.enabled and not self.use_gpu and self.precision == "bf16":
+            raise ValueError("deepspeed on CPU workers trains in fp32; set precision: auto "
+                             "or fp32 (or use_gpu: true)")
         if self.qlora.enabled and self.deepspeed.enabled and self.deepspeed.stage == 3:
             raise ValueError("QLoRA with DeepSpeed ZeRO-3 is not supported; use stage 2")
         return self
@@ -478,7 +488,9 @@ def train_step(model: Any, micro_batches: Sequence[dict[str, Any]], optimizer: A
     global batch (summed over micro-batches and ranks, one all-reduce), times the world size
     because DDP averages gradients over ranks. The gradient is therefore that of the mean
     token loss of the global batch, however the batch is split. With ``engine`` (DeepSpeed)
-    the engine does backward/step; it already divides by the accumulation steps.
+    the engine does backward/step (no extra division by its accumulation steps: the loss is
+    already normalised) and it averages gradients over ranks like DDP; the last micro-batch
+    is marked as the accumulation boundary, so a short last group of an epoch steps too.
     """
     import torch
     import torch.distributed as dist
@@ -507,14 +519,17 @@ def train_step(model: Any, micro_batches: Sequence[dict[str, Any]], optimizer: A
             lsum = token_loss_sum(out.logits, mb["labels"].to(device))
             scaled = lsum * (world / n_label)
             if engine is not None:
-                # DeepSpeed divides by its accumulation steps and steps at the boundary
-                engine.backward(scaled * n_mb)
-                engine.step()
+                engine.set_gradient_accumulation_boundary(last)
+                engine.backward(scaled, scale_wrt_gas=False)
+                engine.step()  # an optimizer step only at the boundary
             else:
                 scaled.backward()
         loss_sum += lsum.detach().double().cpu()
     grad_norm = float("nan")
-    if engine is None:
+    if engine is not None:
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else grad_norm
+    else:
         if max_grad_norm is not None:
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
@@ -622,8 +637,20 @@ def build_optimizer(cfg: TrainConfig, model: Any, total_steps: int) -> tuple[Any
     return opt, sched
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config generated from the train config (plus ``deepspeed.extra``)."""
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = (_deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict)
+                  else v)
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed config generated from the train config (``deepspeed.extra`` merged
+    over it). Precision follows :func:`torch_dtype` (fp32 on CPU workers)."""
+    import torch
+
+    dtype = torch_dtype(cfg, cfg.use_gpu if on_gpu is None else on_gpu)
     zero: dict[str, Any] = {"stage": cfg.deepspeed.stage, "overlap_comm": True,
                             "contiguous_gradients": True}
     if cfg.deepspeed.offload_optimizer:
@@ -635,14 +662,13 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.batch_size,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision in ("auto", "bf16")},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 10**9,
     }
     if cfg.max_grad_norm is not None:
         ds["gradient_clipping"] = cfg.max_grad_norm
-    ds.update(cfg.deepspeed.extra)
-    return ds
+    return _deep_merge(ds, cfg.deepspeed.extra)
 
 
 def unwrap(model: Any) -> Any:
@@ -653,17 +679,60 @@ def unwrap(model: Any) -> Any:
 # --- the per-worker loop -------------------------------------------------------------------
 
 
-def _save_checkpoint(dirpath: Path, peft_model: Any, optimizer: Any, scheduler: Any,
-                     state: dict[str, Any], tokenizer: Any | None = None) -> None:
+def zero_stage_of(engine: Any) -> int:
+    """The ZeRO stage of a DeepSpeed engine (0 without one)."""
+    if engine is None:
+        return 0
+    return int(engine.zero_optimization_stage())
+
+
+def lora_state_dict(peft_model: Any, zero_stage: int = 0) -> dict[str, Any]:
+    """The adapter's weights as full CPU tensors, in PEFT's saved-adapter naming.
+
+    Under ZeRO-3 each rank holds only a shard of every partitioned parameter (the module's
+    own tensor is empty), so the trainable parameters are gathered from all ranks first with
+    ``deepspeed.zero.GatheredParameters``. That gather is a collective: under ZeRO-3 *every*
+    rank must call this function, in the same order.
+    """
+    from peft import get_peft_model_state_dict
+
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            full = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    else:
+        full = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    return get_peft_model_state_dict(peft_model, state_dict=full)
+
+
+def save_adapter(out_dir: Path, peft_model: Any, state_dict: dict[str, Any]) -> None:
+    """A PEFT adapter folder (``PeftModel.from_pretrained`` loads it) from a full state dict
+    (see :func:`lora_state_dict`)."""
     import torch
 
-    peft_model.save_pretrained(dirpath / "adapter")
+    bad = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.numel() == 0]
+    if bad:  # a ZeRO-3 shard placeholder would be saved as an empty tensor
+        raise RuntimeError(f"adapter weights {bad[:3]} are empty (ZeRO-3 partitioned and not "
+                           "gathered?)")
+    peft_model.save_pretrained(out_dir, state_dict=state_dict)
+
+
+def _save_checkpoint(dirpath: Path, peft_model: Any, optimizer: Any, scheduler: Any,
+                     state: dict[str, Any], tokenizer: Any | None = None,
+                     state_dict: dict[str, Any] | None = None) -> None:
+    import torch
+
+    if state_dict is None:
+        state_dict = lora_state_dict(peft_model)
+    save_adapter(dirpath / "adapter", peft_model, state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(dirpath / "adapter")
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None},
-                   dirpath / "optim.pt")
+    # optimizer None (DeepSpeed: its ZeRO-sharded state is not saved): the schedule still is
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None},
+               dirpath / "optim.pt")
     (dirpath / CHECKPOINT_STATE).write_text(json.dumps(state))
 
 
@@ -736,15 +805,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = plan["total_steps"]
     engine = None
     if cfg.deepspeed.enabled:
+        if not on_gpu:  # before deepspeed's first import: its accelerator is chosen then
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         try:
             import deepspeed
         except ImportError as exc:
-            raise ImportError("DeepSpeed needs: pip install 'craft-ray[deepspeed]' "
-                              "(GPU only)") from exc
+            raise ImportError("DeepSpeed needs: pip install 'craft-ray[deepspeed]'") from exc
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+        if optim_state is not None and optim_state.get("scheduler") is not None:
+            scheduler.load_state_dict(optim_state["scheduler"])
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg))
+            config=deepspeed_config(cfg, on_gpu))
         net = engine
     else:
         if not cfg.qlora.enabled:  # a 4-bit model is placed at load time and cannot move
@@ -754,7 +826,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ctx.get_world_size() > 1:
             net = ray.train.torch.prepare_model(model, move_to_device=not cfg.qlora.enabled)
     if optim_state is not None and engine is None:
-        optimizer.load_state_dict(optim_state["optimizer"])
+        if optim_state.get("optimizer") is not None:
+            optimizer.load_state_dict(optim_state["optimizer"])
         if optim_state.get("scheduler") is not None:
             scheduler.load_state_dict(optim_state["scheduler"])
     net.train()
@@ -774,13 +847,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not save:
             ray.train.report(metrics)
             return
+        # every rank: under ZeRO-3 gathering the LoRA weights is a collective
+        weights = lora_state_dict(model, zero_stage_of(engine))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_obj = None
             if rank == 0:
-                _save_checkpoint(Path(tmp), unwrap(net) if engine is None else model,
-                                 optimizer if engine is None else None, scheduler,
-                                 {"epoch": nxt[0], "batch_in_epoch": nxt[1],
-                                  "global_step": metrics["step"]}, tokenizer)
+                _save_checkpoint(Path(tmp), model, optimizer if engine is None else None,
+                                 scheduler, {"epoch": nxt[0], "batch_in_epoch": nxt[1],
+                                             "global_step": metrics["step"]}, tokenizer,
+                                 state_dict=weights)
                 ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt_obj)
 

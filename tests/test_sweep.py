@@ -35,7 +35,20 @@ def test_trial_config_fills_size_and_seed():
                                          "sweep": {"seeds": [1, 1]}})
 
 
+def fails_once(config):
+    """Tune function for the test: the first attempt of trial M-seed2 raises (a marker file
+    in the run dir remembers it), every other attempt is the real sweep_trial."""
+    from craft_ray.sweep import sweep_trial
+
+    marker = Path(config["stage"]["run_dir"]) / "injected-failure-M-seed2"
+    if (config["size"], int(config["seed"])) == ("M", 2) and not marker.exists():
+        marker.write_text("first attempt of M-seed2 raised\n")
+        raise RuntimeError("injected failure of M-seed2's first attempt")
+    sweep_trial(config)
+
+
 def test_two_by_two_sweep_writes_table_and_resumes(ray_local, tiny_lm, tmp_path):
+    """Also: a trial whose first attempt raises is retried (sweep.max_failures=1)."""
     from craft_ray.sweep import run_sweep
 
     run_dir = tmp_path / "run"
@@ -51,8 +64,10 @@ def test_two_by_two_sweep_writes_table_and_resumes(ray_local, tiny_lm, tmp_path)
                   "learning_rate": 2e-3, "eval_fraction": 0.25, "lora": {"r": 8}},
         "sweep": {"seeds": [1, 2], "sizes": ["S", "M"], "max_concurrent_trials": 2,
                   "verbose": 0}})
-    stats = run_sweep(cfg)
-    assert stats["rows_out"] == 4 and stats["trials_run"] == 4
+    assert cfg.sweep.max_failures == 1
+    stats = run_sweep(cfg, trial_fn=fails_once)
+    assert (run_dir / "injected-failure-M-seed2").is_file()  # the first attempt did raise
+    assert stats["rows_out"] == 4 and stats["trials_run"] == 4  # ... and the retry finished
     sweep_dir = run_dir / "sweep"
     assert (sweep_dir / "_SUCCESS").is_file()
     table = json.loads((sweep_dir / "table.json").read_text())
@@ -67,6 +82,9 @@ def test_two_by_two_sweep_writes_table_and_resumes(ray_local, tiny_lm, tmp_path)
     s_runs = [json.loads((run_dir / "train" / f"S-seed{s}" / "stats.json").read_text())
               for s in (1, 2)]
     assert s_runs[0]["eval_loss"] != s_runs[1]["eval_loss"]
+    results = [json.loads(x) for x in (sweep_dir / "results.jsonl").read_text().splitlines()]
+    retried = next(r for r in results if r["trial"] == "M-seed2")
+    assert retried["status"] == "finished" and retried["error"] is None
     assert "± " in (sweep_dir / "table.md").read_text()
 
     weights = sorted((run_dir / "train").glob("*/adapter/adapter_model.safetensors"))
