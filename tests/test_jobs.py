@@ -25,10 +25,20 @@ from tests.conftest import shared_data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen (a port
+    freed at once can be handed out again by the next bind; that once gave two Ray
+    components the same port)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _env() -> dict[str, str]:
@@ -42,16 +52,16 @@ def _env() -> dict[str, str]:
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real head node on free ports; yields the job (dashboard) address."""
     tmp = tmp_path_factory.mktemp("rayhead")
-    dash = _free_port()
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port",
+             "node-manager-port", "object-manager-port")
+    gcs, dash, *agent_ports = _free_ports(2 + len(flags))
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-           f"--port={_free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            "--num-cpus=2", f"--temp-dir={tmp}", "--disable-usage-stats",
            # Every agent on its own free port: the defaults (e.g. 52365) clash with any other
            # Ray on the machine, such as the test session's own.
-           *(f"--{flag}={_free_port()}" for flag in (
-               "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-               "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port",
-               "node-manager-port", "object-manager-port"))]
+           *(f"--{flag}={port}" for flag, port in zip(flags, agent_ports))]
     log = (tmp / "head.log").open("w")
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -71,7 +81,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pytest.fail("the local head did not come up in 120 s")
         yield address
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the head already exited (its log is in the failure)
+            pass
         proc.wait(timeout=30)
         log.close()
 
@@ -119,7 +132,7 @@ def test_unreachable_address_is_one_clear_error(tmp_path: Path):
         {"name": "x", "format": "text", "paths": [str(tmp_path)]}]}}))
     (tmp_path / "a.txt").write_text("x" * 300)
     r = subprocess.run([sys.executable, "-m", "craft_ray", "embed", "--config", str(cfg),
-                        "--address", f"127.0.0.1:{_free_port()}"], cwd=ROOT, env=_env(),
+                        "--address", f"127.0.0.1:{_free_ports(1)[0]}"], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "cannot reach a Ray cluster" in r.stderr
