@@ -769,6 +769,24 @@ def vllm_generation_request(row: dict[str, Any], sampling: dict[str, Any],
     return out
 
 
+def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
+                   extra: dict[str, Any]) -> Any:
+    """``ds`` through a pool of hf actors that each load ``model`` (+ adapter) once."""
+    import ray.data
+
+    return ds.map_batches(
+        actor, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
+        fn_constructor_kwargs={
+            "model": model.model, "adapter": model.adapter,
+            "merge_adapter": model.merge_adapter, "dtype": cfg.dtype,
+            "num_gpus": cfg.num_gpus,
+            "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
+            **extra,
+        })
+
+
 def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]]
                    ) -> list[dict[str, Any]]:
     """Answers of ``model`` to the prompt rows (columns: prediction, tokens_out, finish_reason,
@@ -778,19 +796,9 @@ def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, A
     sampling = sampling_of(cfg.generation)
     ds = ray.data.from_items(rows)
     if cfg.backend == "hf":
-        out = ds.map_batches(
-            HFTextGenerator, batch_size=cfg.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
-            fn_constructor_kwargs={
-                "model": model.model, "adapter": model.adapter,
-                "merge_adapter": model.merge_adapter, "dtype": cfg.dtype,
-                "num_gpus": cfg.num_gpus,
-                "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
-                "generate_batch_size": cfg.generation.generate_batch_size,
-                "sampling": sampling,
-            })
-        return out.take_all()
+        return _map_hf_actors(ds, cfg, model, HFTextGenerator, {
+            "generate_batch_size": cfg.generation.generate_batch_size,
+            "sampling": sampling}).take_all()
     from functools import partial
 
     from craft_ray.backends.vllm import postprocess, processor_config
@@ -1020,19 +1028,9 @@ def _score_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]
 
     ds = ray.data.from_items(rows)
     if cfg.backend == "hf":
-        scored = ds.map_batches(
-            HFLetterScorer, batch_size=cfg.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
-            fn_constructor_kwargs={
-                "model": model.model, "adapter": model.adapter,
-                "merge_adapter": model.merge_adapter, "dtype": cfg.dtype,
-                "num_gpus": cfg.num_gpus,
-                "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
-                "letter_ids": letter_ids, "forward_batch_size": cfg.forward_batch_size,
-                "max_prompt_tokens": cfg.max_prompt_tokens,
-            },
-        )
+        scored = _map_hf_actors(ds, cfg, model, HFLetterScorer, {
+            "letter_ids": letter_ids, "forward_batch_size": cfg.forward_batch_size,
+            "max_prompt_tokens": cfg.max_prompt_tokens})
     else:
         from functools import partial
 
