@@ -524,19 +524,25 @@ def _has_tokenizer(path: str) -> bool:
     return (p / "tokenizer_config.json").is_file()
 
 
+def _actor_model(model: str, adapter: str | None, merge_adapter: bool, dtype: str,
+                 num_gpus: float, torch_threads: int | None) -> tuple[str, Any, Any]:
+    """(device, model, tokenizer) for an hf actor: threads set, GPU when asked and present."""
+    import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+    return (device, *load_hf_model(model, adapter, merge_adapter, dtype, device))
+
+
 class HFLetterScorer:
     """Ray Data actor: loads the model (+ adapter) once; scores letters from last logits."""
 
     def __init__(self, model: str, adapter: str | None, merge_adapter: bool, dtype: str,
                  num_gpus: float, torch_threads: int | None, letter_ids: dict[str, list[int]],
                  forward_batch_size: int, max_prompt_tokens: int) -> None:
-        import torch
-
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
-        self.device = device
-        self.model, self.tok = load_hf_model(model, adapter, merge_adapter, dtype, device)
+        self.device, self.model, self.tok = _actor_model(model, adapter, merge_adapter, dtype,
+                                                         num_gpus, torch_threads)
         self.letter_ids = letter_ids
         self.forward_batch_size = forward_batch_size
         self.max_prompt_tokens = max_prompt_tokens
@@ -677,13 +683,8 @@ class HFTextGenerator:
     def __init__(self, model: str, adapter: str | None, merge_adapter: bool, dtype: str,
                  num_gpus: float, torch_threads: int | None, generate_batch_size: int,
                  sampling: dict[str, Any]) -> None:
-        import torch
-
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
-        self.device = device
-        self.model, self.tok = load_hf_model(model, adapter, merge_adapter, dtype, device)
+        self.device, self.model, self.tok = _actor_model(model, adapter, merge_adapter, dtype,
+                                                         num_gpus, torch_threads)
         self.generate_batch_size = generate_batch_size
         self.sampling = sampling
         eos = self.model.generation_config.eos_token_id
