@@ -22,6 +22,7 @@ removed before ranking (it is most likely the few-shot's own source text) and re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -142,9 +143,15 @@ class RetrieveConfig(StrictModel):
     )
     vector_cache: bool = Field(
         default=False,
-        description="Keep a raw float16 copy of each store shard in STORE/_vector_cache "
-        "(disk = store size) that later retrievals memory-map instead of decoding Parquet; "
-        "worth it when the store is queried repeatedly (several tasks, rescans).",
+        description="Keep a raw copy of each store shard in STORE/_vector_cache that later "
+        "retrievals memory-map instead of decoding Parquet; worth it when the store is "
+        "queried repeatedly (several tasks, rescans). See vector_cache_dtype for its size.",
+    )
+    vector_cache_dtype: Literal["auto", "float16", "float32"] = Field(
+        default="auto",
+        description="The cache's dtype. float32 (2x the store on disk) spares CPU actors "
+        "converting every vector from float16, which costs more than the product itself; "
+        "float16 (= the store) suits GPU actors. auto: float32 on CPU, float16 on GPU.",
     )
 
     @field_validator("quotas")
@@ -246,13 +253,27 @@ class Pool:
 
     def reduce(self, k_shot: int, k_mean: int) -> Pool:
         """Keep, per list, the entries scoring >= its k-th score; drop unreferenced docs."""
+        return self.reduce_with_floors(k_shot, k_mean, 0)[0]
+
+    def reduce_with_floors(self, k_shot: int, k_mean: int, num_shots: int
+                           ) -> tuple[Pool, np.ndarray]:
+        """:meth:`reduce`, and each list's *floor*: its k-th score where it holds k entries,
+        -inf where it holds fewer (index ``num_shots`` is the mean list).
+
+        A floor is a valid bound for any later entry of the same search: the k entries that
+        reach it are kept, so an entry scoring below it cannot be in the list's top k.
+        """
+        floors = np.full(num_shots + 1, -np.inf, dtype=np.float32)
         if len(self) == 0:
-            return self
-        keep = _keep_topk_with_ties(self.q, self.score, k_shot, k_mean)
+            return self, floors
+        keep, lists, thr = _keep_topk_with_ties(self.q, self.score, k_shot, k_mean)
+        if num_shots:
+            full = np.isfinite(thr)  # +inf: a list of length 0, -inf: fewer than k entries
+            floors[np.where(lists[full] == MEAN, num_shots, lists[full])] = thr[full]
         q, u, score = self.q[keep], self.u[keep], self.score[keep]
         used, inv = np.unique(u, return_inverse=True)
         return Pool(q, inv.astype(np.int64), score, self.doc_id[used], self.row[used],
-                    self.text_len[used], self.max_sim[used], self.mean_sim[used])
+                    self.text_len[used], self.max_sim[used], self.mean_sim[used]), floors
 
     @staticmethod
     def concat(pools: Sequence[Pool]) -> Pool:
@@ -282,8 +303,9 @@ class Pool:
 
 
 def _keep_topk_with_ties(q: np.ndarray, score: np.ndarray, k_shot: int, k_mean: int
-                         ) -> np.ndarray:
-    """Boolean mask: entries scoring >= the k-th best score of their list (ties kept)."""
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean mask of the entries scoring >= the k-th best score of their list (ties
+    kept), with the lists present and their thresholds (-inf: fewer than k entries)."""
     order = np.lexsort((-score, q))
     qs, ss = q[order], score[order]
     starts = np.flatnonzero(np.r_[True, qs[1:] != qs[:-1]])
@@ -296,7 +318,7 @@ def _keep_topk_with_ties(q: np.ndarray, score: np.ndarray, k_shot: int, k_mean: 
     keep_sorted = ss >= thr_of
     keep = np.zeros(len(q), dtype=bool)
     keep[order] = keep_sorted
-    return keep
+    return keep, lists, thr
 
 
 def ranked_lists(pool: Pool, num_shots: int, k_shot: int, k_mean: int
@@ -322,16 +344,27 @@ def ranked_lists(pool: Pool, num_shots: int, k_shot: int, k_mean: int
 # --- per-chunk scoring (plain functions, used by the actors) ------------------------------
 
 
-def _topk_entries(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, col) of entries >= each row's k-th largest finite score (ties kept)."""
+def _topk_entries(scores: np.ndarray, k: int, floor: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of entries >= each row's k-th largest finite score (ties kept).
+
+    ``floor`` (per row) is a score the row's list already holds k entries reaching (from
+    earlier chunks or shards): entries below it cannot enter the list and are skipped, and
+    once every row has one, a single comparison pass replaces the partition.
+    """
     n = scores.shape[1]
     if k <= 0 or n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if k < n:
+    if floor is not None and np.isfinite(floor).all():
+        mask = scores >= floor[:, None]
+    elif k < n:
         part = np.partition(scores, n - k, axis=1)[:, n - k]
+        if floor is not None:
+            part = np.maximum(part, floor)
         mask = scores >= part[:, None]
     else:
-        mask = np.ones(scores.shape, dtype=bool)
+        mask = np.ones(scores.shape, dtype=bool) if floor is None else \
+            scores >= floor[:, None]
     mask &= np.isfinite(scores)
     r, c = np.nonzero(mask)
     return r, c
@@ -352,17 +385,19 @@ class ChunkScores:
 
 
 def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, k_mean: int,
-                leakage_threshold: float | None, query_block: int) -> ChunkScores:
+                leakage_threshold: float | None, query_block: int,
+                floors: np.ndarray | None = None) -> ChunkScores:
     """Candidates of one chunk of ``n`` store rows starting at shard position ``offset``.
 
     ``sims_fn(lo, hi)`` returns the float32 [hi-lo, n] similarities of few-shots lo..hi-1 to
     the chunk. Blocks of ``query_block`` few-shots bound memory; the max and mean over all
-    few-shots are accumulated across blocks.
+    few-shots are accumulated across blocks. ``floors`` ([num_shots + 1], the mean list
+    last) skips entries that cannot enter their list (see :meth:`Pool.reduce_with_floors`).
     """
     total = np.zeros(n, dtype=np.float64)
     best = np.full(n, -np.inf, dtype=np.float32)
     best_shot = np.zeros(n, dtype=np.int64)
-    blocks: list[tuple[int, np.ndarray]] = []
+    blocks: list[tuple[int, Any]] = []
     need_leak = leakage_threshold is not None
     for lo in range(0, num_shots, query_block):
         hi = min(num_shots, lo + query_block)
@@ -378,7 +413,8 @@ def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, 
         if need_leak:
             blocks.append((lo, s))  # kept until the leakage mask is known
         else:
-            blocks.append((lo, _shot_entries(s, k_shot)))
+            blocks.append((lo, _shot_entries(s, k_shot, None if floors is None
+                                             else floors[lo:hi])))
     mean = (total / num_shots).astype(np.float32)
     if need_leak:
         leak = best >= leakage_threshold
@@ -390,14 +426,15 @@ def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, 
             if leak.any():
                 b = b.copy()
                 b[:, leak] = -np.inf
-            b = _shot_entries(b, k_shot)
+            b = _shot_entries(b, k_shot, None if floors is None
+                              else floors[lo:lo + b.shape[0]])
         r, c, v = b
         qs.append(r + lo)
         ps.append(c)
         ss.append(v)
     if k_mean > 0:
         m = np.where(leak, -np.inf, mean)[None, :]
-        _, c = _topk_entries(m, k_mean)
+        _, c = _topk_entries(m, k_mean, None if floors is None else floors[num_shots:])
         qs.append(np.full(len(c), MEAN, dtype=np.int64))
         ps.append(c)
         ss.append(m[0, c])
@@ -408,42 +445,49 @@ def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, 
         best_shot[leaked], best[leaked])
 
 
-def _shot_entries(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r, c = _topk_entries(s, k)
+def _shot_entries(s: np.ndarray, k: int, floor: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r, c = _topk_entries(s, k, floor)
     return r, c, s[r, c]
 
 
-def _cache_file(cache_dir: str, path: str) -> Path:
+CacheDtype = Literal["auto", "float16", "float32"]
+
+
+def _cache_file(cache_dir: str, path: str, dtype: str = "float16") -> Path:
     import hashlib
 
     tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"{Path(path).stem}-{tag}.f16.npy"
+    return Path(cache_dir) / f"{Path(path).stem}-{tag}.{'f32' if dtype == 'float32' else 'f16'}.npy"
 
 
-def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str | None
-                 ) -> Iterator[np.ndarray]:
-    """The float16 vectors of one data file in chunks of ``chunk_rows``.
+def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str | None,
+                 cache_dtype: str = "float16") -> Iterator[np.ndarray]:
+    """The vectors of one data file in chunks of ``chunk_rows`` (float16 as stored, or
+    float32 when read from a float32 cache).
 
-    With ``cache_dir``, the first scan also writes a raw float16 copy (``.npy``, through a
-    temporary file and a rename) that later scans memory-map: decoding Parquet's nested
-    list column costs far more than the similarity product itself. A copy older than its
-    data file is ignored.
+    With ``cache_dir``, the first scan also writes a raw copy (``.npy`` of ``cache_dtype``,
+    through a temporary file and a rename) that later scans memory-map: decoding Parquet's
+    nested list column costs far more than the similarity product itself, and on CPU a
+    float32 copy also saves converting every vector from float16 (which costs more than
+    the product; float16 to float32 is exact, so scores are unchanged). A copy older than
+    its data file is ignored.
     """
-    cached = _cache_file(cache_dir, path) if cache_dir else None
+    cached = _cache_file(cache_dir, path, cache_dtype) if cache_dir else None
     if cached is not None and cached.is_file() and \
             cached.stat().st_mtime >= os.stat(path).st_mtime:
         arr = np.load(cached, mmap_mode="r")
         if arr.shape[1] != dim:
             raise StoreError(f"{cached}: cached vectors have dim {arr.shape[1]}, queries {dim}")
         for i in range(0, arr.shape[0], chunk_rows):
-            yield np.ascontiguousarray(arr[i:i + chunk_rows])
+            yield arr[i:i + chunk_rows]  # a view of the mapped file: rows are contiguous
         return
     out = None
     tmp = None
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path_for(cached)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(cache_dtype),
                                         shape=(pf.metadata.num_rows, dim))
     off = 0
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=["embedding"]):
@@ -462,21 +506,30 @@ def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str |
 
 
 class ShardScanner:
-    """Scans one store data file in chunks and keeps its reduced candidate pool.
+    """Scans store data files in chunks and keeps each file's reduced candidate pool.
 
-    Plain Python (testable without Ray); :class:`SimilarityScorer` wraps it as an actor.
+    Plain Python (testable without Ray); :class:`SimilarityScorer` wraps it as an actor. One
+    scanner serves one search: it remembers each list's floor (the k-th score it already
+    holds) across chunks and files, so later chunks only pass on entries that can still
+    enter a list. A file's pool therefore depends on what the scanner saw before, but it
+    always holds every entry of the file that belongs to a global top k (ties kept), which
+    is all the driver's merge needs.
     """
 
     def __init__(self, queries: np.ndarray, leakage_threshold: float | None, chunk_rows: int,
                  query_block: int, device: str = "cpu", max_leaked: int = 10_000,
-                 vector_cache: str | None = None) -> None:
+                 vector_cache: str | None = None, cache_dtype: CacheDtype = "auto") -> None:
         self.vector_cache = vector_cache
+        self.cache_dtype = cache_dtype if cache_dtype != "auto" else \
+            ("float32" if device == "cpu" else "float16")
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.queries_t = np.ascontiguousarray(self.queries.T)
         self.leakage_threshold = leakage_threshold
         self.chunk_rows = chunk_rows
         self.query_block = query_block
         self.device = device
         self.max_leaked = max_leaked
+        self.floors: dict[tuple[str, int, int], np.ndarray] = {}
         self._q_gpu = None
         self._buf: np.ndarray | None = None
         if device != "cpu":
@@ -484,29 +537,37 @@ class ShardScanner:
 
             self._q_gpu = torch.from_numpy(self.queries).to(device).half()
 
-    def _sims_fn(self, vec16: np.ndarray) -> Any:
+    def _sims_fn(self, vec: np.ndarray) -> Any:
         if self._q_gpu is not None:
             import torch
 
-            x = torch.from_numpy(vec16).to(self.device, non_blocking=True)
+            host = vec if vec.flags.writeable else np.array(vec)  # torch wants writable
+            x = torch.from_numpy(host).to(self.device, non_blocking=True).half()
 
             def gpu(lo: int, hi: int) -> np.ndarray:
                 return (self._q_gpu[lo:hi] @ x.T).float().cpu().numpy()
 
             return gpu
+        if vec.dtype == np.float32:
+            # rows x queries is the faster product layout (~1.4x); the transposed copy of
+            # the small result is cheap.
+            def cpu32(lo: int, hi: int) -> np.ndarray:
+                return np.ascontiguousarray((vec @ self.queries_t[:, lo:hi]).T)
+
+            return cpu32
         # numpy's float16 matmul is ~100x slower than float32, and converting a whole chunk
         # first costs ~3x the product (it streams the float32 copy through memory). So the
         # rows are converted CAST_ROWS at a time into a buffer that stays in cache, and each
         # block's product is written straight into the output: about 2x faster overall.
         def cpu(lo: int, hi: int) -> np.ndarray:
-            n = vec16.shape[0]
+            n = vec.shape[0]
             out = np.empty((hi - lo, n), dtype=np.float32)
             q = self.queries[lo:hi]
-            buf = self._cast_buffer(vec16.shape[1])
+            buf = self._cast_buffer(vec.shape[1])
             for r in range(0, n, CAST_ROWS):
                 m = min(CAST_ROWS, n - r)
                 b = buf[:m]
-                b[...] = vec16[r:r + m]
+                b[...] = vec[r:r + m]
                 np.matmul(q, b.T, out=out[:, r:r + m])
             return out
 
@@ -517,25 +578,31 @@ class ShardScanner:
             self._buf = np.empty((CAST_ROWS, dim), dtype=np.float32)
         return self._buf
 
-    def scan(self, path: str, k_shot: int, k_mean: int) -> dict[str, Any]:
-        """Top-k candidates of one data file; returns the payload sent to the driver."""
+    def scan(self, path: str, k_shot: int, k_mean: int, group: str = "*") -> dict[str, Any]:
+        """Top-k candidates of one data file; returns the payload sent to the driver.
+
+        ``group`` names the lists the file competes in (its corpus under quotas): floors
+        are kept per group and list lengths.
+        """
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
         num_shots = self.queries.shape[0]
+        key = (group, k_shot, k_mean)
+        floors = self.floors.get(key)
+        if floors is None:
+            floors = np.full(num_shots + 1, -np.inf, dtype=np.float32)
         pool = Pool()
         leaked_pos: list[np.ndarray] = []
         leaked_shot: list[np.ndarray] = []
         leaked_sim: list[np.ndarray] = []
         n_leaked = 0
         offset = 0
-        bound = 4 * (num_shots * k_shot + k_mean) + self.chunk_rows
-        pending: list[Pool] = []
         for vec in iter_vectors(pf, path, self.chunk_rows, self.queries.shape[1],
-                                self.vector_cache):
+                                self.vector_cache, self.cache_dtype):
             n = vec.shape[0]
             cs = score_chunk(self._sims_fn(vec), num_shots, n, offset, k_shot, k_mean,
-                             self.leakage_threshold, self.query_block)
+                             self.leakage_threshold, self.query_block, floors)
             n_leaked += len(cs.leaked)
             if len(cs.leaked) and sum(len(x) for x in leaked_pos) < self.max_leaked:
                 leaked_pos.append(cs.leaked)
@@ -543,15 +610,15 @@ class ShardScanner:
                 leaked_sim.append(cs.leaked_sim)
             upos, inv = np.unique(cs.pos, return_inverse=True)
             local = upos - offset
-            pending.append(Pool(cs.q, inv.astype(np.int64), cs.score,
-                                upos.astype(object),  # positions stand in for ids until the end
-                                upos.astype(np.int64), np.zeros(len(upos), np.int32),
-                                cs.max_sim[local], cs.mean_sim[local]))
-            if sum(len(p) for p in pending) > bound:
-                pool = _merge_positions([pool, *pending]).reduce(k_shot, k_mean)
-                pending = []
+            chunk = Pool(cs.q, inv.astype(np.int64), cs.score,
+                         upos.astype(object),  # positions stand in for ids until the end
+                         upos.astype(np.int64), np.zeros(len(upos), np.int32),
+                         cs.max_sim[local], cs.mean_sim[local])
+            pool, new = _merge_positions([pool, chunk]).reduce_with_floors(
+                k_shot, k_mean, num_shots)
+            floors = np.maximum(floors, new)
             offset += n
-        pool = _merge_positions([pool, *pending]).reduce(k_shot, k_mean)
+        self.floors[key] = floors
         # Resolve positions to doc ids / rows / text lengths (only for the candidates).
         pos = pool.row
         leaked = np.concatenate(leaked_pos)[: self.max_leaked] if leaked_pos else \
@@ -581,6 +648,8 @@ def _merge_positions(pools: list[Pool]) -> Pool:
     pools = [p for p in pools if p.num_docs]
     if not pools:
         return Pool()
+    if len(pools) == 1:
+        return pools[0]
     offsets = np.cumsum([0] + [p.num_docs for p in pools[:-1]])
     rows = np.concatenate([p.row for p in pools])
     uniq, first, inv = np.unique(rows, return_index=True, return_inverse=True)
@@ -592,31 +661,43 @@ def _merge_positions(pools: list[Pool]) -> Pool:
 
 
 class SimilarityScorer:
-    """Similarity actor: holds the query matrix and scans whole store data files.
+    """Similarity actor: scans whole store data files for the searches it is given.
 
-    Scanning a file is a pure function of the file, so a call retried on a restarted actor
-    gives the same pool (the driver's merge also keeps a document once).
+    It lives as long as its :class:`StoreSearcher` (so rescans and repeated searches do not
+    pay the actor start-up again) and keeps one :class:`ShardScanner` for the current
+    search. A retried call (a restarted actor) starts from no floors: its pool is a
+    superset of what the first attempt would have sent, and the driver keeps a document
+    once.
     """
 
-    def __init__(self, queries: np.ndarray, leakage_threshold: float | None, chunk_rows: int,
-                 query_block: int, use_gpu: bool, budgets: dict[str, tuple[int, int]],
-                 vector_cache: str | None = None) -> None:
-        device = "cpu"
+    def __init__(self, chunk_rows: int, query_block: int, use_gpu: bool,
+                 vector_cache: str | None = None, cache_dtype: CacheDtype = "auto") -> None:
+        self.device = "cpu"
         if use_gpu:
             import torch
 
             if not torch.cuda.is_available():
                 raise RuntimeError("retrieve.num_gpus > 0 but torch sees no CUDA device")
-            device = "cuda"
-        self.scanner = ShardScanner(queries, leakage_threshold, chunk_rows, query_block, device,
-                                    vector_cache=vector_cache)
-        self.budgets = budgets
+            self.device = "cuda"
+        self.chunk_rows, self.query_block = chunk_rows, query_block
+        self.vector_cache, self.cache_dtype = vector_cache, cache_dtype
+        self.search_id: int | None = None
+        self.scanner: ShardScanner | None = None
         self.base_rss_mb = _peak_rss_mb()  # after imports, before any scan
 
-    def scan_file(self, path: str, corpus: str, shard: str) -> dict[str, Any]:
+    def scan_file(self, search_id: int, queries: np.ndarray, leakage_threshold: float | None,
+                  budgets: dict[str, tuple[int, int]], path: str, corpus: str, shard: str
+                  ) -> dict[str, Any]:
         """The candidate pool of one data file, with its provenance and this actor's RSS."""
-        k_shot, k_mean = self.budgets.get(corpus, self.budgets.get("*", (0, 0)))
-        res = self.scanner.scan(path, k_shot, k_mean)
+        if self.scanner is None or search_id != self.search_id:
+            self.scanner = ShardScanner(queries, leakage_threshold, self.chunk_rows,
+                                        self.query_block, self.device,
+                                        vector_cache=self.vector_cache,
+                                        cache_dtype=self.cache_dtype)
+            self.search_id = search_id
+        group = "*" if "*" in budgets else corpus
+        k_shot, k_mean = budgets.get(group, (0, 0))
+        res = self.scanner.scan(path, k_shot, k_mean, group)
         res["corpus"], res["shard"] = corpus, shard
         res["pid"], res["peak_rss_mb"] = os.getpid(), _peak_rss_mb()
         res["base_rss_mb"] = self.base_rss_mb
@@ -646,48 +727,80 @@ class SearchResult:
     actor_base_rss_mb: dict[int, float] = field(default_factory=dict)  # same, before scanning
 
 
-def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
-                 budgets: dict[str, tuple[int, int]], *,
-                 leakage_threshold: float | None = None, chunk_rows: int = 32_768,
-                 query_block: int = 256, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 concurrency: int = 1, corpora: Sequence[str] | None = None,
-                 vector_cache: bool = False) -> SearchResult:
-    """Stream every data file of ``store`` through similarity actors and merge the pools.
+class StoreSearcher:
+    """Similarity actors over one store, started once and reused by every search.
 
-    ``budgets`` maps a corpus name (or ``"*"`` for all) to ``(k_shot, k_mean)``. The driver
-    merges the shards' pools as they arrive, a few at a time, so it holds at most one group's
-    candidates plus about eight lists' worth of waiting entries, never the store.
+    Plain Ray actors fed by ``ray.util.ActorPool`` rather than a Ray Data pipeline: the
+    inputs are a list of files and the outputs small pools, so Ray Data's streaming buys
+    nothing here, and its executor start-up (~1.5-2 s on 2 cores, measured with an empty
+    actor) would cost more than scanning a million vectors. The actors start when the
+    searcher is made (asynchronously) and stop on :meth:`close` (or leaving a ``with``).
     """
-    import ray
-    from ray.util import ActorPool
 
-    t0 = time.time()
-    shards = [s for s in info.shards
-              if s.num_rows and (corpora is None or s.corpus in corpora)]
-    items = [{"path": str(Path(store) / s.file), "corpus": s.corpus, "shard": s.shard}
-             for s in shards]
-    grouped = "*" not in budgets
-    pools: dict[str, Pool] = {}
-    n_rows = n_leaked = 0
-    leaked: list[dict[str, Any]] = []
-    peaks: dict[int, float] = {}
-    bases: dict[int, float] = {}
-    if not items:
-        return SearchResult({}, 0, 0, [], time.time() - t0)
-    # Plain actors fed by ray.util.ActorPool rather than a Ray Data pipeline: the inputs are
-    # a list of files and the outputs small pools, so Ray Data's streaming buys nothing here,
-    # and its executor start-up (~1.5-2 s on 2 cores, measured with an empty actor) would
-    # cost more than scanning a million vectors.
-    actor_cls = ray.remote(SimilarityScorer).options(
-        num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=2, max_task_retries=2)
-    q = np.asarray(queries, dtype=np.float32)  # F x dim: small, passed inline to each actor
-    actors = [actor_cls.remote(
-        q, leakage_threshold, chunk_rows, query_block, bool(num_gpus), budgets,
-        str(Path(store) / "_vector_cache") if vector_cache else None)
-        for _ in range(min(concurrency, len(items)))]
-    try:
-        results = ActorPool(actors).map_unordered(
-            lambda a, it: a.scan_file.remote(it["path"], it["corpus"], it["shard"]), items)
+    def __init__(self, store: str | Path, info: StoreInfo, *, chunk_rows: int = 32_768,
+                 query_block: int = 256, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 concurrency: int = 1, vector_cache: bool = False,
+                 cache_dtype: CacheDtype = "auto") -> None:
+        import ray
+
+        self.store, self.info = Path(store), info
+        self._searches = 0
+        files = [s for s in info.shards if s.num_rows]
+        actor_cls = ray.remote(SimilarityScorer).options(
+            num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=2, max_task_retries=2)
+        cache = str(self.store / "_vector_cache") if vector_cache else None
+        self.actors = [actor_cls.remote(chunk_rows, query_block, bool(num_gpus), cache,
+                                        cache_dtype)
+                       for _ in range(max(1, min(concurrency, len(files))))]
+
+    def __enter__(self) -> StoreSearcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the actors."""
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def search(self, queries: np.ndarray, budgets: dict[str, tuple[int, int]], *,
+               leakage_threshold: float | None = None,
+               corpora: Sequence[str] | None = None) -> SearchResult:
+        """Stream every data file of the store through the actors and merge the pools.
+
+        ``budgets`` maps a corpus name (or ``"*"`` for all) to ``(k_shot, k_mean)``. The
+        driver merges the shards' pools as they arrive, a few at a time, so it holds at most
+        one group's candidates plus about eight lists' worth of waiting entries, never the
+        store.
+        """
+        import ray
+        from ray.util import ActorPool
+
+        if not self.actors:
+            raise RuntimeError("this StoreSearcher is closed")
+        t0 = time.time()
+        shards = [s for s in self.info.shards
+                  if s.num_rows and (corpora is None or s.corpus in corpora)]
+        items = [{"path": str(self.store / s.file), "corpus": s.corpus, "shard": s.shard}
+                 for s in shards]
+        grouped = "*" not in budgets
+        pools: dict[str, Pool] = {}
+        n_rows = n_leaked = 0
+        leaked: list[dict[str, Any]] = []
+        peaks: dict[int, float] = {}
+        bases: dict[int, float] = {}
+        if not items:
+            return SearchResult({}, 0, 0, [], time.time() - t0)
+        self._searches += 1
+        search_id = self._searches
+        q = ray.put(np.asarray(queries, dtype=np.float32))  # F x dim, shared by all calls
+        results = ActorPool(self.actors).map_unordered(
+            lambda a, it: a.scan_file.remote(search_id, q, leakage_threshold, budgets,
+                                             it["path"], it["corpus"], it["shard"]), items)
         # Pools wait in `pending` and are merged a few at a time: a merge sorts every entry,
         # so merging each shard's pool on arrival would cost the driver a sort per shard.
         pending: dict[str, list[Pool]] = {}
@@ -715,11 +828,23 @@ def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
                 k_shot, k_mean = budgets[key]
                 pools[key] = Pool.concat([pools.get(key, Pool()), *waiting]).reduce(
                     k_shot, k_mean)
-    finally:
-        for a in actors:
-            ray.kill(a)
-    leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
-    return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases)
+        leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
+        return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases)
+
+
+def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
+                 budgets: dict[str, tuple[int, int]], *,
+                 leakage_threshold: float | None = None, chunk_rows: int = 32_768,
+                 query_block: int = 256, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 concurrency: int = 1, corpora: Sequence[str] | None = None,
+                 vector_cache: bool = False, cache_dtype: CacheDtype = "auto"
+                 ) -> SearchResult:
+    """One search with a :class:`StoreSearcher` of its own (actors started and stopped)."""
+    with StoreSearcher(store, info, chunk_rows=chunk_rows, query_block=query_block,
+                       num_cpus=num_cpus, num_gpus=num_gpus, concurrency=concurrency,
+                       vector_cache=vector_cache, cache_dtype=cache_dtype) as searcher:
+        return searcher.search(queries, budgets, leakage_threshold=leakage_threshold,
+                               corpora=corpora)
 
 
 # --- optional FAISS index ----------------------------------------------------------------
@@ -1111,21 +1236,29 @@ def search_and_select(prep: Prepared, cfg: RetrieveConfig, max_rescans: int = 8
     that the deduplicated union falls short of ``k`` while deeper lists exist, the store is
     scanned again with lists twice as long (logged; counted as ``rescans``).
     """
+    with contextlib.ExitStack() as stack:
+        searcher = None if cfg.index is not None else stack.enter_context(StoreSearcher(
+            prep.store, prep.info, chunk_rows=cfg.chunk_rows, query_block=cfg.query_block,
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency,
+            vector_cache=cfg.vector_cache, cache_dtype=cfg.vector_cache_dtype))
+        return _search_and_select(prep, cfg, searcher, max_rescans)
+
+
+def _search_and_select(prep: Prepared, cfg: RetrieveConfig, searcher: StoreSearcher | None,
+                       max_rescans: int
+                       ) -> tuple[SearchResult, dict[str, list[Selected]], dict[str, Budget], int]:
     budgets = dict(prep.budgets)
     sizes = corpus_sizes(prep.info)
     rescans = 0
     while True:
-        if cfg.index is not None:
+        if searcher is None:
             b = budgets["*"]
             res = search_faiss(prep.store, prep.info, cfg.index, prep.queries, b.k_shot,
                                b.k_mean, cfg.leakage_threshold)
-        else:
-            res = search_store(
-                prep.store, prep.info, prep.queries,
-                {g: (b.k_shot, b.k_mean) for g, b in budgets.items()},
-                leakage_threshold=cfg.leakage_threshold, chunk_rows=cfg.chunk_rows,
-                query_block=cfg.query_block, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                concurrency=cfg.concurrency, vector_cache=cfg.vector_cache,
+        else:  # rescans reuse the same actors
+            res = searcher.search(
+                prep.queries, {g: (b.k_shot, b.k_mean) for g, b in budgets.items()},
+                leakage_threshold=cfg.leakage_threshold,
                 corpora=None if cfg.quotas is None else list(budgets))
         chosen: dict[str, list[Selected]] = {}
         short: list[str] = []
@@ -1310,6 +1443,6 @@ def _write_small_parquet(path: Path, rows: list[dict[str, Any]], fields: list[An
 __all__ = [
     "Budget", "IndexConfig", "Pool", "Prepared", "RetrieveConfig", "RetrieveError",
     "RetrieveStageConfig", "SearchResult", "Selected", "ShardScanner", "SimilarityScorer",
-    "build_faiss_index", "fetch_docs", "mode_budget", "prepare_retrieve", "ranked_lists",
-    "run_retrieve", "search_faiss", "search_store", "select", "split_quota",
+    "StoreSearcher", "build_faiss_index", "fetch_docs", "mode_budget", "prepare_retrieve",
+    "ranked_lists", "run_retrieve", "search_faiss", "search_store", "select", "split_quota",
 ]

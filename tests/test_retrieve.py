@@ -20,7 +20,11 @@ from craft_ray.retrieve import (
     RetrieveError,
     RetrieveStageConfig,
     ShardScanner,
+    SimilarityScorer,
+    StoreSearcher,
     _keep_topk_with_ties,
+    _topk_entries,
+    iter_vectors,
     mode_budget,
     prepare_retrieve,
     ranked_lists,
@@ -123,7 +127,7 @@ def test_split_quota_sums_to_k() -> None:
 def test_keep_topk_keeps_ties() -> None:
     q = np.array([0, 0, 0, 0, MEAN, MEAN], np.int32)
     s = np.array([0.9, 0.5, 0.5, 0.1, 0.3, 0.2], np.float32)
-    keep = _keep_topk_with_ties(q, s, k_shot=2, k_mean=1)
+    keep, _, _ = _keep_topk_with_ties(q, s, k_shot=2, k_mean=1)
     # k=2 for list 0: 0.9 and both 0.5 (tie at the cut) kept, 0.1 dropped; mean keeps 0.3.
     assert keep.tolist() == [True, True, True, False, True, False]
 
@@ -221,6 +225,91 @@ def test_search_store_on_ray_matches_brute_force(ray_local, tmp_path: Path) -> N
     ref_per, ref_mean = brute_force(vecs, queries, 10)
     assert [[str(res.pools["*"].doc_id[u]) for u in lst] for lst in per] == ref_per
     assert [str(res.pools["*"].doc_id[u]) for u in mean] == ref_mean
+
+
+def test_store_searcher_reuses_its_actors_across_searches(ray_local, tmp_path: Path) -> None:
+    # One searcher, three searches with other queries and list lengths (a rescan's longer
+    # lists, a new task): each is exact, although the actors keep state between calls.
+    store, info, vecs = random_store(tmp_path, [50, 30, 70, 20] * 2)
+    rng = np.random.default_rng(8)
+    with StoreSearcher(store, info, chunk_rows=16, concurrency=2, vector_cache=True) as s:
+        pids = set()
+        for queries, k in ((unit(rng, 3), 10), (unit(rng, 3), 20), (unit(rng, 5), 4)):
+            q = queries.astype(np.float32)
+            res = s.search(q, {"*": (k, k)})
+            per, mean = ranked_lists(res.pools["*"], len(q), k, k)
+            ref_per, ref_mean = brute_force(vecs, q, k)
+            assert [[str(res.pools["*"].doc_id[u]) for u in lst] for lst in per] == ref_per
+            assert [str(res.pools["*"].doc_id[u]) for u in mean] == ref_mean
+            pids |= set(res.actor_peak_rss_mb)
+        assert len(pids) == 2  # the same two actors served every search
+    assert len(list((store / "_vector_cache").glob("*.f32.npy"))) == 8  # CPU: float32
+
+
+# --- floors: later chunks and files skip what cannot enter a list -------------------------
+
+
+def test_topk_entries_with_floors() -> None:
+    s = np.array([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.8, 0.3]], dtype=np.float32)
+    r, c = _topk_entries(s, 2)
+    assert sorted(zip(r.tolist(), c.tolist())) == [(0, 0), (0, 3), (1, 1), (1, 2)]
+    # Every list already holds 2 entries reaching its floor: only entries >= it pass.
+    r, c = _topk_entries(s, 2, np.array([0.8, 0.8], dtype=np.float32))
+    assert sorted(zip(r.tolist(), c.tolist())) == [(0, 0), (1, 1), (1, 2)]
+    # A list without a floor yet still gets its own top 2.
+    r, c = _topk_entries(s, 2, np.array([0.95, -np.inf], dtype=np.float32))
+    assert sorted(zip(r.tolist(), c.tolist())) == [(1, 1), (1, 2)]
+
+
+def test_floors_prune_later_files_without_losing_the_top_k(tmp_path: Path) -> None:
+    store, info, vecs = random_store(tmp_path, [200, 200, 200], ties=False)
+    queries = unit(np.random.default_rng(5), 3).astype(np.float32)
+    paths = [str(store / s.file) for s in info.shards]
+    fresh = [ShardScanner(queries, None, 32, 2).scan(p, 5, 5)["pool"] for p in paths]
+    shared = ShardScanner(queries, None, 32, 2)
+    pruned = [shared.scan(p, 5, 5)["pool"] for p in paths]
+    assert len(pruned[0]) == len(fresh[0])
+    assert len(pruned[2]) < len(fresh[2])  # the first files' floors skip entries
+    pool = Pool.concat(pruned).reduce(5, 5)
+    per, mean = ranked_lists(pool, 3, 5, 5)
+    ref_per, ref_mean = brute_force(vecs, queries, 5)
+    assert [[str(pool.doc_id[u]) for u in lst] for lst in per] == ref_per
+    assert [str(pool.doc_id[u]) for u in mean] == ref_mean
+
+
+def test_similarity_actor_starts_each_search_without_old_floors(tmp_path: Path) -> None:
+    # The actor class, called directly: search 2's few-shots must not be pruned by the
+    # floors search 1 left behind (they would drop most of its true top k).
+    store, info, vecs = random_store(tmp_path, [80, 80])
+    rng = np.random.default_rng(9)
+    actor = SimilarityScorer(chunk_rows=32, query_block=4, use_gpu=False)
+    for search_id, queries in ((1, unit(rng, 2)), (2, -unit(rng, 2))):
+        q = queries.astype(np.float32)
+        pool = Pool.concat([actor.scan_file(search_id, q, None, {"*": (6, 0)},
+                                            str(store / sh.file), sh.corpus, sh.shard)["pool"]
+                            for sh in info.shards]).reduce(6, 0)
+        per, _ = ranked_lists(pool, 2, 6, 0)
+        assert [[str(pool.doc_id[u]) for u in lst] for lst in per] == brute_force(vecs, q, 6)[0]
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+def test_vector_cache_keeps_the_exact_top_k(tmp_path: Path, cache_dtype: str) -> None:
+    store, info, vecs = random_store(tmp_path, [60, 45, 80])
+    queries = unit(np.random.default_rng(2), 4).astype(np.float32)
+    cache = str(store / "_vector_cache")
+    for _ in range(2):  # the first pass writes the cache, the second memory-maps it
+        scanner = ShardScanner(queries, 0.98, 16, 4, vector_cache=cache,
+                               cache_dtype=cache_dtype)  # type: ignore[arg-type]
+        pool = Pool.concat([scanner.scan(str(store / sh.file), 8, 8)["pool"]
+                            for sh in info.shards]).reduce(8, 8)
+        per, mean = ranked_lists(pool, 4, 8, 8)
+        ref_per, ref_mean = brute_force(vecs, queries, 8)
+        assert [[str(pool.doc_id[u]) for u in lst] for lst in per] == ref_per
+        assert [str(pool.doc_id[u]) for u in mean] == ref_mean
+    path = str(store / info.shards[0].file)
+    first = next(iter_vectors(pq.ParquetFile(path), path, 16, DIM, cache, cache_dtype))
+    assert first.dtype == np.dtype(cache_dtype)  # read from the cache, not Parquet
+    np.testing.assert_array_equal(first, vecs["s0"][:16].astype(cache_dtype))
 
 
 # --- the stage, end to end, with the real embedder ----------------------------------------
