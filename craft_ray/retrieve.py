@@ -253,27 +253,13 @@ class Pool:
 
     def reduce(self, k_shot: int, k_mean: int) -> Pool:
         """Keep, per list, the entries scoring >= its k-th score; drop unreferenced docs."""
-        return self.reduce_with_floors(k_shot, k_mean, 0)[0]
-
-    def reduce_with_floors(self, k_shot: int, k_mean: int, num_shots: int
-                           ) -> tuple[Pool, np.ndarray]:
-        """:meth:`reduce`, and each list's *floor*: its k-th score where it holds k entries,
-        -inf where it holds fewer (index ``num_shots`` is the mean list).
-
-        A floor is a valid bound for any later entry of the same search: the k entries that
-        reach it are kept, so an entry scoring below it cannot be in the list's top k.
-        """
-        floors = np.full(num_shots + 1, -np.inf, dtype=np.float32)
         if len(self) == 0:
-            return self, floors
-        keep, lists, thr = _keep_topk_with_ties(self.q, self.score, k_shot, k_mean)
-        if num_shots:
-            full = np.isfinite(thr)  # +inf: a list of length 0, -inf: fewer than k entries
-            floors[np.where(lists[full] == MEAN, num_shots, lists[full])] = thr[full]
+            return self
+        keep, _, _ = _keep_topk_with_ties(self.q, self.score, k_shot, k_mean)
         q, u, score = self.q[keep], self.u[keep], self.score[keep]
         used, inv = np.unique(u, return_inverse=True)
         return Pool(q, inv.astype(np.int64), score, self.doc_id[used], self.row[used],
-                    self.text_len[used], self.max_sim[used], self.mean_sim[used]), floors
+                    self.text_len[used], self.max_sim[used], self.mean_sim[used])
 
     @staticmethod
     def concat(pools: Sequence[Pool]) -> Pool:
@@ -344,6 +330,46 @@ def ranked_lists(pool: Pool, num_shots: int, k_shot: int, k_mean: int
 # --- per-chunk scoring (plain functions, used by the actors) ------------------------------
 
 
+class Floors:
+    """Per list, the ``k`` best scores a scanner has passed on so far in one search (scores
+    only); the k-th of them is the list's *floor*.
+
+    Every entry passed on reaches the driver's merge, so the list's global top k holds k
+    entries scoring >= its floor: a later entry scoring below it cannot enter the list and
+    need not be passed on. Lists 0..F-1 are the few-shots' (length ``k_shot``), list F the
+    mean list (``k_mean``).
+    """
+
+    def __init__(self, num_shots: int, k_shot: int, k_mean: int) -> None:
+        self.num_shots = num_shots
+        self.top = [np.full((num_shots, k_shot), -np.inf, np.float32),
+                    np.full((1, k_mean), -np.inf, np.float32)]
+
+    def values(self) -> np.ndarray:
+        """The floors, [num_shots + 1]; -inf until a list has seen k scores."""
+        return np.concatenate([t.min(axis=1) if t.shape[1] else
+                               np.full(t.shape[0], -np.inf, np.float32) for t in self.top])
+
+    def update(self, q: np.ndarray, score: np.ndarray) -> None:
+        """Take the scores of entries just passed on (``q``: list ids, MEAN for the mean)."""
+        is_mean = q == MEAN
+        for i, (rows, sc) in enumerate(((q[~is_mean], score[~is_mean]),
+                                        (np.zeros(int(is_mean.sum()), np.int64),
+                                         score[is_mean]))):
+            top = self.top[i]
+            if not len(rows) or not top.shape[1]:
+                continue
+            order = np.argsort(rows, kind="stable")
+            rows, sc = rows[order], sc[order]
+            counts = np.bincount(rows, minlength=top.shape[0])
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            m = int(counts.max())
+            pad = np.full((top.shape[0], m), -np.inf, np.float32)
+            pad[rows, np.arange(len(rows)) - starts[rows]] = sc
+            # the k largest of (the k kept, the new ones)
+            self.top[i] = np.partition(np.concatenate([top, pad], axis=1), m, axis=1)[:, m:]
+
+
 def _topk_entries(scores: np.ndarray, k: int, floor: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of entries >= each row's k-th largest finite score (ties kept).
@@ -392,7 +418,7 @@ def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, 
     ``sims_fn(lo, hi)`` returns the float32 [hi-lo, n] similarities of few-shots lo..hi-1 to
     the chunk. Blocks of ``query_block`` few-shots bound memory; the max and mean over all
     few-shots are accumulated across blocks. ``floors`` ([num_shots + 1], the mean list
-    last) skips entries that cannot enter their list (see :meth:`Pool.reduce_with_floors`).
+    last) skips entries that cannot enter their list (see :class:`Floors`).
     """
     total = np.zeros(n, dtype=np.float64)
     best = np.full(n, -np.inf, dtype=np.float32)
@@ -523,13 +549,12 @@ class ShardScanner:
         self.cache_dtype = cache_dtype if cache_dtype != "auto" else \
             ("float32" if device == "cpu" else "float16")
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
-        self.queries_t = np.ascontiguousarray(self.queries.T)
         self.leakage_threshold = leakage_threshold
         self.chunk_rows = chunk_rows
         self.query_block = query_block
         self.device = device
         self.max_leaked = max_leaked
-        self.floors: dict[tuple[str, int, int], np.ndarray] = {}
+        self.floors: dict[tuple[str, int, int], Floors] = {}
         self._q_gpu = None
         self._buf: np.ndarray | None = None
         if device != "cpu":
@@ -549,10 +574,8 @@ class ShardScanner:
 
             return gpu
         if vec.dtype == np.float32:
-            # rows x queries is the faster product layout (~1.4x); the transposed copy of
-            # the small result is cheap.
             def cpu32(lo: int, hi: int) -> np.ndarray:
-                return np.ascontiguousarray((vec @ self.queries_t[:, lo:hi]).T)
+                return np.matmul(self.queries[lo:hi], vec.T)
 
             return cpu32
         # numpy's float16 matmul is ~100x slower than float32, and converting a whole chunk
@@ -591,18 +614,21 @@ class ShardScanner:
         key = (group, k_shot, k_mean)
         floors = self.floors.get(key)
         if floors is None:
-            floors = np.full(num_shots + 1, -np.inf, dtype=np.float32)
+            floors = self.floors[key] = Floors(num_shots, k_shot, k_mean)
         pool = Pool()
+        pending: list[Pool] = []
         leaked_pos: list[np.ndarray] = []
         leaked_shot: list[np.ndarray] = []
         leaked_sim: list[np.ndarray] = []
         n_leaked = 0
         offset = 0
+        t0 = time.perf_counter()
         for vec in iter_vectors(pf, path, self.chunk_rows, self.queries.shape[1],
                                 self.vector_cache, self.cache_dtype):
             n = vec.shape[0]
             cs = score_chunk(self._sims_fn(vec), num_shots, n, offset, k_shot, k_mean,
-                             self.leakage_threshold, self.query_block, floors)
+                             self.leakage_threshold, self.query_block, floors.values())
+            floors.update(cs.q, cs.score)
             n_leaked += len(cs.leaked)
             if len(cs.leaked) and sum(len(x) for x in leaked_pos) < self.max_leaked:
                 leaked_pos.append(cs.leaked)
@@ -610,15 +636,17 @@ class ShardScanner:
                 leaked_sim.append(cs.leaked_sim)
             upos, inv = np.unique(cs.pos, return_inverse=True)
             local = upos - offset
-            chunk = Pool(cs.q, inv.astype(np.int64), cs.score,
-                         upos.astype(object),  # positions stand in for ids until the end
-                         upos.astype(np.int64), np.zeros(len(upos), np.int32),
-                         cs.max_sim[local], cs.mean_sim[local])
-            pool, new = _merge_positions([pool, chunk]).reduce_with_floors(
-                k_shot, k_mean, num_shots)
-            floors = np.maximum(floors, new)
+            pending.append(Pool(cs.q, inv.astype(np.int64), cs.score,
+                                upos.astype(object),  # positions stand in for ids until the end
+                                upos.astype(np.int64), np.zeros(len(upos), np.int32),
+                                cs.max_sim[local], cs.mean_sim[local]))
+            # A merge sorts every entry: merge when the waiting entries outnumber the pool's
+            # (once floors exist, chunks add ever fewer).
+            if sum(len(p) for p in pending) > max(len(pool), num_shots * k_shot + k_mean):
+                pool = _merge_positions([pool, *pending]).reduce(k_shot, k_mean)
+                pending = []
             offset += n
-        self.floors[key] = floors
+        pool = _merge_positions([pool, *pending]).reduce(k_shot, k_mean)
         # Resolve positions to doc ids / rows / text lengths (only for the candidates).
         pos = pool.row
         leaked = np.concatenate(leaked_pos)[: self.max_leaked] if leaked_pos else \
@@ -636,6 +664,7 @@ class ShardScanner:
             lens[:m].astype(np.int32)
         return {
             "num_rows": offset, "pool": pool, "n_leaked": n_leaked,
+            "scan_seconds": time.perf_counter() - t0,
             "leaked_doc_id": ids[m:], "leaked_shot": (np.concatenate(leaked_shot)[: len(leaked)]
                                                       if leaked_shot else np.zeros(0, np.int64)),
             "leaked_sim": (np.concatenate(leaked_sim)[: len(leaked)] if leaked_sim
@@ -725,6 +754,7 @@ class SearchResult:
     seconds: float
     actor_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # by actor pid
     actor_base_rss_mb: dict[int, float] = field(default_factory=dict)  # same, before scanning
+    scan_seconds: float = 0.0  # the actors' time in scans, summed over files
 
 
 class StoreSearcher:
@@ -797,6 +827,7 @@ class StoreSearcher:
             return SearchResult({}, 0, 0, [], time.time() - t0)
         self._searches += 1
         search_id = self._searches
+        scan_s = 0.0
         q = ray.put(np.asarray(queries, dtype=np.float32))  # F x dim, shared by all calls
         results = ActorPool(self.actors).map_unordered(
             lambda a, it: a.scan_file.remote(search_id, q, leakage_threshold, budgets,
@@ -819,6 +850,7 @@ class StoreSearcher:
                 waiting.clear()
             n_rows += res["num_rows"]
             n_leaked += res["n_leaked"]
+            scan_s += res["scan_seconds"]
             peaks[res["pid"]] = max(peaks.get(res["pid"], 0.0), res["peak_rss_mb"])
             bases[res["pid"]] = res["base_rss_mb"]
             for d, s, v in zip(res["leaked_doc_id"], res["leaked_shot"], res["leaked_sim"]):
@@ -829,7 +861,8 @@ class StoreSearcher:
                 pools[key] = Pool.concat([pools.get(key, Pool()), *waiting]).reduce(
                     k_shot, k_mean)
         leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
-        return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases)
+        return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases,
+                            scan_s)
 
 
 def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,
@@ -1421,6 +1454,7 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
     stats.extra = {
         "store": str(store), "model": model, "mode": cfg.mode, "k": cfg.k,
         "fewshots": len(shots), "search_seconds": round(res.seconds, 3),
+        "actor_scan_seconds": round(res.scan_seconds, 3),
         "fetch_seconds": round(time.time() - t_fetch, 3),
         "docs_scanned_per_s": round(res.num_rows / res.seconds, 1) if res.seconds else None,
         "selected_by": by, "per_corpus": per_corpus,
@@ -1441,7 +1475,7 @@ def _write_small_parquet(path: Path, rows: list[dict[str, Any]], fields: list[An
 
 
 __all__ = [
-    "Budget", "IndexConfig", "Pool", "Prepared", "RetrieveConfig", "RetrieveError",
+    "Budget", "Floors", "IndexConfig", "Pool", "Prepared", "RetrieveConfig", "RetrieveError",
     "RetrieveStageConfig", "SearchResult", "Selected", "ShardScanner", "SimilarityScorer",
     "StoreSearcher", "build_faiss_index", "fetch_docs", "mode_budget", "prepare_retrieve",
     "ranked_lists", "run_retrieve", "search_faiss", "search_store", "select", "split_quota",

@@ -15,6 +15,7 @@ from craft_ray.corpus import CorpusConfig, list_shards, read_shard
 from craft_ray.fewshots import FewShotConfig, FewShotError, embed_text, load_fewshots
 from craft_ray.retrieve import (
     MEAN,
+    Floors,
     Pool,
     RetrieveConfig,
     RetrieveError,
@@ -259,6 +260,22 @@ def test_topk_entries_with_floors() -> None:
     # A list without a floor yet still gets its own top 2.
     r, c = _topk_entries(s, 2, np.array([0.95, -np.inf], dtype=np.float32))
     assert sorted(zip(r.tolist(), c.tolist())) == [(1, 1), (1, 2)]
+
+
+def test_floors_are_the_kth_best_score_passed_on_per_list() -> None:
+    rng = np.random.default_rng(11)
+    fl = Floors(num_shots=3, k_shot=4, k_mean=2)
+    assert np.isneginf(fl.values()).all()
+    seen: dict[int, list[float]] = {0: [], 1: [], 2: [], MEAN: []}
+    for _ in range(5):  # batches of entries with uneven lists (list 2 gets none at first)
+        q = rng.choice([0, 1, MEAN] if not seen[0] else [0, 1, 2, MEAN], size=7)
+        sc = rng.standard_normal(7).astype(np.float32)
+        fl.update(q, sc)
+        for a, b in zip(q.tolist(), sc.tolist()):
+            seen[a].append(b)
+        want = [sorted(seen[i], reverse=True)[k - 1] if len(seen[i]) >= k else -np.inf
+                for i, k in ((0, 4), (1, 4), (2, 4), (MEAN, 2))]
+        np.testing.assert_allclose(fl.values(), np.array(want, np.float32))
 
 
 def test_floors_prune_later_files_without_losing_the_top_k(tmp_path: Path) -> None:
