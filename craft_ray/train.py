@@ -78,7 +78,11 @@ class LoraSettings(StrictModel):
 
 
 class QLoraSettings(StrictModel):
-    """4-bit quantised base model (QLoRA, bitsandbytes; GPU only)."""
+    """4-bit quantised base model (QLoRA, bitsandbytes).
+
+    Meant for GPU workers. On CPU workers it runs through bitsandbytes' CPU 4-bit backend
+    (verified with bitsandbytes 0.50.2): slow, for testing configs and small models only.
+    """
 
     enabled: bool = Field(default=False, description="Load the base model in 4 bit.")
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
@@ -160,7 +164,8 @@ class TrainConfig(StrictModel):
     overlong: Literal["drop", "truncate"] = Field(
         default="drop", description="Rows over max_length: dropped (counted) or truncated.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
-    qlora: QLoraSettings = Field(default_factory=QLoraSettings, description="QLoRA (GPU).")
+    qlora: QLoraSettings = Field(default_factory=QLoraSettings,
+                                 description="QLoRA (GPU; CPU only for tests, slow).")
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings,
                                          description="DeepSpeed ZeRO-2/3 (GPU; CPU for tests).")
     epochs: int = Field(default=3, ge=1, le=1000, description="Passes over the data.")
@@ -227,13 +232,10 @@ class TrainConfig(StrictModel):
                 "of them (gradient accumulation = batch_size / (per_device x workers))")
         if self.max_length is not None and self.max_length_percentile is not None:
             raise ValueError("set max_length or max_length_percentile, not both")
-        needs = [n for n, on in (("qlora", self.qlora.enabled),
-                                 ("precision=fp16", self.precision == "fp16")) if on]
-        if needs and not self.use_gpu:
+        if self.precision == "fp16" and not self.use_gpu:
             raise ValueError(
-                f"{', '.join(needs)}: GPU only (bitsandbytes 4-bit kernels / fp16 need CUDA); "
-                "set use_gpu: true on a GPU cluster, or turn it off (qlora.enabled: false, "
-                "precision: auto) to train on CPU")
+                "precision=fp16: GPU only (fp16 mixed precision needs CUDA); set use_gpu: true "
+                "on a GPU cluster, or precision: auto to train on CPU")
         if self.deepspeed.enabled and not self.use_gpu and self.precision == "bf16":
             raise ValueError("deepspeed on CPU workers trains in fp32; set precision: auto "
                              "or fp32 (or use_gpu: true)")
@@ -273,6 +275,9 @@ def check_resources(cfg: TrainConfig, gpu_available: bool | None = None) -> None
         if not ray.is_initialized() or not ray.cluster_resources().get("GPU"):
             raise ConfigError("train.use_gpu=true but the Ray cluster has no GPUs; set "
                               "train.use_gpu=false to train on CPU workers")
+    if cfg.qlora.enabled and not cfg.use_gpu:
+        logger.warning("qlora on CPU workers: bitsandbytes' CPU 4-bit path is slow; use it to "
+                       "test a config on a small model, and use_gpu: true for real training")
 
 
 def resume_key(cfg: TrainConfig) -> str:
@@ -593,8 +598,11 @@ def build_lora_model(cfg: TrainConfig, device: Any, on_gpu: bool) -> Any:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
-            raise ImportError("QLoRA needs bitsandbytes: pip install 'craft-ray[qlora]' "
-                              "(GPU only)") from exc
+            raise ImportError("QLoRA needs bitsandbytes: pip install 'craft-ray[qlora]'"
+                              ) from exc
+        if not on_gpu:
+            logger.warning("qlora on a CPU worker: 4-bit matmuls run on bitsandbytes' CPU "
+                           "backend (slow; for testing)")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -78,12 +78,14 @@ def test_config_errors_are_clear():
         TrainConfig(base_model="m", batch_size=16, per_device_batch_size=3)
     with pytest.raises(ValueError, match="plain_template must contain"):
         TrainConfig(base_model="m", plain_template="no placeholder")
+    with pytest.raises(ValueError, match="fp16: GPU only .*set use_gpu: true"):
+        TrainConfig(base_model="m", precision="fp16")
     for block in ({"qlora": {"enabled": True}}, {"precision": "fp16"}):
-        with pytest.raises(ValueError, match="GPU only .*set use_gpu: true"):
-            TrainConfig(base_model="m", **block)
         cfg = TrainConfig(base_model="m", use_gpu=True, **block)  # valid on a GPU cluster
         with pytest.raises(ConfigError, match="the Ray cluster has no GPUs"):
             check_resources(cfg, gpu_available=False)
+    # QLoRA is allowed on CPU workers (bitsandbytes' CPU backend), with a warning
+    assert TrainConfig(base_model="m", qlora={"enabled": True}).qlora.enabled
     # DeepSpeed also runs on CPU workers (its CPU accelerator, gloo), in fp32
     ds = TrainConfig(base_model="m", deepspeed={"enabled": True, "stage": 3, "extra": {
         "zero_optimization": {"stage3_param_persistence_threshold": 0}}})
