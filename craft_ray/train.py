@@ -22,6 +22,9 @@ Invariants:
   with the same settings resumes from its last reported checkpoint and a changed config starts
   afresh. ``stop_after_steps`` and logging knobs are not in that hash.
 * ``_SUCCESS`` in the trial folder is written last, after the adapter folder is in place.
+* A checkpoint holds everything a resume needs: adapter, data position and optimizer state.
+  Under DeepSpeed the optimizer state is ZeRO-partitioned, so every rank reports its own
+  folder and the checkpoint is their union (Ray Train merges them under one name).
 """
 
 from __future__ import annotations
