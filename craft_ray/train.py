@@ -22,6 +22,9 @@ Invariants:
   with the same settings resumes from its last reported checkpoint and a changed config starts
   afresh. ``stop_after_steps`` and logging knobs are not in that hash.
 * ``_SUCCESS`` in the trial folder is written last, after the adapter folder is in place.
+* A checkpoint holds everything a resume needs: adapter, data position and optimizer state.
+  Under DeepSpeed the optimizer state is ZeRO-partitioned, so every rank reports its own
+  folder and the checkpoint is their union (Ray Train merges them under one name).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINT_STATE = "train_state.json"
+# DeepSpeed's own checkpoint inside a Ray Train checkpoint: DEEPSPEED_DIR/DEEPSPEED_TAG/...
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
 ROW_COLUMN = "__source_row__"  # row number in the source dataset, carried through tokenising
 # Fields that do not change what is learned: a rerun differing only in these resumes.
 _RESUME_NEUTRAL = {"stop_after_steps", "max_failures", "log_every_steps", "report_every_steps",
@@ -75,7 +81,11 @@ class LoraSettings(StrictModel):
 
 
 class QLoraSettings(StrictModel):
-    """4-bit quantised base model (QLoRA, bitsandbytes; GPU only)."""
+    """4-bit quantised base model (QLoRA, bitsandbytes).
+
+    Meant for GPU workers. On CPU workers it runs through bitsandbytes' CPU 4-bit backend
+    (verified with bitsandbytes 0.50.2): slow, for testing configs and small models only.
+    """
 
     enabled: bool = Field(default=False, description="Load the base model in 4 bit.")
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
@@ -89,8 +99,10 @@ class DeepSpeedSettings(StrictModel):
 
     On GPU workers DeepSpeed uses NCCL; on CPU workers its CPU accelerator over gloo (slow;
     for testing configs). Under ZeRO-3 the LoRA weights are gathered from all ranks before
-    every save. Resume restores weights, data position and lr schedule; the ZeRO-sharded
-    AdamW moments start afresh.
+    every save. Every checkpoint also holds DeepSpeed's own checkpoint of the engine (each
+    rank's ZeRO partition of the fp32 LoRA weights and AdamW moments, the lr schedule), so a
+    resumed run continues exactly; DeepSpeed resumes it only with the same number of workers
+    (``num_workers`` is part of the run name, so a changed count starts afresh).
     """
 
     enabled: bool = Field(default=False, description="Train through a DeepSpeed engine.")
@@ -155,7 +167,8 @@ class TrainConfig(StrictModel):
     overlong: Literal["drop", "truncate"] = Field(
         default="drop", description="Rows over max_length: dropped (counted) or truncated.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
-    qlora: QLoraSettings = Field(default_factory=QLoraSettings, description="QLoRA (GPU).")
+    qlora: QLoraSettings = Field(default_factory=QLoraSettings,
+                                 description="QLoRA (GPU; CPU only for tests, slow).")
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings,
                                          description="DeepSpeed ZeRO-2/3 (GPU; CPU for tests).")
     epochs: int = Field(default=3, ge=1, le=1000, description="Passes over the data.")
@@ -222,13 +235,10 @@ class TrainConfig(StrictModel):
                 "of them (gradient accumulation = batch_size / (per_device x workers))")
         if self.max_length is not None and self.max_length_percentile is not None:
             raise ValueError("set max_length or max_length_percentile, not both")
-        needs = [n for n, on in (("qlora", self.qlora.enabled),
-                                 ("precision=fp16", self.precision == "fp16")) if on]
-        if needs and not self.use_gpu:
+        if self.precision == "fp16" and not self.use_gpu:
             raise ValueError(
-                f"{', '.join(needs)}: GPU only (bitsandbytes 4-bit kernels / fp16 need CUDA); "
-                "set use_gpu: true on a GPU cluster, or turn it off (qlora.enabled: false, "
-                "precision: auto) to train on CPU")
+                "precision=fp16: GPU only (fp16 mixed precision needs CUDA); set use_gpu: true "
+                "on a GPU cluster, or precision: auto to train on CPU")
         if self.deepspeed.enabled and not self.use_gpu and self.precision == "bf16":
             raise ValueError("deepspeed on CPU workers trains in fp32; set precision: auto "
                              "or fp32 (or use_gpu: true)")
@@ -268,6 +278,9 @@ def check_resources(cfg: TrainConfig, gpu_available: bool | None = None) -> None
         if not ray.is_initialized() or not ray.cluster_resources().get("GPU"):
             raise ConfigError("train.use_gpu=true but the Ray cluster has no GPUs; set "
                               "train.use_gpu=false to train on CPU workers")
+    if cfg.qlora.enabled and not cfg.use_gpu:
+        logger.warning("qlora on CPU workers: bitsandbytes' CPU 4-bit path is slow; use it to "
+                       "test a config on a small model, and use_gpu: true for real training")
 
 
 def resume_key(cfg: TrainConfig) -> str:
@@ -588,8 +601,11 @@ def build_lora_model(cfg: TrainConfig, device: Any, on_gpu: bool) -> Any:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
-            raise ImportError("QLoRA needs bitsandbytes: pip install 'craft-ray[qlora]' "
-                              "(GPU only)") from exc
+            raise ImportError("QLoRA needs bitsandbytes: pip install 'craft-ray[qlora]'"
+                              ) from exc
+        if not on_gpu:
+            logger.warning("qlora on a CPU worker: 4-bit matmuls run on bitsandbytes' CPU "
+                           "backend (slow; for testing)")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -719,9 +735,43 @@ def save_adapter(out_dir: Path, peft_model: Any, state_dict: dict[str, Any]) -> 
     peft_model.save_pretrained(out_dir, state_dict=state_dict)
 
 
+def save_deepspeed_state(engine: Any, dirpath: Path) -> None:
+    """This rank's part of a DeepSpeed engine's training state, under ``dirpath/deepspeed``.
+
+    DeepSpeed's own checkpoint (``engine.save_checkpoint``): every rank writes its ZeRO
+    partition of the fp32 trainable weights and AdamW moments
+    (``zero_pp_rank_{r}_*optim_states.pt``); data-parallel rank 0 also writes the module
+    state, lr schedule and step counters, and the ``latest`` tag file. Frozen base weights are
+    left out (the base model is reloaded from ``base_model``). A collective: *every* rank must
+    call it, each with its own ``dirpath`` or a shared one; the union of the ranks' files is
+    the checkpoint (Ray Train merges the folders every rank reports into one).
+    """
+    engine.save_checkpoint(str(dirpath / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                           exclude_frozen_parameters=True)
+
+
+def load_deepspeed_state(engine: Any, dirpath: Path, *, optimizer_states: bool = True) -> None:
+    """Restore what :func:`save_deepspeed_state` wrote (all ranks' files under ``dirpath``)
+    into a freshly initialised engine of the same world size; every rank calls it.
+
+    ``optimizer_states=False`` restores weights and lr schedule only (AdamW moments start
+    from zero); kept for tests that show the difference.
+    """
+    # strict=False: the saved module state holds the trainable (LoRA) weights only
+    path, _ = engine.load_checkpoint(str(dirpath / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                     load_module_strict=False,
+                                     load_optimizer_states=optimizer_states,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint '{DEEPSPEED_TAG}' under "
+                           f"{dirpath / DEEPSPEED_DIR}")
+
+
 def _save_checkpoint(dirpath: Path, peft_model: Any, optimizer: Any, scheduler: Any,
                      state: dict[str, Any], tokenizer: Any | None = None,
                      state_dict: dict[str, Any] | None = None) -> None:
+    """Rank 0's part of a checkpoint: the adapter (PEFT format), data position and, without
+    DeepSpeed (``optimizer`` not None), optimizer + schedule state in ``optim.pt``."""
     import torch
 
     if state_dict is None:
@@ -729,10 +779,10 @@ def _save_checkpoint(dirpath: Path, peft_model: Any, optimizer: Any, scheduler: 
     save_adapter(dirpath / "adapter", peft_model, state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(dirpath / "adapter")
-    # optimizer None (DeepSpeed: its ZeRO-sharded state is not saved): the schedule still is
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None},
-               dirpath / "optim.pt")
+    if optimizer is not None:  # DeepSpeed: in save_deepspeed_state's files instead
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None},
+                   dirpath / "optim.pt")
     (dirpath / CHECKPOINT_STATE).write_text(json.dumps(state))
 
 
@@ -787,49 +837,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0}
     ckpt = ray.train.get_checkpoint()
     optim_state = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            d = Path(d)
-            state = json.loads((d / CHECKPOINT_STATE).read_text())
+    total_steps = plan["total_steps"]
+    engine = None
+    # the checkpoint folder stays open until the DeepSpeed engine exists (it restores from it)
+    with contextlib.ExitStack() as stack:
+        ckpt_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
+        if ckpt_dir is not None:
+            state = json.loads((ckpt_dir / CHECKPOINT_STATE).read_text())
             loaded = set_peft_model_state_dict(
-                model, load_file(d / "adapter" / "adapter_model.safetensors"))
+                model, load_file(ckpt_dir / "adapter" / "adapter_model.safetensors"))
             if getattr(loaded, "unexpected_keys", None):
                 raise RuntimeError(f"checkpoint {ckpt.path} does not match the LoRA model: "
                                    f"unexpected keys {loaded.unexpected_keys[:5]}")
-            if (d / "optim.pt").is_file():
+            if (ckpt_dir / "optim.pt").is_file():
                 # weights_only: never unpickle arbitrary objects from a run directory
-                optim_state = torch.load(d / "optim.pt", map_location="cpu",
+                optim_state = torch.load(ckpt_dir / "optim.pt", map_location="cpu",
                                          weights_only=True)
-        logger.info("rank %d: resuming from checkpoint at step %d (epoch %d)", rank,
-                    state["global_step"], state["epoch"])
-    total_steps = plan["total_steps"]
-    engine = None
-    if cfg.deepspeed.enabled:
-        if not on_gpu:  # before deepspeed's first import: its accelerator is chosen then
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        try:
-            import deepspeed
-        except ImportError as exc:
-            raise ImportError("DeepSpeed needs: pip install 'craft-ray[deepspeed]'") from exc
-        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-        if optim_state is not None and optim_state.get("scheduler") is not None:
-            scheduler.load_state_dict(optim_state["scheduler"])
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, on_gpu))
-        net = engine
-    else:
-        if not cfg.qlora.enabled:  # a 4-bit model is placed at load time and cannot move
-            model.to(device)
-        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-        net = model
-        if ctx.get_world_size() > 1:
-            net = ray.train.torch.prepare_model(model, move_to_device=not cfg.qlora.enabled)
-    if optim_state is not None and engine is None:
-        if optim_state.get("optimizer") is not None:
-            optimizer.load_state_dict(optim_state["optimizer"])
-        if optim_state.get("scheduler") is not None:
-            scheduler.load_state_dict(optim_state["scheduler"])
+            logger.info("rank %d: resuming from checkpoint at step %d (epoch %d)", rank,
+                        state["global_step"], state["epoch"])
+        if cfg.deepspeed.enabled:
+            if not on_gpu:  # before deepspeed's first import: its accelerator is chosen then
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            try:
+                import deepspeed
+            except ImportError as exc:
+                raise ImportError("DeepSpeed needs: pip install 'craft-ray[deepspeed]'") from exc
+            optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+            legacy = ckpt_dir is not None and not (ckpt_dir / DEEPSPEED_DIR).is_dir()
+            if legacy and optim_state is not None and optim_state.get("scheduler") is not None:
+                scheduler.load_state_dict(optim_state["scheduler"])
+            engine, optimizer, _, scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, on_gpu))
+            net = engine
+            if legacy:  # written before checkpoints held DeepSpeed's state
+                logger.warning("checkpoint %s has no DeepSpeed state (%s/): resuming with its "
+                               "adapter weights and lr schedule, AdamW moments start from zero",
+                               ckpt.path, DEEPSPEED_DIR)
+            elif ckpt_dir is not None:
+                load_deepspeed_state(engine, ckpt_dir)
+        else:
+            if not cfg.qlora.enabled:  # a 4-bit model is placed at load time and cannot move
+                model.to(device)
+            optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+            net = model
+            if ctx.get_world_size() > 1:
+                net = ray.train.torch.prepare_model(model, move_to_device=not cfg.qlora.enabled)
+            if optim_state is not None and optim_state.get("optimizer") is not None:
+                optimizer.load_state_dict(optim_state["optimizer"])
+                if optim_state.get("scheduler") is not None:
+                    scheduler.load_state_dict(optim_state["scheduler"])
     net.train()
 
     metrics_path = Path(config["trial_dir"]) / "metrics.jsonl"
@@ -851,6 +908,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         weights = lora_state_dict(model, zero_stage_of(engine))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_obj = None
+            if engine is not None:
+                # every rank writes its ZeRO shard to its own folder and reports it: Ray Train
+                # merges the folders of all ranks into one checkpoint (same directory name)
+                save_deepspeed_state(engine, Path(tmp))
+                ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
                 _save_checkpoint(Path(tmp), model, optimizer if engine is None else None,
                                  scheduler, {"epoch": nxt[0], "batch_in_epoch": nxt[1],

@@ -78,12 +78,14 @@ def test_config_errors_are_clear():
         TrainConfig(base_model="m", batch_size=16, per_device_batch_size=3)
     with pytest.raises(ValueError, match="plain_template must contain"):
         TrainConfig(base_model="m", plain_template="no placeholder")
+    with pytest.raises(ValueError, match="fp16: GPU only .*set use_gpu: true"):
+        TrainConfig(base_model="m", precision="fp16")
     for block in ({"qlora": {"enabled": True}}, {"precision": "fp16"}):
-        with pytest.raises(ValueError, match="GPU only .*set use_gpu: true"):
-            TrainConfig(base_model="m", **block)
         cfg = TrainConfig(base_model="m", use_gpu=True, **block)  # valid on a GPU cluster
         with pytest.raises(ConfigError, match="the Ray cluster has no GPUs"):
             check_resources(cfg, gpu_available=False)
+    # QLoRA is allowed on CPU workers (bitsandbytes' CPU backend), with a warning
+    assert TrainConfig(base_model="m", qlora={"enabled": True}).qlora.enabled
     # DeepSpeed also runs on CPU workers (its CPU accelerator, gloo), in fp32
     ds = TrainConfig(base_model="m", deepspeed={"enabled": True, "stage": 3, "extra": {
         "zero_optimization": {"stage3_param_persistence_threshold": 0}}})
@@ -198,14 +200,11 @@ def _run_steps(rank, world, per_device, accum, global_batches, base, pad_id, out
                     "logits": logits.detach().cpu(), "probe": probe["input_ids"]}, out)
 
 
-def _rank_main(rank, log_dir, jobs):
-    """Spawned rank: run ``_run_steps`` for each job; stdout/stderr to a file (pytest's
-    capture would drop them on a hang) and a stack dump of every thread shortly before the
-    parent gives up."""
+def rank_log(rank, log_dir):
+    """In a spawned rank: stdout/stderr to a file (pytest's capture would drop them on a
+    hang) and a stack dump of every thread shortly before the parent gives up."""
     import faulthandler
     import sys
-
-    import torch.distributed as dist
 
     log = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115
     os.dup2(log.fileno(), 1)
@@ -214,16 +213,23 @@ def _rank_main(rank, log_dir, jobs):
     faulthandler.enable(log)
     faulthandler.dump_traceback_later(_DDP_BOUND_S - 15, exit=False, file=log)
     print(f"rank {rank} pid {os.getpid()} start", flush=True)
+
+
+def _rank_main(rank, log_dir, init, jobs):
+    """Spawned rank: run ``_run_steps`` for each job (``init`` goes in after 7 arguments)."""
+    import torch.distributed as dist
+
+    rank_log(rank, log_dir)
     for job in jobs:
-        _run_steps(rank, *job)
+        _run_steps(rank, *job[:7], init, *job[7:])
     if dist.is_initialized():
         dist.destroy_process_group()
     print(f"rank {rank} done", flush=True)
 
 
-def _spawn_two_ranks(tmp_path, jobs):
-    """Run ``jobs`` on 2 spawned ranks (gloo over TCP on a free port); fail, with both ranks'
-    logs, if they are not done in _DDP_BOUND_S."""
+def spawn_two_ranks(tmp_path, main, args):
+    """Run ``main(rank, str(tmp_path), init_method, *args)`` on 2 spawned ranks (gloo over
+    TCP on a free port); fail, with both ranks' logs, if they are not done in _DDP_BOUND_S."""
     import socket
 
     import torch.multiprocessing as mp
@@ -232,10 +238,9 @@ def _spawn_two_ranks(tmp_path, jobs):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     init = f"tcp://127.0.0.1:{port}"
-    jobs = [(*job[:7], init, *job[7:]) for job in jobs]
     t0 = time.time()
-    ctx = mp.start_processes(_rank_main, nprocs=2, join=False, start_method="spawn",
-                             args=(str(tmp_path), jobs))
+    ctx = mp.start_processes(main, nprocs=2, join=False, start_method="spawn",
+                             args=(str(tmp_path), init, *args))
     while not ctx.join(timeout=5):
         if time.time() - t0 > _DDP_BOUND_S:
             for proc in ctx.processes:
@@ -244,6 +249,11 @@ def _spawn_two_ranks(tmp_path, jobs):
                              + (tmp_path / f"rank{i}.log").read_text()[-4000:]
                              for i, p in enumerate(ctx.processes))
             pytest.fail(f"the 2-process gloo run was not done in {_DDP_BOUND_S} s:\n{logs}")
+
+
+def _spawn_two_ranks(tmp_path, jobs):
+    """Run ``_run_steps`` jobs on 2 spawned ranks."""
+    spawn_two_ranks(tmp_path, _rank_main, (jobs,))
 
 
 # Normally ~20 s (~60 s with the DeepSpeed pair); generous because a 2-core machine shared
@@ -485,28 +495,49 @@ def test_sigkilled_train_command_resumes_from_its_checkpoint(tiny_lm, tmp_path):
 @pytest.mark.skipif(not os.environ.get("CRAFT_RAY_SLOW_TESTS"),
                     reason="slow (a DeepSpeed Ray Train fit); set CRAFT_RAY_SLOW_TESTS=1")
 def test_deepspeed_zero3_fit_on_ray_train(ray_local, tiny_lm, tmp_path):
-    """`run_train` with DeepSpeed ZeRO-3 on 2 CPU Ray Train workers: the adapter saved from
-    the gathered shards gives the workers' eval loss on the driver. (~2 min on 2 cores.)"""
+    """`run_train` with DeepSpeed ZeRO-3 on 2 CPU Ray Train workers, stopped after one step
+    and resumed: the Ray Train checkpoint holds both ranks' ZeRO shards, the resumed run's
+    losses are those of an uninterrupted one, and the adapter saved from the gathered shards
+    gives the workers' eval loss on the driver. (~3 min on 2 cores.)"""
     pytest.importorskip("deepspeed")
     import datasets
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from craft_ray.tasks import get_task
-    from craft_ray.train import run_train
+    from craft_ray.train import DEEPSPEED_DIR, DEEPSPEED_TAG, run_train
 
-    run_dir = tmp_path / "run"
-    hf_dir = write_task_dataset(run_dir, "S", "bioqa", shared_data("craft-fewshots/bioqa.jsonl"),
-                                limit=16)
-    cfg = TrainStageConfig.model_validate({"run_dir": str(run_dir), "train": {
-        "base_model": str(tiny_lm), "task": "bioqa", "seed": 3, "num_workers": 2,
-        "per_device_batch_size": 2, "batch_size": 4, "epochs": 1, "learning_rate": 2e-3,
-        "eval_fraction": 0.25, "lora": {"r": 4},
-        "deepspeed": {"enabled": True, "stage": 3, "extra": {
-            "zero_optimization": {"stage3_param_persistence_threshold": 0}}}}})
-    stats = run_train(cfg)
+    def fit(run_dir, **over):
+        write_task_dataset(run_dir, "S", "bioqa", shared_data("craft-fewshots/bioqa.jsonl"),
+                           limit=16)
+        cfg = TrainStageConfig.model_validate({"run_dir": str(run_dir), "train": {
+            "base_model": str(tiny_lm), "task": "bioqa", "seed": 3, "num_workers": 2,
+            "per_device_batch_size": 2, "batch_size": 4, "epochs": 1, "learning_rate": 2e-3,
+            "eval_fraction": 0.25, "lora": {"r": 4, "dropout": 0.0}, **over,
+            "deepspeed": {"enabled": True, "stage": 3, "extra": {
+                "zero_optimization": {"stage3_param_persistence_threshold": 0}}}}})
+        return cfg, run_train(cfg)
+
+    def losses(run_dir):
+        rows = (run_dir / "train" / "S-seed3" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in rows if not json.loads(x).get("final")]
+
+    _, stopped = fit(tmp_path / "run", stop_after_steps=1)
+    assert stopped["finished"] is False and stopped["steps"] == 1
+    ckpts = sorted(p for p in (tmp_path / "run" / "train" / "S-seed3").glob("ray/*/checkpoint_*")
+                   if p.is_dir())  # (not checkpoint_manager_snapshot.json)
+    assert ckpts, "no Ray Train checkpoint"
+    state = ckpts[-1] / DEEPSPEED_DIR / DEEPSPEED_TAG
+    assert {p.name for p in state.glob("zero_pp_rank_*optim_states.pt")} == {
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}  # both ranks' shards
+    assert (ckpts[-1] / "adapter" / "adapter_model.safetensors").is_file()
+    cfg, stats = fit(tmp_path / "run")
     assert stats["finished"] is True and stats["steps"] == 3 and stats["eval_loss"] > 0
-    hf = datasets.load_from_disk(str(hf_dir))
+    _, straight = fit(tmp_path / "straight")
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
+    assert stats["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-4)
+
+    hf = datasets.load_from_disk(str(tmp_path / "run" / "filter" / "datasets" / "S" / "hf"))
     _, eval_idx = split_rows(len(hf), cfg.train, has_eval_path=False)
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_lm)),
                                          stats["adapter"]).eval()
