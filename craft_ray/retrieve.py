@@ -262,8 +262,12 @@ class Pool:
                     self.text_len[used], self.max_sim[used], self.mean_sim[used])
 
     @staticmethod
-    def concat(pools: Sequence[Pool]) -> Pool:
-        """Concatenate pools; a document present in several (a retried shard) is kept once."""
+    def concat(pools: Sequence[Pool], distinct_docs: bool = False) -> Pool:
+        """Concatenate pools; a document present in several (a retried shard) is kept once.
+
+        ``distinct_docs``: the caller guarantees no document is in two pools (pools of
+        different shards), which skips the deduplication (a sort of every doc id).
+        """
         pools = [p for p in pools if p.num_docs]
         if not pools:
             return Pool()
@@ -274,6 +278,9 @@ class Pool:
         score = np.concatenate([p.score for p in pools])
         docs = [np.concatenate([getattr(p, a) for p in pools])
                 for a in ("row", "text_len", "max_sim", "mean_sim")]
+        if distinct_docs:
+            return Pool(q.astype(np.int32), u.astype(np.int64), score.astype(np.float32),
+                        doc_id, *docs)
         uniq, first, inv = np.unique(doc_id.astype(str), return_index=True, return_inverse=True)
         if len(uniq) != len(doc_id):
             u = inv[u]
@@ -370,30 +377,40 @@ class Floors:
             self.top[i] = np.partition(np.concatenate([top, pad], axis=1), m, axis=1)[:, m:]
 
 
-def _topk_entries(scores: np.ndarray, k: int, floor: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(row, col) of entries >= each row's k-th largest finite score (ties kept).
+def _block_entries(s: np.ndarray, lo: int, ks: np.ndarray, floors: np.ndarray | None,
+                   exclude: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries of one block of lists: ``(list, row, score)`` for every row scoring >= its
+    list's k-th largest finite score in the block (ties kept) and >= the list's floor.
 
-    ``floor`` (per row) is a score the row's list already holds k entries reaching (from
-    earlier chunks or shards): entries below it cannot enter the list and are skipped, and
-    once every row has one, a single comparison pass replaces the partition.
+    ``s`` is [rows, lists lo..lo+b-1], ``ks`` each list's length, ``floors`` every list's
+    floor (see :class:`Floors`; None: none yet), ``exclude`` rows that may not enter any
+    list (the leakage guard). A list whose floor is set needs one comparison pass; the
+    others take the block's own k-th score (a partition).
     """
-    n = scores.shape[1]
-    if k <= 0 or n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if floor is not None and np.isfinite(floor).all():
-        mask = scores >= floor[:, None]
-    elif k < n:
-        part = np.partition(scores, n - k, axis=1)[:, n - k]
-        if floor is not None:
-            part = np.maximum(part, floor)
-        mask = scores >= part[:, None]
-    else:
-        mask = np.ones(scores.shape, dtype=bool) if floor is None else \
-            scores >= floor[:, None]
-    mask &= np.isfinite(scores)
+    n, b = s.shape
+    thr = np.full(b, -np.inf, np.float32) if floors is None else \
+        np.asarray(floors[lo:lo + b], np.float32).copy()
+    todo = np.flatnonzero(np.isneginf(thr) & (ks > 0) & (ks < n))
+    if len(todo):
+        # rows x lists is the faster product layout, but a partition along rows is ~10x
+        # faster on the transposed copy of the few columns that need one
+        sub = np.ascontiguousarray(s[:, todo].T)
+        if exclude is not None:
+            sub[:, exclude] = -np.inf
+        for kv in np.unique(ks[todo]):
+            idx = np.flatnonzero(ks[todo] == kv)
+            thr[todo[idx]] = np.partition(sub[idx], n - kv, axis=1)[:, n - kv]
+    thr = np.where(ks <= 0, np.inf, thr).astype(np.float32)
+    mask = s >= thr[None, :]
+    if exclude is not None:
+        mask[exclude] = False
     r, c = np.nonzero(mask)
-    return r, c
+    sc = s[r, c]
+    if np.isneginf(thr).any():  # lists longer than the block admit every finite score
+        fin = np.isfinite(sc)
+        r, c, sc = r[fin], c[fin], sc[fin]
+    return c + lo, r, sc
 
 
 @dataclass
@@ -403,8 +420,8 @@ class ChunkScores:
     q: np.ndarray
     pos: np.ndarray
     score: np.ndarray
-    max_sim: np.ndarray   # per chunk row
-    mean_sim: np.ndarray  # per chunk row
+    max_sim: np.ndarray   # per chunk row (at least the candidates' rows are set)
+    mean_sim: np.ndarray  # per chunk row (same)
     leaked: np.ndarray    # chunk rows removed by the leakage guard
     leaked_shot: np.ndarray
     leaked_sim: np.ndarray
@@ -415,66 +432,61 @@ def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, 
                 floors: np.ndarray | None = None) -> ChunkScores:
     """Candidates of one chunk of ``n`` store rows starting at shard position ``offset``.
 
-    ``sims_fn(lo, hi)`` returns the float32 [hi-lo, n] similarities of few-shots lo..hi-1 to
-    the chunk. Blocks of ``query_block`` few-shots bound memory; the max and mean over all
-    few-shots are accumulated across blocks. ``floors`` ([num_shots + 1], the mean list
-    last) skips entries that cannot enter their list (see :class:`Floors`).
+    Lists 0..F-1 are the few-shots', list F the mean similarity over all few-shots (the
+    product with the few-shots' mean vector, which equals the mean of their products).
+    ``sims_fn(lo, hi)`` returns the float32 [n, hi-lo] scores of lists lo..hi-1; blocks of
+    ``query_block`` lists bound memory. ``floors`` ([F + 1]) skips entries that cannot enter
+    their list (see :class:`Floors`).
     """
-    total = np.zeros(n, dtype=np.float64)
-    best = np.full(n, -np.inf, dtype=np.float32)
-    best_shot = np.zeros(n, dtype=np.int64)
-    blocks: list[tuple[int, Any]] = []
+    num_lists = num_shots + 1
+    ks = np.full(num_lists, k_shot, dtype=np.int64)
+    ks[num_shots] = k_mean
+    single = num_lists <= query_block
     need_leak = leakage_threshold is not None
-    for lo in range(0, num_shots, query_block):
-        hi = min(num_shots, lo + query_block)
+    best = np.full(n, -np.inf, dtype=np.float32)  # max over few-shots
+    best_shot = np.zeros(n, dtype=np.int64)
+    mean = np.full(n, np.nan, dtype=np.float32)
+    leak = np.zeros(n, dtype=bool)
+    kept: list[tuple[int, np.ndarray]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    s = np.zeros((n, 0), np.float32)
+    for lo in range(0, num_lists, query_block):
+        hi = min(num_lists, lo + query_block)
         s = sims_fn(lo, hi)
-        total += s.sum(axis=0, dtype=np.float64)
-        top = s.max(axis=0)  # argmax over axis 0 is ~10x slower: only leaked rows need it
-        better = top > best
-        best = np.where(better, top, best)
+        ns = max(0, min(hi, num_shots) - lo)  # few-shot columns of this block
+        if need_leak and ns:
+            rows = np.unique(np.nonzero(s[:, :ns] >= leakage_threshold)[0])
+            if len(rows):
+                top = s[rows, :ns].max(axis=1)
+                up = top > best[rows]
+                best[rows[up]] = top[up]
+                best_shot[rows[up]] = s[rows[up], :ns].argmax(axis=1) + lo
+                leak[rows] = True
+        if not single:  # every row's max and mean: the candidates' are not known yet
+            if ns:
+                best = np.maximum(best, s[:, :ns].max(axis=1))
+            if hi > num_shots:
+                mean = s[:, num_shots - lo].copy()
         if need_leak:
-            hit = np.flatnonzero(better & (top >= leakage_threshold))
-            if len(hit):
-                best_shot[hit] = s[:, hit].argmax(axis=0) + lo
-        if need_leak:
-            blocks.append((lo, s))  # kept until the leakage mask is known
+            kept.append((lo, s))  # kept until the leakage mask is known
         else:
-            blocks.append((lo, _shot_entries(s, k_shot, None if floors is None
-                                             else floors[lo:hi])))
-    mean = (total / num_shots).astype(np.float32)
-    if need_leak:
-        leak = best >= leakage_threshold
-    else:
-        leak = np.zeros(n, dtype=bool)
-    qs, ps, ss = [], [], []
-    for lo, b in blocks:
-        if need_leak:
-            if leak.any():
-                b = b.copy()
-                b[:, leak] = -np.inf
-            b = _shot_entries(b, k_shot, None if floors is None
-                              else floors[lo:lo + b.shape[0]])
-        r, c, v = b
-        qs.append(r + lo)
-        ps.append(c)
-        ss.append(v)
-    if k_mean > 0:
-        m = np.where(leak, -np.inf, mean)[None, :]
-        _, c = _topk_entries(m, k_mean, None if floors is None else floors[num_shots:])
-        qs.append(np.full(len(c), MEAN, dtype=np.int64))
-        ps.append(c)
-        ss.append(m[0, c])
+            parts.append(_block_entries(s, lo, ks[lo:hi], floors))
+    for lo, blk in kept:
+        parts.append(_block_entries(blk, lo, ks[lo:lo + blk.shape[1]], floors,
+                                    leak if leak.any() else None))
+    q = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    pos = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    score = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
+    if single and len(pos):  # the one block holds every list: only the candidates' values
+        cand = np.unique(pos)
+        if num_shots:
+            best[cand] = s[cand, :num_shots].max(axis=1)
+        mean[cand] = s[cand, num_shots]
+    q = np.where(q == num_shots, MEAN, q)
     leaked = np.flatnonzero(leak)
-    return ChunkScores(
-        np.concatenate(qs).astype(np.int32), np.concatenate(ps).astype(np.int64) + offset,
-        np.concatenate(ss).astype(np.float32), best, mean, leaked + offset,
-        best_shot[leaked], best[leaked])
-
-
-def _shot_entries(s: np.ndarray, k: int, floor: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r, c = _topk_entries(s, k, floor)
-    return r, c, s[r, c]
+    return ChunkScores(q.astype(np.int32), pos.astype(np.int64) + offset,
+                       score.astype(np.float32), best, mean, leaked + offset,
+                       best_shot[leaked], best[leaked])
 
 
 CacheDtype = Literal["auto", "float16", "float32"]
@@ -549,6 +561,10 @@ class ShardScanner:
         self.cache_dtype = cache_dtype if cache_dtype != "auto" else \
             ("float32" if device == "cpu" else "float16")
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        # The lists' vectors: the few-shots, then their mean (the mean similarity is the
+        # product with the mean vector), as columns: rows x lists is the faster layout.
+        lists = np.vstack([self.queries, self.queries.mean(axis=0, keepdims=True)])
+        self.lists_t = np.ascontiguousarray(lists.T)
         self.leakage_threshold = leakage_threshold
         self.chunk_rows = chunk_rows
         self.query_block = query_block
@@ -560,7 +576,7 @@ class ShardScanner:
         if device != "cpu":
             import torch
 
-            self._q_gpu = torch.from_numpy(self.queries).to(device).half()
+            self._q_gpu = torch.from_numpy(lists).to(device).half()
 
     def _sims_fn(self, vec: np.ndarray) -> Any:
         if self._q_gpu is not None:
@@ -570,12 +586,12 @@ class ShardScanner:
             x = torch.from_numpy(host).to(self.device, non_blocking=True).half()
 
             def gpu(lo: int, hi: int) -> np.ndarray:
-                return (self._q_gpu[lo:hi] @ x.T).float().cpu().numpy()
+                return (x @ self._q_gpu[lo:hi].T).float().cpu().numpy()
 
             return gpu
         if vec.dtype == np.float32:
             def cpu32(lo: int, hi: int) -> np.ndarray:
-                return np.matmul(self.queries[lo:hi], vec.T)
+                return np.matmul(vec, self.lists_t[:, lo:hi])
 
             return cpu32
         # numpy's float16 matmul is ~100x slower than float32, and converting a whole chunk
@@ -584,14 +600,14 @@ class ShardScanner:
         # block's product is written straight into the output: about 2x faster overall.
         def cpu(lo: int, hi: int) -> np.ndarray:
             n = vec.shape[0]
-            out = np.empty((hi - lo, n), dtype=np.float32)
-            q = self.queries[lo:hi]
+            out = np.empty((n, hi - lo), dtype=np.float32)
+            lt = self.lists_t[:, lo:hi]
             buf = self._cast_buffer(vec.shape[1])
             for r in range(0, n, CAST_ROWS):
                 m = min(CAST_ROWS, n - r)
                 b = buf[:m]
                 b[...] = vec[r:r + m]
-                np.matmul(q, b.T, out=out[:, r:r + m])
+                np.matmul(b, lt, out=out[r:r + m])
             return out
 
         return cpu
@@ -760,7 +776,7 @@ class SearchResult:
 class StoreSearcher:
     """Similarity actors over one store, started once and reused by every search.
 
-    Plain Ray actors fed by ``ray.util.ActorPool`` rather than a Ray Data pipeline: the
+    Plain Ray actors (each with two files queued) rather than a Ray Data pipeline: the
     inputs are a list of files and the outputs small pools, so Ray Data's streaming buys
     nothing here, and its executor start-up (~1.5-2 s on 2 cores, measured with an empty
     actor) would cost more than scanning a million vectors. The actors start when the
@@ -808,7 +824,6 @@ class StoreSearcher:
         store.
         """
         import ray
-        from ray.util import ActorPool
 
         if not self.actors:
             raise RuntimeError("this StoreSearcher is closed")
@@ -829,9 +844,10 @@ class StoreSearcher:
         search_id = self._searches
         scan_s = 0.0
         q = ray.put(np.asarray(queries, dtype=np.float32))  # F x dim, shared by all calls
-        results = ActorPool(self.actors).map_unordered(
+        results = _map_actors(
+            self.actors, items,
             lambda a, it: a.scan_file.remote(search_id, q, leakage_threshold, budgets,
-                                             it["path"], it["corpus"], it["shard"]), items)
+                                             it["path"], it["corpus"], it["shard"]))
         # Pools wait in `pending` and are merged a few at a time: a merge sorts every entry,
         # so merging each shard's pool on arrival would cost the driver a sort per shard.
         pending: dict[str, list[Pool]] = {}
@@ -845,8 +861,9 @@ class StoreSearcher:
             waiting = pending.setdefault(key, [])
             waiting.append(res["pool"])
             if sum(len(p) for p in waiting) > 8 * (len(queries) * k_shot + k_mean):
-                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting]).reduce(
-                    k_shot, k_mean)
+                # each shard's result is taken once (above), so no document comes twice
+                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting],
+                                         distinct_docs=True).reduce(k_shot, k_mean)
                 waiting.clear()
             n_rows += res["num_rows"]
             n_leaked += res["n_leaked"]
@@ -858,11 +875,34 @@ class StoreSearcher:
         for key, waiting in pending.items():
             if waiting:
                 k_shot, k_mean = budgets[key]
-                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting]).reduce(
-                    k_shot, k_mean)
+                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting],
+                                         distinct_docs=True).reduce(k_shot, k_mean)
         leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
         return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases,
                             scan_s)
+
+
+def _map_actors(actors: Sequence[Any], items: Sequence[Any], call: Any, depth: int = 2
+                ) -> Iterator[Any]:
+    """``call(actor, item)`` for every item, results as they finish (any order).
+
+    Like ``ray.util.ActorPool.map_unordered``, but each actor has up to ``depth`` calls
+    queued, so it starts its next file without waiting for the driver to collect the last.
+    """
+    import ray
+
+    todo = list(reversed(items))
+    inflight: dict[Any, Any] = {}
+    for a in actors:
+        for _ in range(depth):
+            if todo:
+                inflight[call(a, todo.pop())] = a
+    while inflight:
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        actor = inflight.pop(done[0])
+        if todo:
+            inflight[call(actor, todo.pop())] = actor
+        yield ray.get(done[0])
 
 
 def search_store(store: str | Path, info: StoreInfo, queries: np.ndarray,

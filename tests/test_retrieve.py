@@ -23,8 +23,8 @@ from craft_ray.retrieve import (
     ShardScanner,
     SimilarityScorer,
     StoreSearcher,
+    _block_entries,
     _keep_topk_with_ties,
-    _topk_entries,
     iter_vectors,
     mode_budget,
     prepare_retrieve,
@@ -250,16 +250,25 @@ def test_store_searcher_reuses_its_actors_across_searches(ray_local, tmp_path: P
 # --- floors: later chunks and files skip what cannot enter a list -------------------------
 
 
-def test_topk_entries_with_floors() -> None:
-    s = np.array([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.8, 0.3]], dtype=np.float32)
-    r, c = _topk_entries(s, 2)
-    assert sorted(zip(r.tolist(), c.tolist())) == [(0, 0), (0, 3), (1, 1), (1, 2)]
+def test_block_entries_with_floors() -> None:
+    # rows x lists: list 0 scores rows 0..3 as 0.9 0.1 0.5 0.7, list 1 as 0.2 0.8 0.8 0.3
+    s = np.array([[0.9, 0.2], [0.1, 0.8], [0.5, 0.8], [0.7, 0.3]], dtype=np.float32)
+    ks = np.array([2, 2])
+
+    def got(*args: object) -> list[tuple[int, int]]:
+        q, r, _ = _block_entries(s, 0, ks, *args)  # type: ignore[arg-type]
+        return sorted(zip(q.tolist(), r.tolist()))
+
+    assert got(None) == [(0, 0), (0, 3), (1, 1), (1, 2)]
     # Every list already holds 2 entries reaching its floor: only entries >= it pass.
-    r, c = _topk_entries(s, 2, np.array([0.8, 0.8], dtype=np.float32))
-    assert sorted(zip(r.tolist(), c.tolist())) == [(0, 0), (1, 1), (1, 2)]
+    assert got(np.array([0.8, 0.8], np.float32)) == [(0, 0), (1, 1), (1, 2)]
     # A list without a floor yet still gets its own top 2.
-    r, c = _topk_entries(s, 2, np.array([0.95, -np.inf], dtype=np.float32))
-    assert sorted(zip(r.tolist(), c.tolist())) == [(1, 1), (1, 2)]
+    assert got(np.array([0.95, -np.inf], np.float32)) == [(1, 1), (1, 2)]
+    # Excluded rows (the leakage guard) enter no list; the next best take their place.
+    assert got(None, np.array([True, False, False, False])) == [(0, 2), (0, 3), (1, 1), (1, 2)]
+    # List ids are offset by the block's first list; a list of length 0 gets nothing.
+    q, r, _ = _block_entries(s, 5, np.array([0, 4]), None)
+    assert sorted(zip(q.tolist(), r.tolist())) == [(6, 0), (6, 1), (6, 2), (6, 3)]
 
 
 def test_floors_are_the_kth_best_score_passed_on_per_list() -> None:
