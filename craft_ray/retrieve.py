@@ -251,12 +251,21 @@ class Pool:
     def num_docs(self) -> int:
         return int(self.doc_id.shape[0])
 
-    def reduce(self, k_shot: int, k_mean: int) -> Pool:
-        """Keep, per list, the entries scoring >= its k-th score; drop unreferenced docs."""
+    def reduce(self, k_shot: int, k_mean: int, floors: np.ndarray | None = None) -> Pool:
+        """Keep, per list, the entries scoring >= its k-th score; drop unreferenced docs.
+
+        ``floors`` ([F + 1], the mean list last; see :class:`Floors`) first drops entries
+        below their list's floor, which spares sorting them.
+        """
         if len(self) == 0:
             return self
-        keep, _, _ = _keep_topk_with_ties(self.q, self.score, k_shot, k_mean)
-        q, u, score = self.q[keep], self.u[keep], self.score[keep]
+        q, u, score = self.q, self.u, self.score
+        if floors is not None:
+            num_shots = len(floors) - 1
+            above = score >= floors[np.where(q == MEAN, num_shots, q)]
+            q, u, score = q[above], u[above], score[above]
+        keep, _, _ = _keep_topk_with_ties(q, score, k_shot, k_mean)
+        q, u, score = q[keep], u[keep], score[keep]
         used, inv = np.unique(u, return_inverse=True)
         return Pool(q, inv.astype(np.int64), score, self.doc_id[used], self.row[used],
                     self.text_len[used], self.max_sim[used], self.mean_sim[used])
@@ -680,7 +689,7 @@ class ShardScanner:
             lens[:m].astype(np.int32)
         return {
             "num_rows": offset, "pool": pool, "n_leaked": n_leaked,
-            "scan_seconds": time.perf_counter() - t0,
+            "scan_seconds": time.perf_counter() - t0, "floors": floors.values(),
             "leaked_doc_id": ids[m:], "leaked_shot": (np.concatenate(leaked_shot)[: len(leaked)]
                                                       if leaked_shot else np.zeros(0, np.int64)),
             "leaked_sim": (np.concatenate(leaked_sim)[: len(leaked)] if leaked_sim
@@ -851,6 +860,9 @@ class StoreSearcher:
         # Pools wait in `pending` and are merged a few at a time: a merge sorts every entry,
         # so merging each shard's pool on arrival would cost the driver a sort per shard.
         pending: dict[str, list[Pool]] = {}
+        # The highest floor any actor reported, per list: every actor's floor is a bound
+        # for the whole search, so the merges drop entries below it before sorting.
+        floors: dict[str, np.ndarray] = {}
         seen: set[tuple[str, str]] = set()
         for res in results:
             if (res["corpus"], res["shard"]) in seen:  # a shard's result arrives once, but
@@ -858,12 +870,14 @@ class StoreSearcher:
             seen.add((res["corpus"], res["shard"]))
             key = res["corpus"] if grouped else "*"
             k_shot, k_mean = budgets[key]
+            floors[key] = np.maximum(floors.get(key, res["floors"]), res["floors"])
             waiting = pending.setdefault(key, [])
             waiting.append(res["pool"])
             if sum(len(p) for p in waiting) > 8 * (len(queries) * k_shot + k_mean):
                 # each shard's result is taken once (above), so no document comes twice
                 pools[key] = Pool.concat([pools.get(key, Pool()), *waiting],
-                                         distinct_docs=True).reduce(k_shot, k_mean)
+                                         distinct_docs=True).reduce(k_shot, k_mean,
+                                                                    floors[key])
                 waiting.clear()
             n_rows += res["num_rows"]
             n_leaked += res["n_leaked"]
@@ -876,7 +890,8 @@ class StoreSearcher:
             if waiting:
                 k_shot, k_mean = budgets[key]
                 pools[key] = Pool.concat([pools.get(key, Pool()), *waiting],
-                                         distinct_docs=True).reduce(k_shot, k_mean)
+                                         distinct_docs=True).reduce(k_shot, k_mean,
+                                                                    floors[key])
         leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
         return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases,
                             scan_s)
