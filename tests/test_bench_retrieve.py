@@ -14,10 +14,11 @@ def test_bench_retrieve_small_store(ray_local, tmp_path: Path) -> None:
                            concurrency=2, chunk_rows=700)
     assert r["recall"] == 1.0
     assert r["rows"] == 3000 and r["shards"] == 3 and r["actors"] == 2
-    for key in ("stage_s", "faiss_s", "ratio", "stage_fresh_s", "faiss_fresh_s", "ratio_fresh",
+    for key in ("stage_s", "ratio", "stage_fresh_s", "faiss_fresh_s", "ratio_fresh",
                 "stage_cold_s", "peak_rss_mb"):
         assert isinstance(r[key], float) and r[key] > 0, key
-    assert r["stage_working_set_mb"] >= 0
+    # FAISS searches 3,000 vectors in well under a millisecond (printed rounded)
+    assert r["faiss_s"] >= 0 and r["stage_working_set_mb"] >= 0
     # the float32 vector cache the warm searches read (and FAISS loads) was written
     assert len(list((tmp_path / "store" / "_vector_cache").glob("*.f32.npy"))) == 3
     json.dumps(r)  # the CLI prints it as its last line

@@ -332,6 +332,8 @@ def test_vector_cache_keeps_the_exact_top_k(tmp_path: Path, cache_dtype: str) ->
         ref_per, ref_mean = brute_force(vecs, queries, 8)
         assert [[str(pool.doc_id[u]) for u in lst] for lst in per] == ref_per
         assert [str(pool.doc_id[u]) for u in mean] == ref_mean
+    # the doc ids, rows and text lengths are cached beside the vectors, one file each
+    assert len(list(Path(cache).glob("*.doc_id.npy"))) == len(info.shards)
     path = str(store / info.shards[0].file)
     first = next(iter_vectors(pq.ParquetFile(path), path, 16, DIM, cache, cache_dtype))
     assert first.dtype == np.dtype(cache_dtype)  # read from the cache, not Parquet
