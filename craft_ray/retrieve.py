@@ -1371,6 +1371,7 @@ def _search_and_select(prep: Prepared, cfg: RetrieveConfig, searcher: StoreSearc
     budgets = dict(prep.budgets)
     sizes = corpus_sizes(prep.info)
     rescans = 0
+    spent = scanned = 0.0  # over every scan of the store, rescans included
     while True:
         if searcher is None:
             b = budgets["*"]
@@ -1395,7 +1396,10 @@ def _search_and_select(prep: Prepared, cfg: RetrieveConfig, searcher: StoreSearc
             elif len(chosen[group]) < b.k:
                 logger.warning("retrieve: only %d of %d documents available for %s (after "
                                "the leakage guard)", len(chosen[group]), b.k, group)
+        spent += res.seconds
+        scanned += res.scan_seconds
         if not short or rescans >= max_rescans:
+            res.seconds, res.scan_seconds = spent, scanned
             return res, chosen, budgets, rescans
         rescans += 1
         for group in short:
@@ -1544,7 +1548,8 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
         "fewshots": len(shots), "search_seconds": round(res.seconds, 3),
         "actor_scan_seconds": round(res.scan_seconds, 3),
         "fetch_seconds": round(time.time() - t_fetch, 3),
-        "docs_scanned_per_s": round(res.num_rows / res.seconds, 1) if res.seconds else None,
+        "docs_scanned_per_s": (round(res.num_rows * (rescans + 1) / res.seconds, 1)
+                               if res.seconds else None),
         "selected_by": by, "per_corpus": per_corpus,
         "budgets": {g: vars(b) for g, b in budgets.items()}, "rescans": rescans,
         "score_min": min((r["score"] for r in good), default=None),
