@@ -3,11 +3,16 @@
 The pipeline::
 
     few-shots -> embed (driver, the store's model)             Q: [F, dim] float32
-    store data files -> SimilarityScorer actors (Ray)        one shard at a time, in chunks
+    store data files -> SimilarityScorer actors (Ray; a StoreSearcher keeps them for rescans)
                      -> per-shard candidate pools             top-k per few-shot + top-k of mean
     driver: merge pools as they stream in                     bounded memory: never the store
          -> ranked lists -> selection (per_shot | mean | mixed) -> fetch texts by id (Ray Data)
          -> RUN_DIR/retrieve/corpus_samples.parquet (+ .jsonl)
+
+The mean list's score is the product with the few-shots' mean vector (equal to the mean of
+their products), one more column of the same matrix product. Each actor keeps per list the k
+best scores it has passed on in the search (its *floor*): later entries below it cannot enter
+the list and are not passed on, so shard pools shrink as a scan goes.
 
 Exactness: every candidate list is an exact top-k by cosine similarity (dot product of
 L2-normalised vectors, computed in float32). Within a shard and during merges every document
