@@ -269,7 +269,7 @@ class Pool:
             num_shots = len(floors) - 1
             above = score >= floors[np.where(q == MEAN, num_shots, q)]
             q, u, score = q[above], u[above], score[above]
-        keep, _, _ = _keep_topk_with_ties(q, score, k_shot, k_mean)
+        keep = _keep_topk_with_ties(q, score, k_shot, k_mean)
         q, u, score = q[keep], u[keep], score[keep]
         used, inv = np.unique(u, return_inverse=True)
         return Pool(q, inv.astype(np.int64), score, self.doc_id[used], self.row[used],
@@ -310,9 +310,8 @@ class Pool:
 
 
 def _keep_topk_with_ties(q: np.ndarray, score: np.ndarray, k_shot: int, k_mean: int
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boolean mask of the entries scoring >= the k-th best score of their list (ties
-    kept), with the lists present and their thresholds (-inf: fewer than k entries)."""
+                         ) -> np.ndarray:
+    """Boolean mask: entries scoring >= the k-th best score of their list (ties kept)."""
     order = np.lexsort((-score, q))
     qs, ss = q[order], score[order]
     starts = np.flatnonzero(np.r_[True, qs[1:] != qs[:-1]])
@@ -325,7 +324,7 @@ def _keep_topk_with_ties(q: np.ndarray, score: np.ndarray, k_shot: int, k_mean: 
     keep_sorted = ss >= thr_of
     keep = np.zeros(len(q), dtype=bool)
     keep[order] = keep_sorted
-    return keep, lists, thr
+    return keep
 
 
 def ranked_lists(pool: Pool, num_shots: int, k_shot: int, k_mean: int
@@ -362,7 +361,6 @@ class Floors:
     """
 
     def __init__(self, num_shots: int, k_shot: int, k_mean: int) -> None:
-        self.num_shots = num_shots
         self.top = [np.full((num_shots, k_shot), -np.inf, np.float32),
                     np.full((1, k_mean), -np.inf, np.float32)]
 

@@ -128,7 +128,7 @@ def test_split_quota_sums_to_k() -> None:
 def test_keep_topk_keeps_ties() -> None:
     q = np.array([0, 0, 0, 0, MEAN, MEAN], np.int32)
     s = np.array([0.9, 0.5, 0.5, 0.1, 0.3, 0.2], np.float32)
-    keep, _, _ = _keep_topk_with_ties(q, s, k_shot=2, k_mean=1)
+    keep = _keep_topk_with_ties(q, s, k_shot=2, k_mean=1)
     # k=2 for list 0: 0.9 and both 0.5 (tie at the cut) kept, 0.1 dropped; mean keeps 0.3.
     assert keep.tolist() == [True, True, True, False, True, False]
 
