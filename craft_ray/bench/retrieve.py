@@ -93,7 +93,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     import faiss
     import ray
 
-    from craft_ray.retrieve import StoreSearcher, ranked_lists
+    from craft_ray.retrieve import StoreSearcher, _cache_file, ranked_lists
 
     store = workdir / "store"
     t = time.time()
@@ -158,8 +158,6 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     # FAISS: the whole matrix in memory as float32 (doc ids in store order), read from the
     # same raw float32 copies the stage's warm searches map (decoding the Parquet files
     # would cost FAISS far more than its search).
-    from craft_ray.retrieve import _cache_file
-
     t = time.time()
     ids: list[str] = []
     xb = np.empty((info.num_rows, dim), dtype=np.float32)
