@@ -69,10 +69,13 @@ logger = logging.getLogger(__name__)
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 
 EvalSetName = Literal["commonsenseqa", "medqa", "scienceqa_bio", "medmcqa", "csqa2",
-                      "cnn_dailymail", "recipenlg"]
+                      "cnn_dailymail", "recipenlg", "cst", "multihop", "rag_answer"]
 
 # Generative sets and the CRAFT task whose records they hold.
-GENERATIVE_SETS = {"cnn_dailymail": "summarization", "recipenlg": "recipegen"}
+GENERATIVE_SETS = {"cnn_dailymail": "summarization", "recipenlg": "recipegen",
+                   # issue 17: records of a generation strategy (jsonl/parquet in its layout);
+                   # rag_answer items are prompted with their noisy chunks, as in training
+                   "cst": "cst", "multihop": "multihop", "rag_answer": "rag_answer"}
 
 # CRAFT's evaluation instruction for CNN/DailyMail (FormatExtractor.summarization, official).
 CNN_INSTRUCTION = "Please summarize the text below:"
@@ -224,6 +227,9 @@ LOCAL_ONLY = {
     "medqa": "../shared/data/eval/medqa/US/4_options/phrases_no_exclude_test.jsonl",
     # the hub's recipe_nlg needs a manual download, so the release file is read directly
     "recipenlg": "/data/recipenlg/RecipeNLG_dataset.csv",
+    "cst": "RUN_DIR/generate/clean.jsonl (held-out cst records)",
+    "multihop": "RUN_DIR/generate/clean.jsonl (held-out multihop records)",
+    "rag_answer": "RUN_DIR/generate/clean.jsonl (held-out rag_answer records)",
 }
 
 # (hub id, split) CRAFT's run_eval.py used for each hub set.
@@ -408,7 +414,26 @@ def parse_recipenlg(obj: dict[str, Any], idx: int, instruction: str | None = Non
                    meta={"title": title, "link": obj.get("link"), "origin": obj.get("source")})
 
 
+def _strategy_parser(name: str) -> Callable[..., GenItem]:
+    """A parser of records in a generation strategy's layout (issue 17)."""
+
+    def parse(obj: dict[str, Any], idx: int, instruction: str | None = None) -> GenItem:
+        from craft_ray.tasks import TaskValidationError, get_task
+
+        try:
+            record = get_task(name).validate(obj)
+        except TaskValidationError as exc:
+            raise RowError("bad_record", str(exc)) from None
+        return GenItem(id=str(obj.get("sample_id") or idx), task=name, record=record,
+                       source=name, meta={"doc_id": obj.get("doc_id")})
+
+    return parse
+
+
 PARSERS: dict[str, Callable[..., EvalItem | GenItem]] = {
+    "cst": _strategy_parser("cst"),
+    "multihop": _strategy_parser("multihop"),
+    "rag_answer": _strategy_parser("rag_answer"),
     "commonsenseqa": parse_commonsenseqa,
     "medqa": parse_medqa,
     "scienceqa_bio": parse_scienceqa,

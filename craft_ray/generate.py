@@ -45,6 +45,11 @@ from craft_ray.backends.vllm import VLLMBackendConfig
 from craft_ray.config import ConfigError, RayConfig, StrictModel
 from craft_ray.fewshots import FewShotConfig, FewShotError, load_fewshots
 from craft_ray.runtime import StageDir, StageStats, atomic_write_text, tmp_path_for
+from craft_ray.stages.generate.strategies.configs import (
+    CSTConfig,
+    MultihopConfig,
+    RagAnswerConfig,
+)
 from craft_ray.tasks import (
     MALFORMED_JSON,
     NO_JSON,
@@ -147,6 +152,20 @@ class GenerateConfig(StrictModel):
         description="Fail the stage (after writing outputs) when more than this fraction of "
         "generations failed in the backend (server errors, timeouts, engine errors).",
     )
+    # --- generation strategies (issue 17) ---
+    strategy: Literal["craft", "cst", "multihop", "rag_answer"] = Field(
+        default="craft",
+        description="craft: one CRAFT sample per retrieved document (the task's format); cst: "
+        "AugCon Context-Split-Tree questions + answers; multihop: qa-expert multi-hop items "
+        "over store neighbours; rag_answer: Instruction-FineTuning RAG answers over noisy "
+        "chunks. The non-craft strategies write their own record layout (task = the strategy).")
+    cst: CSTConfig = Field(default_factory=CSTConfig,
+                           description="Settings of strategy cst.")
+    multihop: MultihopConfig = Field(default_factory=MultihopConfig,
+                                     description="Settings of strategy multihop.")
+    rag_answer: RagAnswerConfig = Field(default_factory=RagAnswerConfig,
+                                        description="Settings of strategy rag_answer.")
+    # --- end generation strategies ---
     hf: HFBackendConfig = Field(default_factory=HFBackendConfig,
                                 description="Settings of the hf backend.")
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig,
@@ -162,6 +181,19 @@ class GenerateConfig(StrictModel):
         except TaskError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @model_validator(mode="after")
+    def _strategy_task(self) -> GenerateConfig:  # issue 17: a strategy's records are its task
+        from craft_ray.stages.generate.strategies.records import STRATEGY_TASKS
+
+        if self.strategy != "craft" and self.task != self.strategy:
+            raise ValueError(f"generate.strategy={self.strategy} writes {self.strategy} records:"
+                             f" set generate.task: {self.strategy} (it is {self.task!r})")
+        if self.strategy == "craft" and isinstance(self.task, str) and \
+                self.task in STRATEGY_TASKS:
+            raise ValueError(f"generate.task={self.task} is a strategy's record layout: set "
+                             f"generate.strategy: {self.task}")
+        return self
 
     @model_validator(mode="after")
     def _backend_needs(self) -> GenerateConfig:
@@ -486,7 +518,18 @@ def generations_dataset(prompts: Any, cfg: GenerateConfig) -> Any:
     from ray.data.expressions import col
 
     kept = prompts.filter(expr=col("drop_reason") == "")  # dropped prompts are not generated
-    sampling = cfg.sampling()
+    gen = backend_dataset(kept, cfg)
+    return gen.map_batches(parse_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25,
+                           fn_kwargs={"task_spec": _task_spec(cfg)})
+
+
+def backend_dataset(kept: Any, cfg: GenerateConfig, sampling: dict[str, Any] | None = None
+                    ) -> Any:
+    """Lazy: prompt rows -> the configured backend (hf | openai | vllm) -> generation columns.
+
+    ``sampling`` overrides :meth:`GenerateConfig.sampling` (the strategies use it for their
+    greedy steps)."""
+    sampling = sampling or cfg.sampling()
     if cfg.backend == "hf":
         from craft_ray.backends.hf import hf_generate
 
@@ -500,8 +543,7 @@ def generations_dataset(prompts: Any, cfg: GenerateConfig) -> Any:
         from craft_ray.backends.vllm import vllm_generate
 
         gen = vllm_generate(kept, local_ref(cfg.model) or cfg.model, cfg.vllm, sampling)
-    return gen.map_batches(parse_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25,
-                           fn_kwargs={"task_spec": _task_spec(cfg)})
+    return gen
 
 
 def _task_spec(cfg: GenerateConfig) -> Any:
@@ -545,7 +587,8 @@ def prompt_budget(cfg: GenerateConfig, max_new_tokens: int) -> int | None:
     return ctx - max_new_tokens
 
 
-def _input_path(stage_cfg: GenerateStageConfig) -> Path:
+def input_path_of(stage_cfg: GenerateStageConfig) -> Path:
+    """The corpus samples to read (a clear error when missing)."""
     cfg = stage_cfg.generate
     p = Path(cfg.input_path) if cfg.input_path else (
         Path(stage_cfg.run_dir) / "retrieve" / "corpus_samples.parquet")
@@ -657,6 +700,10 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
     if not force and stage.is_complete(cfg):
         logger.info("generate: already complete in %s (same config); skipping", stage.path)
         return json.loads((stage.path / "stats.json").read_text())
+    if cfg.strategy != "craft":  # issue 17: the other seed methods' strategies
+        from craft_ray.stages.generate.strategies import run_strategy
+
+        return run_strategy(stage_cfg, stage)
 
     # Everything that can be wrong with the inputs is checked before any work starts.
     task = cfg.task_obj()
@@ -677,7 +724,7 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
             f"generate.openai.api_key_env names {cfg.openai.api_key_env!r}, which is not set; "
             "export it, or set api_key_env: null for a server without a key"
         )
-    input_path = _input_path(stage_cfg)
+    input_path = input_path_of(stage_cfg)
     max_new = cfg.max_new_tokens or task.max_new_tokens
     load_tokenizer(cfg.tokenizer_name())  # fails early on a tokenizer without chat template
     budget = prompt_budget(cfg, max_new)

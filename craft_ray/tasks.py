@@ -893,6 +893,12 @@ def builtin_task(name: str) -> Task:
         return RecipeTask()
     if name == "summarization":
         return SummarizationTask()
+    # --- generation strategies (issue 17): their record layouts are tasks too ---
+    if name in ("cst", "multihop", "rag_answer"):
+        from craft_ray.stages.generate.strategies.records import strategy_task
+
+        return strategy_task(name)
+    # --- end generation strategies ---
     raise TaskError(
         f"unknown task {name!r}; built-in tasks are {list(BUILTIN_TASKS)}, or define a custom "
         "task in the config (name, meta_instruction, fields or json_schema)"
