@@ -237,6 +237,29 @@ def _eval_section(run: Path) -> str:
     return out or "<p class='muted'>No evaluation results yet.</p>"
 
 
+# --- samples per strategy (issue 17) ---
+PROVENANCE_HIDDEN = {"sample_text", "prompt_hash", "retrieved_by", "variant"}
+
+
+def _samples_section(run: Path, per_group: int = 3) -> str:
+    """A few clean samples of each task / strategy (``task`` column), record fields as JSON."""
+    t = _read_parquet(run / "generate" / "clean.parquet")
+    if t is None or t.num_rows == 0:
+        return "<p class='muted'>No generated samples yet.</p>"
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in t.to_pylist():
+        groups.setdefault(str(row.get("task") or "samples"), []).append(row)
+    out = []
+    for name, rows in sorted(groups.items()):
+        shown = [json.dumps({k: v for k, v in r.items() if k not in PROVENANCE_HIDDEN},
+                            ensure_ascii=False, indent=1, default=str)[:3000]
+                 for r in rows[:per_group]]
+        out.append(f"<h3>{_esc(name)} ({len(rows):,} clean)</h3>" + "".join(
+            f"<pre>{_esc(x)}</pre>" for x in shown))
+    return "".join(out)
+# --- end samples per strategy ---
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` from whatever stages have run; returns its path."""
     run = Path(run_dir)
@@ -248,6 +271,7 @@ def build_report(run_dir: str | Path) -> Path:
         ("Corpus mix and retrieval scores", _retrieval_section(run)),
         ("Rejects by reason", _rejects_section(stats)),
         ("Sample lengths", _lengths_section(run)),
+        ("Samples", _samples_section(run)),
         ("Training loss", _loss_section(run)),
         ("Evaluation", _eval_section(run)),
     ]

@@ -293,3 +293,18 @@ def test_strategy_records_load_as_generative_eval_sets(tmp_path):
     assert [it.id for it in items] == ["x1"] and rejects[0].reason == "bad_record"
     prompt, ref = get_task("rag_answer").training_pair(items[0].record)
     assert ref == "A fine grind." and "Hops add bitterness." in prompt
+
+
+def test_report_shows_samples_per_strategy(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from craft_ray.report import build_report
+
+    (tmp_path / "generate").mkdir()
+    rows = [{"task": "rag_answer", "question": "Which grind for espresso?", "sample_text": "x"},
+            {"task": "cst", "question": "What changes when beans roast?", "sample_text": "y"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "generate" / "clean.parquet")
+    page = build_report(tmp_path).read_text()
+    assert "<h3>cst (1 clean)</h3>" in page and "<h3>rag_answer (1 clean)</h3>" in page
+    assert "Which grind for espresso?" in page
