@@ -308,3 +308,17 @@ def test_report_shows_samples_per_strategy(tmp_path):
     page = build_report(tmp_path).read_text()
     assert "<h3>cst (1 clean)</h3>" in page and "<h3>rag_answer (1 clean)</h3>" in page
     assert "Which grind for espresso?" in page
+
+
+@pytest.mark.parametrize("name", ["cst", "multihop", "rag_answer"])
+def test_example_configs_load_and_wire_the_strategy(name):
+    from pathlib import Path
+
+    from craft_ray.config import load_config
+    from craft_ray.pipeline import PipelineConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "examples" / f"{name}.yaml"
+    assert path.read_text().startswith(f"# craft-ray run --config configs/examples/{name}.yaml")
+    cfg = load_config(PipelineConfig, path)
+    assert cfg.generate.strategy == cfg.generate.task == cfg.filter.task == cfg.train.task == name
+    assert cfg.evaluate is not None and cfg.embed is not None
