@@ -7,8 +7,9 @@
 Each runs over the same backends, guided decoding, parse-validate-reject contract and
 provenance as ``craft`` (:mod:`.common`), and writes the same stage outputs:
 ``RUN_DIR/generate/clean.parquet`` + ``clean.jsonl`` (records in the strategy's layout,
-:mod:`.records`, plus ``sample_id``, ``task`` = the strategy, ``doc_id``, ``corpus``,
-``fewshot_ids``, ``retrieved_by``, ``prompt_hash``, ``sample_text``), ``rejects.parquet``
+:mod:`craft_ray.tasks.strategies`, plus ``sample_id``, ``task`` = the strategy, ``doc_id``,
+``corpus``, ``fewshot_ids``, ``retrieved_by``, ``prompt_hash``, ``sample_text``),
+``rejects.parquet``
 (``step``, ``reject_reason``, ``reject_detail``), ``steps/STEP.parquet`` (every prompt and
 output of each step), ``stats.json``. Invariant checked before ``_SUCCESS``: every candidate
 item is clean or a reject. Downstream stages read the records with ``task: <strategy>``.
@@ -29,11 +30,12 @@ STRATEGIES = ("craft", "cst", "multihop", "rag_answer")
 
 def run_strategy(stage_cfg: Any, stage: Any) -> dict[str, Any]:
     """Run ``generate.strategy`` (not ``craft``) into ``stage`` (a StageDir); returns stats."""
-    from craft_ray.fewshots import FewShotError, load_fewshots
-    from craft_ray.generate import input_path_of, load_tokenizer, local_ref, prompt_budget
+    from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
     from craft_ray.runtime import StageStats
+    from craft_ray.stages.generate.stage import input_path_of, prompt_budget
     from craft_ray.stages.generate.strategies.common import StepContext, read_docs, write_outputs
     from craft_ray.tasks import get_task
+    from craft_ray.tasks.fewshots import FewShotError, load_fewshots
 
     cfg = stage_cfg.generate
     name = cfg.strategy
@@ -45,7 +47,7 @@ def run_strategy(stage_cfg: Any, stage: Any) -> dict[str, Any]:
         raise ConfigError(f"generate.num_shots={cfg.num_shots} but {cfg.fewshots.path} holds "
                           f"only {len(shots)} few-shots; lower num_shots")
     input_path = input_path_of(stage_cfg)
-    tokenizer = load_tokenizer(local_ref(cfg.tokenizer_name()))
+    tokenizer = load_chat_tokenizer(local_ref(cfg.tokenizer_name()))
     task = get_task(name)
     budget = prompt_budget(cfg, cfg.max_new_tokens or task.max_new_tokens)
     stage.begin(cfg, clean=True)

@@ -6,8 +6,9 @@ decomposition, long answers, final answer; rag_answer: questions, evaluation, an
 A step is a list of prompt rows sent through the configured backend (:func:`run_step`, the
 same hf / openai / vllm code and guided decoding as the craft strategy), and every output is
 parsed and validated against the step's JSON schema (:class:`StepTask` through
-:func:`craft_ray.generate.parse_row`): an output that fails becomes a reject with its reason,
-never an exception. Each step's prompts and outputs are kept in ``RUN_DIR/generate/steps/``.
+:func:`craft_ray.stages.generate.parse.parse_row`): an output that fails becomes a reject
+with its reason, never an exception. Each step's prompts and outputs are kept in
+``RUN_DIR/generate/steps/``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.fewshots import FewShot
 from craft_ray.tasks import Task, TaskValidationError
+from craft_ray.tasks.fewshots import FewShot
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def text_prop(min_chars: int = 1) -> dict[str, Any]:
 
 def shorten(text: str, max_chars: int | None) -> str:
     """``text`` cut to about ``max_chars`` at a word boundary (None: unchanged)."""
-    from craft_ray.generate import shorten as _shorten
+    from craft_ray.stages.generate.prompts import shorten as _shorten
 
     return _shorten(text.strip(), max_chars)
 
@@ -143,7 +144,8 @@ def run_step(ctx: StepContext, name: str, rows: list[dict[str, Any]], schema: di
     import pyarrow.parquet as pq
     import ray.data
 
-    from craft_ray.generate import backend_dataset, parse_row
+    from craft_ray.stages.generate.parse import parse_row
+    from craft_ray.stages.generate.stage import backend_dataset
 
     step_task = StepTask(name, schema)
     out: dict[str, dict[str, Any]] = {}
@@ -214,7 +216,7 @@ def store_vectors(store: str | Path, doc_ids: Sequence[str]) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from craft_ray.store import read_info, read_shard_table, vectors_of
+    from craft_ray.store.vectors import read_info, read_shard_table, vectors_of
 
     info = read_info(store)
     wanted = pa.array(list(doc_ids), type=pa.string())
@@ -247,12 +249,12 @@ class Embedder:
     """A sentence-transformers model loaded once (offline MiniLM by default)."""
 
     def __init__(self, name: str) -> None:
-        from craft_ray.embed import load_sentence_transformer
+        from craft_ray.models.embedder import load_sentence_transformer
 
         self.model = load_sentence_transformer(name)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        from craft_ray.embed import encode_texts
+        from craft_ray.models.embedder import encode_texts
 
         if not texts:
             return np.zeros((0, 1), dtype=np.float32)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from craft_ray.config import StrictModel
-from craft_ray.judge import JudgeModelConfig
+from craft_ray.stages.judge import JudgeModelConfig
+from craft_ray.tasks.strategies import DEFAULT_RAG_SYSTEM
 
 DEFAULT_EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -110,10 +111,8 @@ class RagAnswerConfig(StrictModel):
         "coverage (1-5) must each reach it.")
     evaluator: JudgeModelConfig | None = Field(
         default=None,
-        description="Model scoring the questions (the judge machinery of craft_ray.judge). "
+        description="Model scoring the questions (the judge machinery of craft_ray.stages.judge). "
         "None: the generator itself, guided to the score schema.")
     system_prompt: str = Field(
-        default="You are an assistant that answers the question using only the chunks of "
-        "context given. Some chunks are irrelevant: ignore them. If the chunks do not contain "
-        "the answer, say so.",
-        min_length=1, description="The system turn of the answer prompts and training prompts.")
+        default=DEFAULT_RAG_SYSTEM, min_length=1,
+        description="The system turn of the answer prompts and training prompts.")
