@@ -240,6 +240,9 @@ def test_step_task_holds_outputs_to_the_schema():
         "questions": ["  What is a roast?  "]}
     with pytest.raises(TaskValidationError, match="rag_questions: 'questions/0'"):
         st.parse('{"questions": ["short"]}')
+    with pytest.raises(TaskValidationError, match="'answer' is blank"):
+        StepTask("cst_answers", {"type": "object", "properties": {
+            "answer": {"type": "string", "minLength": 1}}}).parse('{"answer": "   "}')
     with pytest.raises(TaskValidationError, match="maxItems"):
         st.parse(json.dumps({"questions": ["What is this one?"] * 3}))
 

@@ -55,6 +55,10 @@ class StepTask(Task):
             raise TaskValidationError(f"{self.name}: '{where}' breaks the schema "
                                       f"({err.validator}).")
         out = {k: obj[k] for k in self.record_fields if k in obj}
+        for k, v in out.items():  # guided decoding can satisfy minLength with whitespace only
+            if isinstance(v, str) and not v.strip() and self.schema["properties"][k].get(
+                    "minLength", 0) > 0:
+                raise TaskValidationError(f"{self.name}: '{k}' is blank.")
         return {k: v.strip() if isinstance(v, str) else v for k, v in out.items()}
 
 
