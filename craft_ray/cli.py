@@ -478,7 +478,7 @@ def train_retriever(
 ) -> None:
     """Fine-tune a sentence-transformers retriever (in-batch + hard negatives, optional LM
     distillation) on Ray Train; before/after nDCG@10, MRR@10, Recall@100."""
-    from craft_ray.retrieval_eval import format_table
+    from craft_ray.retrieval.evaluation import format_table
     from craft_ray.runtime import init_ray
     from craft_ray.stages.train_retriever import RetrieverDataError, TrainRetrieverConfig
     from craft_ray.stages.train_retriever import run_train_retriever as run_tr

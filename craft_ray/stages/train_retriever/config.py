@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from craft_ray.config import RayConfig, StrictModel
-from craft_ray.fewshots import CRAFT_TEMPLATE, FewShotConfig
+from craft_ray.tasks.fewshots import CRAFT_TEMPLATE, FewShotConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Fields that do not change what is learned: a rerun differing only in these resumes.

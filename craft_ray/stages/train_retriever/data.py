@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from craft_ray.fewshots import FewShot, embed_text
-from craft_ray.retrieval_eval import BeirError, load_beir
+from craft_ray.retrieval.evaluation import BeirError, load_beir
+from craft_ray.tasks.fewshots import FewShot, embed_text
 
 JSONL_EXPECTED = ("an object {query: str, pos: [str] (or pos_index with --corpus), neg: [str] "
                   "(optional, or neg_index), teacher_scores: [float] over pos+neg (optional), "
@@ -183,7 +183,7 @@ def beir_examples(data: str | Path, split: str, negatives: Mapping[str, list[str
     Negatives: ``negatives[query_id]`` when given (mined), else the qrels' documents with
     score <= 0 (judged non-relevant).
     """
-    from craft_ray.negatives import load_corpus_texts
+    from craft_ray.retrieval.negatives import load_corpus_texts
 
     try:
         beir = load_beir(data, split)

@@ -62,7 +62,7 @@ EVAL_CUTOFFS = [10, 100]
 
 def mined_negatives(cfg: TrainRetrieverConfig, work: Path) -> dict[str, list[str]]:
     """Hard negatives per query id of a BEIR split, mined with the mine-negatives miner."""
-    from craft_ray.negatives import MineNegativesConfig, run_mine_negatives
+    from craft_ray.retrieval.negatives import MineNegativesConfig, run_mine_negatives
 
     n = cfg.negatives
     out = work / "negatives.jsonl"
@@ -84,7 +84,7 @@ def prepare_examples(cfg: TrainRetrieverConfig, work: Path
                      ) -> tuple[list[Example], list[dict[str, Any]]]:
     """The training examples and the rejected rows (Ray must be initialised to mine or to
     LM-score)."""
-    from craft_ray.fewshots import load_fewshots
+    from craft_ray.tasks.fewshots import load_fewshots
 
     examples: list[Example] = []
     rejects: list[dict[str, Any]] = []
@@ -140,7 +140,7 @@ def make_plan(cfg: TrainRetrieverConfig, n_examples: int) -> dict[str, int]:
 def evaluate_model(cfg: TrainRetrieverConfig, model: str, tag: str, work: Path
                    ) -> dict[str, float] | None:
     """nDCG/MRR/Recall@{10,100} of ``model`` on the eval split (None without one)."""
-    from craft_ray.retrieval_eval import RetrievalEvalConfig, run_eval_retrieval
+    from craft_ray.retrieval.evaluation import RetrievalEvalConfig, run_eval_retrieval
 
     folder = cfg.eval_folder()
     if folder is None:
@@ -190,7 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from craft_ray.embed import load_sentence_transformer
+    from craft_ray.models.embedder import load_sentence_transformer
 
     cfg = TrainRetrieverConfig.model_validate(config["cfg"])
     plan = config["plan"]

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from craft_ray.fewshots import FewShot
 from craft_ray.stages.train_retriever.config import TrainRetrieverConfig
 from craft_ray.stages.train_retriever.data import (
     RetrieverDataError,
@@ -18,6 +17,7 @@ from craft_ray.stages.train_retriever.data import (
     load_jsonl_examples,
     load_relevance,
 )
+from craft_ray.tasks.fewshots import FewShot
 
 
 def _write_jsonl(path, rows):
