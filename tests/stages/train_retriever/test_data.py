@@ -148,3 +148,35 @@ def test_config_checks_and_defaults(tmp_path):
     # logging knobs do not change the run's name (a rerun resumes); the lr does
     assert js.resume_key() == js.model_copy(update={"stop_after_steps": 3}).resume_key()
     assert js.resume_key() != js.model_copy(update={"learning_rate": 1e-3}).resume_key()
+
+
+def test_craft_section_builds_training_pairs_from_a_retrieve_output(tmp_path):
+    """The config path of the CRAFT loop: a `craft` section (retrieve stage output + the
+    few-shots) is all the data a run needs; prepare_examples turns it into pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from craft_ray.config import load_config
+    from craft_ray.stages.train_retriever.stage import prepare_examples
+
+    shots = _write_jsonl(tmp_path / "shots.jsonl", [
+        {"Text": "Espresso needs a fine grind.", "Instruction": "How fine?", "Output": "Fine"},
+        {"Text": "Keep beans airtight.", "Instruction": "How to store?", "Output": "Airtight"}])
+    pq.write_table(pa.Table.from_pylist([
+        {"doc_id": "se/0#1", "text": "Grind espresso like powdered sugar.", "score": 0.8,
+         "fewshot_ids": ["shots:0"], "fewshot_ranks": [0]},
+        {"doc_id": "se/0#2", "text": "Store beans in an opaque jar.", "score": 0.7,
+         "fewshot_ids": ["shots:1", "shots:0"], "fewshot_ranks": [0, 1]}]),
+        tmp_path / "corpus_samples.parquet")
+    cfg_file = tmp_path / "tr.yaml"
+    cfg_file.write_text(
+        f"out: {tmp_path / 'm'}\ncraft:\n  corpus_samples: {tmp_path / 'corpus_samples.parquet'}"
+        f"\n  positives_per_shot: 1\n  fewshots:\n    path: {shots}\n")
+    cfg = load_config(TrainRetrieverConfig, cfg_file).resolved()
+    assert cfg.data is None and cfg.eval_folder() is None
+    exs, rejects = prepare_examples(cfg, tmp_path / "work")
+    assert rejects == []
+    assert [(e.query_id, e.pos) for e in exs] == [
+        ("shots:0", ["Grind espresso like powdered sugar."]),
+        ("shots:1", ["Store beans in an opaque jar."])]
+    assert exs[0].query.startswith("Text: Espresso needs a fine grind.")
