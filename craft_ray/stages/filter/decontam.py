@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from craft_ray.stages.filter.config import DecontaminationConfig, DecontamSetConfig, FilterError
-from craft_ray.stages.filter.dedup import _shingles_batch
+from craft_ray.stages.filter.dedup import shingles_batch
 from craft_ray.stages.filter.rows import _open_rows, _with_reasons
 
 # --- few-shot leakage (plain functions) ---------------------------------------------------
@@ -92,7 +92,7 @@ class NgramIndex:
     """Sorted n-gram hashes of an eval set with the item each came from (for membership)."""
 
     def __init__(self, texts: Sequence[str], n: int) -> None:
-        hashes, counts = _shingles_batch(list(texts), n)
+        hashes, counts = shingles_batch(list(texts), n)
         items = np.repeat(np.arange(len(texts)), counts)
         # Texts shorter than n words give one whole-text shingle; drop those, they are not
         # n-grams and would only match an identical short sample.
@@ -108,7 +108,7 @@ class NgramIndex:
         """For each text, the eval items (sorted, at most ``max_items``) sharing an n-gram."""
         if not len(texts):
             return []
-        hashes, counts = _shingles_batch(list(texts), self.n)
+        hashes, counts = shingles_batch(list(texts), self.n)
         out: list[list[int]] = []
         pos = 0
         for t, c in zip(texts, counts):
