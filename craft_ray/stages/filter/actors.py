@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from craft_ray.backends import run_backend
 from craft_ray.stages.filter.config import QualityJudgeConfig
 from craft_ray.stages.filter.quality import (
     _read_doc_texts,
@@ -84,18 +85,8 @@ def judge_dataset(ds: Any, cfg: QualityJudgeConfig, run_dir: Path, task: Any) ->
                                "max_new_tokens": cfg.max_new_tokens})
     sampling = {"temperature": cfg.temperature, "top_p": 1.0, "top_k": -1, "seed": cfg.seed,
                 "guided": cfg.guided_decoding}
-    if r["backend"] == "hf":
-        from craft_ray.backends.hf import hf_generate
-
-        gen = hf_generate(prompts, r["model"], r["tokenizer"], r["settings"], sampling)
-    elif r["backend"] == "openai":
-        from craft_ray.backends.openai_compat import openai_generate
-
-        gen = openai_generate(prompts, r["model"], r["settings"], sampling)
-    else:
-        from craft_ray.backends.vllm import vllm_generate
-
-        gen = vllm_generate(prompts, r["model"], r["settings"], sampling)
+    gen = run_backend(prompts, r["backend"], r["model"], r["settings"], sampling,
+                      tokenizer=r["tokenizer"])
     return gen.map_batches(judge_parse_batch, batch_format="pyarrow", batch_size=256,
                            num_cpus=0.25, fn_kwargs={"criteria": criteria,
                                                      "min_scores": dict(cfg.min_scores)})
