@@ -37,7 +37,7 @@ from typing import Any
 from craft_ray.backends import run_backend
 from craft_ray.config import ConfigError
 from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
-from craft_ray.runtime import StageDir, StageStats, atomic_write_text, tmp_path_for
+from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_text
 from craft_ray.stages.generate.actors import PromptBuilder
 from craft_ray.stages.generate.config import GenerateConfig, GenerateStageConfig
 from craft_ray.stages.generate.parse import parse_batch, split_outputs
@@ -152,9 +152,8 @@ def _read_docs(path: Path, limit: int | None) -> Any:
 def _write_parquet(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = tmp_path_for(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 @dataclass

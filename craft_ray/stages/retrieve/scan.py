@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from craft_ray.runtime import tmp_path_for
+from craft_ray.runtime import atomic_path, tmp_path_for
 from craft_ray.stages.retrieve.config import MEAN
 from craft_ray.stages.retrieve.ranking import Floors, Pool, _block_entries
 from craft_ray.store.vectors import StoreError
@@ -177,10 +177,8 @@ def read_meta(pf: Any, path: str, cache_dir: str | None, positions: np.ndarray
     if files:
         for c, f in files.items():
             col = table.column(c).to_numpy(zero_copy_only=False)
-            tmp = tmp_path_for(f)
-            with open(tmp, "wb") as fh:
+            with atomic_path(f) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, col.astype(str) if c == "doc_id" else col)
-            os.replace(tmp, f)
     meta = table.take(positions)
     return (meta.column("doc_id").to_numpy(zero_copy_only=False),
             meta.column("row").to_numpy(), meta.column("text_len").to_numpy())

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import StageDir, StageStats, tmp_path_for
+from craft_ray.runtime import StageDir, StageStats, atomic_path
 from craft_ray.stages.retrieve.actors import SearchResult, StoreSearcher
 from craft_ray.stages.retrieve.config import RetrieveConfig, RetrieveError, RetrieveStageConfig
 from craft_ray.stages.retrieve.faiss_index import search_faiss
@@ -305,16 +304,13 @@ def _write_outputs(out_dir: Path, good: list[dict[str, Any]], rejects: list[dict
 
     schema = _samples_schema()
     table = pa.Table.from_pylist(good, schema=schema)
-    out = out_dir / "corpus_samples.parquet"
-    tmp = tmp_path_for(out)
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out_dir / "corpus_samples.parquet") as tmp:
+        pq.write_table(table, tmp)
     if write_jsonl:
-        tmpj = tmp_path_for(out_dir / "corpus_samples.jsonl")
-        with open(tmpj, "w", encoding="utf-8") as fh:
+        with atomic_path(out_dir / "corpus_samples.jsonl") as tmpj, \
+                open(tmpj, "w", encoding="utf-8") as fh:
             for r in good:
                 fh.write(json.dumps({k: r[k] for k in schema.names}, ensure_ascii=False) + "\n")
-        os.replace(tmpj, out_dir / "corpus_samples.jsonl")
     _write_small_parquet(out_dir / "leakage.parquet", leak_rows,
                          [("doc_id", pa.string()), ("fewshot_id", pa.string()),
                           ("similarity", pa.float64())])
@@ -375,6 +371,5 @@ def _write_small_parquet(path: Path, rows: list[dict[str, Any]], fields: list[An
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = tmp_path_for(path)
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), tmp)
