@@ -135,7 +135,7 @@ class HFTextGenerator:
         return out
 
 
-def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
+def map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
                    extra: dict[str, Any]) -> Any:
     """``ds`` through a pool of hf actors that each load ``model`` (+ adapter) once."""
     import ray.data
@@ -153,7 +153,7 @@ def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
         })
 
 
-def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]]
+def generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]]
                    ) -> list[dict[str, Any]]:
     """Answers of ``model`` to the prompt rows (columns: prediction, tokens_out, finish_reason,
     prompt_tokens added)."""
@@ -162,7 +162,7 @@ def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, A
     sampling = sampling_of(cfg.generation)
     ds = ray.data.from_items(rows)
     if cfg.backend == "hf":
-        return _map_hf_actors(ds, cfg, model, HFTextGenerator, {
+        return map_hf_actors(ds, cfg, model, HFTextGenerator, {
             "generate_batch_size": cfg.generation.generate_batch_size,
             "sampling": sampling}).take_all()
     from functools import partial

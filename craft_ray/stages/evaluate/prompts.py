@@ -85,7 +85,7 @@ def load_task(name: str | None) -> Any | None:
     return get_task(name)
 
 
-def _generative_task(cfg: EvaluateConfig, es: EvalSetConfig) -> Any:
+def generative_task(cfg: EvaluateConfig, es: EvalSetConfig) -> Any:
     """The task formatting a generative set: the set's CRAFT task (``evaluate.task``, when it
     names a generative task, must be that one)."""
     from craft_ray.config import ConfigError
@@ -126,7 +126,7 @@ def fit_generative_prompts(texts: Sequence[str], tokenizer: Any, max_tokens: int
     return prompts, ids, cut
 
 
-def _prompt_rows(model: ModelSpec, name: str, prompts: list[str], ids: list[list[int]],
+def prompt_rows(model: ModelSpec, name: str, prompts: list[str], ids: list[list[int]],
                  cfg: EvaluateConfig, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for p, x, e in zip(prompts, ids, extra):

@@ -53,26 +53,26 @@ from typing import Any
 from craft_ray.evalsets.loading import load_eval_set
 from craft_ray.models.hf import has_tokenizer
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
-from craft_ray.stages.evaluate.actors import HFLetterScorer, _generate_rows, _map_hf_actors
-from craft_ray.stages.evaluate.candidates import _check_models, resolve_models
+from craft_ray.stages.evaluate.actors import HFLetterScorer, generate_rows, map_hf_actors
+from craft_ray.stages.evaluate.candidates import check_models, resolve_models
 from craft_ray.stages.evaluate.config import EvaluateConfig, EvaluateStageConfig, ModelSpec
 from craft_ray.stages.evaluate.prompts import (
-    _generative_task,
-    _prompt_rows,
     fit_generative_prompts,
+    generative_task,
     load_task,
+    prompt_rows,
     render_prompts,
     task_prompt,
 )
 from craft_ray.stages.evaluate.results import (
-    _clean_gen_row,
-    _clean_row,
-    _gen_pair_hash,
-    _letter_ids,
-    _pair_hash,
-    _result_head,
-    _write_predictions,
+    clean_gen_row,
+    clean_row,
+    gen_pair_hash,
+    letter_ids_of,
+    pair_hash,
+    result_head,
     summarise,
+    write_predictions,
     write_summary,
 )
 from craft_ray.stages.evaluate.scoring import summarise_generative
@@ -95,7 +95,7 @@ def _score_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]
 
     ds = ray.data.from_items(rows)
     if cfg.backend == "hf":
-        scored = _map_hf_actors(ds, cfg, model, HFLetterScorer, {
+        scored = map_hf_actors(ds, cfg, model, HFLetterScorer, {
             "letter_ids": letter_ids, "forward_batch_size": cfg.forward_batch_size,
             "max_prompt_tokens": cfg.max_prompt_tokens})
     else:
@@ -115,7 +115,7 @@ def _score_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]
             postprocess=partial(vllm_scores, letter_ids=letter_ids),
         )
         scored = processor(ds)
-    return [_clean_row(r) for r in scored.take_all()]
+    return [clean_row(r) for r in scored.take_all()]
 
 
 def _load_sets(cfg: EvaluateConfig, base_dir: str | Path | None
@@ -125,7 +125,7 @@ def _load_sets(cfg: EvaluateConfig, base_dir: str | Path | None
     loaded = {}
     for es in cfg.sets:
         items, rejects = load_eval_set(es, base_dir)
-        gtask = _generative_task(cfg, es) if es.kind == "generative" else None
+        gtask = generative_task(cfg, es) if es.kind == "generative" else None
         loaded[es.display_name] = (es, items, rejects, gtask)
     return loaded
 
@@ -138,8 +138,8 @@ def _model_rows(cfg: EvaluateConfig, model: ModelSpec, tok: Any, task: Any,
     todo: dict[str, list[Any]] = {"mc_rows": [], "mc_sets": [], "gen_rows": [], "gen_sets": []}
     for name, (es, items, _r, gtask) in loaded.items():
         max_new = (cfg.generation.max_new_tokens or gtask.max_new_tokens) if gtask else 0
-        key = (_gen_pair_hash(cfg, model, es, max_new) if gtask
-               else _pair_hash(cfg, model, es))
+        key = (gen_pair_hash(cfg, model, es, max_new) if gtask
+               else pair_hash(cfg, model, es))
         res_path = out / model.name / name / "results.json"
         if not force and res_path.is_file() and \
                 json.loads(res_path.read_text()).get("pair_hash") == key:
@@ -151,7 +151,7 @@ def _model_rows(cfg: EvaluateConfig, model: ModelSpec, tok: Any, task: Any,
                                           cfg.template, cfg.plain_template,
                                           cfg.system_prompt)
             todo["mc_sets"].append((name, es, key))
-            todo["mc_rows"] += _prompt_rows(model, name, prompts, ids, cfg, [
+            todo["mc_rows"] += prompt_rows(model, name, prompts, ids, cfg, [
                 {"id": it.id, "letters": "".join(it.letters), "gold": it.gold}
                 for it in items])
         else:
@@ -160,7 +160,7 @@ def _model_rows(cfg: EvaluateConfig, model: ModelSpec, tok: Any, task: Any,
                 [p for p, _ in pairs], tok, cfg.max_prompt_tokens, cfg.template,
                 cfg.plain_template, cfg.system_prompt)
             todo["gen_sets"].append((name, es, key))
-            todo["gen_rows"] += _prompt_rows(model, name, prompts, ids, cfg, [
+            todo["gen_rows"] += prompt_rows(model, name, prompts, ids, cfg, [
                 {"id": it.id, "instruction": p, "reference": ref, "max_new_tokens": max_new,
                  "truncated": c}
                 for it, (p, ref), c in zip(items, pairs, cut)])
@@ -173,14 +173,14 @@ def _score_model(cfg: EvaluateConfig, model: ModelSpec, tok: Any, todo: dict[str
     logger.info("evaluate: scoring %s (%s%s) on %d items with %s", model.name,
                 model.model, f" + {model.adapter}" if model.adapter else "",
                 len(todo["mc_rows"]), cfg.backend)
-    scored = _score_rows(cfg, model, todo["mc_rows"], _letter_ids(tok, cfg))
+    scored = _score_rows(cfg, model, todo["mc_rows"], letter_ids_of(tok, cfg))
     stats.rows_out += len(scored)
     results = []
     for name, es, key in todo["mc_sets"]:
         rows = sorted((r for r in scored if r["eval_set"] == name), key=lambda r: r["id"])
         pair_dir = out / model.name / name
-        _write_predictions(pair_dir, rows)
-        res = {**_result_head(cfg, model, es, name, key), **summarise(rows, cfg.ci_level)}
+        write_predictions(pair_dir, rows)
+        res = {**result_head(cfg, model, es, name, key), **summarise(rows, cfg.ci_level)}
         atomic_write_json(pair_dir / "results.json", res)
         logger.info("evaluate: %s on %s: accuracy %.4f (n=%d, %.0f%% CI %.4f-%.4f)",
                     model.name, name, res["accuracy"], res["n"], 100 * cfg.ci_level,
@@ -195,11 +195,11 @@ def _answer_model(cfg: EvaluateConfig, model: ModelSpec, todo: dict[str, list[An
     logger.info("evaluate: %s (%s%s) answers %d generative items with %s",
                 model.name, model.model, f" + {model.adapter}" if model.adapter
                 else "", len(todo["gen_rows"]), cfg.backend)
-    answered = _generate_rows(cfg, model, todo["gen_rows"])
+    answered = generate_rows(cfg, model, todo["gen_rows"])
     stats.rows_out += len(answered)
     pending = []
     for name, es, key in todo["gen_sets"]:
-        rows = sorted((_clean_gen_row(r) for r in answered if r["eval_set"] == name),
+        rows = sorted((clean_gen_row(r) for r in answered if r["eval_set"] == name),
                       key=lambda r: r["id"])
         pending.append({"model": model, "name": name, "es": es, "key": key, "rows": rows})
     return pending
@@ -235,7 +235,7 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     task = load_task(cfg.task) if cfg.task and any(
         es.kind == "multiple_choice" for es in cfg.sets) else None
     loaded = _load_sets(cfg, base_dir)
-    _check_models(cfg, models)
+    check_models(cfg, models)
     stage.begin(cfg)
     stats = StageStats("evaluate")
     for name, (_es, items, rejects, _t) in loaded.items():
@@ -297,8 +297,8 @@ def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, A
     for p, summary in zip(pending, judged):
         model, name = p["model"], p["name"]
         pair_dir = out / model.name / name
-        _write_predictions(pair_dir, p["rows"])
-        res = {**_result_head(cfg, model, p["es"], name, p["key"]),
+        write_predictions(pair_dir, p["rows"])
+        res = {**result_head(cfg, model, p["es"], name, p["key"]),
                **summarise_generative(p["rows"], cfg.ci_level, summary)}
         if summary is not None:
             res["judge_model"] = cfg.judge.model if cfg.judge else "custom"

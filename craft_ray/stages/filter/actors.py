@@ -11,11 +11,11 @@ from typing import Any
 from craft_ray.backends import run_backend
 from craft_ray.stages.filter.config import QualityJudgeConfig
 from craft_ray.stages.filter.quality import (
-    _read_doc_texts,
     judge_criteria,
     judge_parse_batch,
     judge_schema,
     quality_judge_prompt,
+    read_doc_texts,
     resolve_judge,
 )
 
@@ -28,7 +28,7 @@ class JudgePromptBuilder:
                  is_multiple_choice: bool, max_doc_chars: int, max_new_tokens: int) -> None:
         from craft_ray.models.tokenizers import load_chat_tokenizer
 
-        self.docs = _read_doc_texts(docs)
+        self.docs = read_doc_texts(docs)
         self.tokenizer = load_chat_tokenizer(tokenizer) if tokenizer else None
         self.task_name = task_name
         self.is_mc = is_multiple_choice

@@ -49,9 +49,9 @@ from craft_ray.stages.filter.config import (
     FilterConfig,
     FilterError,
     FilterStageConfig,
-    _stage_config,
+    read_stage_config,
 )
-from craft_ray.stages.filter.decontam import _decontam_step, leakage_batch, load_decontam_set
+from craft_ray.stages.filter.decontam import decontam_step, leakage_batch, load_decontam_set
 from craft_ray.stages.filter.dedup_dataset import (
     exact_duplicates_dataset,
     fuzzy_duplicates_dataset,
@@ -61,8 +61,8 @@ from craft_ray.stages.filter.output import build_datasets
 from craft_ray.stages.filter.quality import judge_criteria, resolve_judge
 from craft_ray.stages.filter.rows import (
     REJECT_COLUMNS,
-    _mark_dedup,
     init_rejects_batch,
+    mark_dedup,
     rejected_of,
     step_counts,
     survivors_of,
@@ -87,7 +87,7 @@ def resolve_task(cfg: FilterConfig, run_dir: str | Path, input_path: Path) -> An
 
     spec: Any = cfg.task
     if spec is None:
-        spec = _stage_config(Path(run_dir), "generate").get("task")
+        spec = read_stage_config(Path(run_dir), "generate").get("task")
     if spec is None:
         import pyarrow.parquet as pq
 
@@ -106,7 +106,7 @@ def resolve_fewshots(cfg: FilterConfig, run_dir: str | Path) -> FewShotConfig | 
     """The few-shot config from the filter section, else the generate stage's."""
     if cfg.fewshots is not None:
         return cfg.fewshots
-    gen = _stage_config(Path(run_dir), "generate")
+    gen = read_stage_config(Path(run_dir), "generate")
     raw = gen.get("fewshots")
     if isinstance(raw, dict):
         return FewShotConfig.model_validate(raw)
@@ -200,7 +200,7 @@ def _mark_rejects(ds: Any, cfg: FilterConfig, inp: _Inputs, decontam_report: dic
         return out
 
     if d.exact.enabled:
-        ds = timed("exact_dedup", lambda x: _mark_dedup(
+        ds = timed("exact_dedup", lambda x: mark_dedup(
             x, lambda y: exact_duplicates_dataset(y, d.shuffle_partitions),
             "exact_dedup", "exact_duplicate"), ds, materialize=False)
     if cfg.leakage.enabled and inp.fs_texts:
@@ -209,16 +209,16 @@ def _mark_rejects(ds: Any, cfg: FilterConfig, inp: _Inputs, decontam_report: dic
             fn_kwargs={"fewshot_texts": inp.fs_texts, "fewshot_ids": [s.id for s in inp.shots],
                        "threshold": cfg.leakage.threshold}), ds, materialize=False)
     if inp.eval_texts:
-        ds = timed("decontamination", lambda x: _decontam_step(
+        ds = timed("decontamination", lambda x: decontam_step(
             x, cfg.decontamination, inp.eval_texts, decontam_report), ds, materialize=False)
     else:
         ds = ds.materialize()
     if d.fuzzy.enabled:
-        ds = timed("fuzzy_dedup", lambda x: _mark_dedup(
+        ds = timed("fuzzy_dedup", lambda x: mark_dedup(
             x, lambda y: fuzzy_duplicates_dataset(y, d.fuzzy, d.shuffle_partitions),
             "fuzzy_dedup", "near_duplicate"), ds, materialize=False)
     if d.semantic.enabled:
-        ds = timed("semantic_dedup", lambda x: _mark_dedup(
+        ds = timed("semantic_dedup", lambda x: mark_dedup(
             x, lambda y: semantic_duplicates_dataset(y, d.semantic, d.shuffle_partitions),
             "semantic_dedup", "semantic_duplicate"), ds, materialize=False)
     if "_decontam" in ds.columns():

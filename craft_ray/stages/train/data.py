@@ -59,10 +59,10 @@ def collate_batch(input_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int]
     }
 
 
-def _plain(v: Any) -> Any:
+def to_plain(v: Any) -> Any:
     """numpy / pandas cell -> plain Python (tasks expect lists, str, int)."""
     if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
+        return [to_plain(x) for x in v.tolist()]
     if isinstance(v, np.generic):
         return v.item()
     return v

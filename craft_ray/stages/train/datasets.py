@@ -19,11 +19,11 @@ from craft_ray.runtime import atomic_path, atomic_write_json
 from craft_ray.stages.train.config import TrainConfig, TrainStageConfig, dataset_path
 from craft_ray.stages.train.data import (
     ROW_COLUMN,
-    _plain,
     apply_max_length,
     choose_max_length,
     get_training_pair_fn,
     length_stats,
+    to_plain,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class TokenizeRows:
         out: dict[str, list[Any]] = {"row": [], "input_ids": [], "prompt_len": [],
                                      "length": [], "reject_reason": []}
         for rec in batch.to_dict("records"):
-            rec = {k: _plain(v) for k, v in rec.items()}
+            rec = {k: to_plain(v) for k, v in rec.items()}
             out["row"].append(int(rec.pop(ROW_COLUMN, -1)))
             ids: list[int] = []
             plen, reason = 0, ""
