@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.backends import run_backend
+from craft_ray.models.chat import render_chat
 from craft_ray.stages.filter.config import QualityJudgeConfig
 from craft_ray.stages.filter.quality import (
     judge_criteria,
@@ -45,15 +46,13 @@ class JudgePromptBuilder:
             doc = self.docs.get(str(doc_id))
             missing.append(doc is None)
             content = quality_judge_prompt(self.task_name, str(text), doc or "", self.is_mc,
-                                   self.max_doc_chars)
+                                           self.max_doc_chars)
             m = [{"role": "user", "content": content}]
             msgs.append(json.dumps(m, ensure_ascii=False))
             if self.tokenizer is not None:
-                rendered = self.tokenizer.apply_chat_template(m, tokenize=False,
-                                                              add_generation_prompt=True)
+                rendered, rendered_ids = render_chat(self.tokenizer, m)
                 prompts.append(rendered)
-                ids.append(list(self.tokenizer(rendered, add_special_tokens=False)
-                                ["input_ids"]))
+                ids.append(rendered_ids)
             else:
                 prompts.append("")
                 ids.append([])

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from craft_ray.backends import run_backend
+from craft_ray.models.chat import chat_messages, render_chat
 from craft_ray.models.tokenizers import local_ref
 from craft_ray.stages.judge.config import JudgeConfig, JudgeModelConfig, JudgeStageConfig
 from craft_ray.stages.judge.pairwise import judge_outputs
@@ -30,12 +31,9 @@ def judge_rows(prompts: Sequence[str], cfg: JudgeModelConfig, tokenizer: Any | N
     """Prompt rows in the generation backends' input columns (see craft_ray.backends)."""
     rows = []
     for i, p in enumerate(prompts):
-        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt
-                    else []) + [{"role": "user", "content": p}]
+        messages = chat_messages(p, cfg.system_prompt)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            text, ids = render_chat(tokenizer, messages)
         elif tokenizer is not None:
             text = p
             ids = list(tokenizer(text)["input_ids"])
