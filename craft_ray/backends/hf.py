@@ -19,7 +19,7 @@ from pydantic import Field
 
 from craft_ray.backends import ERR_ENGINE, batch_rows, error_row, merge_outputs, row_seed
 from craft_ray.config import StrictModel
-from craft_ray.models.tokenizers import pad_token_ids
+from craft_ray.models.hf import generate_new_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,6 @@ class HFGenerator:
         ids = [list(r["prompt_token_ids"]) if len(r["prompt_token_ids"]) else
                self.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
         pad = self.tokenizer.pad_token_id
-        # Left padding: every prompt ends at the same position, generation starts after it.
-        input_ids, attn = pad_token_ids(self.tokenizer, ids, "left", self.device)
-        width = input_ids.shape[1]
         max_new = max(int(r["max_new_tokens"]) for r in rows)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": pad}
         temp = float(self.sampling["temperature"])
@@ -121,9 +118,7 @@ class HFGenerator:
             kwargs["logits_processor"] = [LogitsProcessor([self._grammar(r["schema"])
                                                            for r in rows])]
         torch.manual_seed(row_seed(int(self.sampling["seed"]), str(rows[0]["sample_id"])))
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
-        gen = out[:, width:].tolist()
+        gen = generate_new_tokens(self.model, self.tokenizer, ids, self.device, **kwargs)
         results = []
         for r, x, g in zip(rows, ids, gen):
             limit = int(r["max_new_tokens"])

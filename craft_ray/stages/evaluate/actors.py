@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from craft_ray.evalsets.base import LETTERS
-from craft_ray.models.hf import load_hf_model
+from craft_ray.models.hf import generate_new_tokens, load_hf_model
 from craft_ray.models.tokenizers import ensure_pad_token, pad_token_ids
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import (
@@ -101,9 +101,6 @@ class HFTextGenerator:
         out: list[tuple[str, int, str] | None] = [None] * len(ids)
         for s in range(0, len(order), self.generate_batch_size):
             chunk = order[s:s + self.generate_batch_size]
-            # Left padding: all prompts end at the same position; generation starts after it.
-            inp, att = pad_token_ids(self.tok, [ids[i] for i in chunk], "left", self.device)
-            width = inp.shape[1]
             kwargs: dict[str, Any] = {"max_new_tokens": max(max_new[i] for i in chunk),
                                       "pad_token_id": self.pad}
             if self.sampling["temperature"] > 0:
@@ -114,10 +111,10 @@ class HFTextGenerator:
                 torch.manual_seed(row_seed(int(self.sampling["seed"]), keys[chunk[0]]))
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with torch.inference_mode():
-                gen = self.model.generate(input_ids=inp, attention_mask=att, **kwargs)
+            gen = generate_new_tokens(self.model, self.tok, [ids[i] for i in chunk],
+                                      self.device, **kwargs)
             for r, i in enumerate(chunk):
-                toks, stopped = trim_at_eos(gen[r, width:].tolist(), self.eos_ids, max_new[i])
+                toks, stopped = trim_at_eos(gen[r], self.eos_ids, max_new[i])
                 out[i] = (self.tok.decode(toks, skip_special_tokens=True).strip(),
                           len(toks) + int(stopped), "stop" if stopped else "length")
         return out  # type: ignore[return-value]
