@@ -138,28 +138,20 @@ def demo(
     = None,
 ) -> None:
     """The offline demo: the whole pipeline on this machine (bundled data, tiny models)."""
-    import os
-
-    from craft_ray.demo import (
-        DEMO_CONFIG,
-        demo_with_run_dir,
-        prepare_demo_models,
-        project_root,
-    )
-    from craft_ray.pipeline import PipelineConfig, plan, run_pipeline
+    from craft_ray.demo import demo_with_run_dir, load_demo_config, prepare_demo_models
+    from craft_ray.pipeline import plan, run_pipeline
     from craft_ray.report import build_report
     from craft_ray.runtime import init_ray
 
-    os.chdir(project_root())  # the demo config's paths are relative to the checkout
-
     def body() -> dict[str, Any]:
-        cfg = _load(PipelineConfig, Path(DEMO_CONFIG), set_, None)
+        # The bundled config and data, outputs under ./runs/demo (see load_demo_config).
+        cfg = load_demo_config(set_ or [])
         typer.echo("NOTE: the demo's generator is a tiny random-init model built here: its "
                    "samples are schema-valid but meaningless; they only exercise the "
                    "pipeline. For a real model change `generate.model` (see "
                    "configs/medqa.yaml).", err=True)
         prepare_demo_models(cfg.generate.model, cfg.train.base_model)
-        cfg = _load(PipelineConfig, Path(DEMO_CONFIG), set_, None)  # now the models exist
+        cfg = load_demo_config(set_ or [])  # now the models exist
         cfg = demo_with_run_dir(cfg)
         plan(cfg, from_stage)
         init_ray(cfg.ray)
@@ -176,6 +168,20 @@ def demo(
             typer.echo(f"  {name:<9} {run_dir / name}", err=True)
     typer.echo(f"  report    {results['report']}", err=True)
     _print_stats(results)
+
+
+@app.command()
+def init(
+    name: Annotated[str, typer.Argument(help="Name of the new task (letters, digits, _ - .).")],
+) -> None:
+    """Start a new task here: NAME.yaml (a custom-task starter config) + NAME.fewshots.jsonl."""
+    from craft_ray.bundled import init_task
+
+    written = _run(lambda: init_task(name))
+    for p in written:
+        typer.echo(f"wrote {p}", err=True)
+    typer.echo(f"next: edit both, then `craft-ray config validate {written[0].name}` and "
+               f"`craft-ray run --config {written[0].name}` (guide: docs/guide.md)", err=True)
 
 
 @app.command()
