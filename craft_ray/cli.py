@@ -27,10 +27,16 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: ratios against a named baseline, measured in one run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+config_app = typer.Typer(help="Configs that explain themselves: every key, its default and "
+                         "meaning; validate a file without running anything.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 logger = logging.getLogger("craft_ray")
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path, typer.Option(
+    "--config", "-c", help="YAML config file. Every key with its default and meaning: "
+    "`craft-ray config show STAGE`; check a file: `craft-ray config validate FILE`.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Dotted override, e.g. --set embed.batch_size=512 "
@@ -182,6 +188,31 @@ def init(
         typer.echo(f"wrote {p}", err=True)
     typer.echo(f"next: edit both, then `craft-ray config validate {written[0].name}` and "
                f"`craft-ray run --config {written[0].name}` (guide: docs/guide.md)", err=True)
+
+
+@config_app.command("show")
+def config_show(
+    stage: Annotated[str | None, typer.Argument(
+        help="common, embed, retrieve, generate, filter, train, sweep, evaluate, judge, "
+        "eval-retrieval or mine-negatives (default: all).")] = None,
+) -> None:
+    """Print every key of a stage's config (nested ones too) with its type, default and
+    meaning."""
+    from craft_ray.config_doc import show
+
+    typer.echo(_run(lambda: show(stage)))
+
+
+@config_app.command("validate")
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="Whole-pipeline or stage YAML.")],
+    set_: SetOpt = None,
+) -> None:
+    """Check a config file (and overrides) without running anything; exit 2 on an error."""
+    from craft_ray.config_doc import validate_file
+
+    stages = _run(lambda: validate_file(file, set_ or []))
+    typer.echo(f"{file}: valid; stages it runs: {', '.join(stages) or 'none'}")
 
 
 @app.command()
