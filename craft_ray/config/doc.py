@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from craft_ray.config import ConfigError, load_config
+from craft_ray.config.base import ConfigError
+from craft_ray.config.loading import load_config
 
 DEFAULT_WIDTH = 60  # characters of a default shown before it is cut
 
@@ -39,10 +40,10 @@ def sections() -> dict[str, tuple[type[BaseModel], str]]:
     ``common`` are the keys every YAML shares (``run_dir``, ``ray``); the stage names are the
     YAML sections; ``eval-retrieval`` and ``mine-negatives`` take ``--set`` keys only.
     """
+    from craft_ray.pipeline import PipelineConfig
     from craft_ray.retrieval.evaluation import RetrievalEvalConfig
     from craft_ray.retrieval.negatives import MineNegativesConfig
     from craft_ray.stages.judge import JudgeStageConfig
-    from craft_ray.pipeline import PipelineConfig
 
     out: dict[str, tuple[type[BaseModel], str]] = {}
     fields = PipelineConfig.model_fields
