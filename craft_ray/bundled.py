@@ -19,6 +19,7 @@ from craft_ray.config import PATH_KEYS, ConfigError
 DEMO_CONFIG = "configs/demo.yaml"
 STARTER_CONFIG = "configs/starter.yaml"
 STARTER_FEWSHOTS = "data/starter/fewshots.jsonl"
+STARTER_EVAL = "data/starter/eval.jsonl"
 # Strings of the starter config that `init` rewrites for the new task.
 _STARTER_RUN_DIR = "runs/starter"
 _STARTER_CORPUS = "data/stackexchange"
@@ -64,11 +65,12 @@ def resolve_bundled_paths(data: Any, _key: str | None = None) -> Any:
 
 
 def init_task(name: str, dest: Path | None = None) -> list[Path]:
-    """``craft-ray init NAME``: write ``NAME.yaml`` and ``NAME.fewshots.jsonl`` into ``dest``.
+    """``craft-ray init NAME``: write ``NAME.yaml``, ``NAME.fewshots.jsonl`` and
+    ``NAME.eval.jsonl`` (a held-out custom eval set) into ``dest``.
 
     The config is the bundled starter (a custom FAQ task over the bundled StackExchange dumps)
-    with its few-shot path, run directory and corpus pointed at the new files and the
-    installed data; nothing is overwritten.
+    with its few-shot and eval paths, run directory and corpus pointed at the new files and
+    the installed data; nothing is overwritten.
     """
     import re
 
@@ -76,16 +78,18 @@ def init_task(name: str, dest: Path | None = None) -> list[Path]:
         raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.'")
     dest = Path(dest or Path.cwd())
     config, fewshots = dest / f"{name}.yaml", dest / f"{name}.fewshots.jsonl"
-    for p in (config, fewshots):
+    evalset = dest / f"{name}.eval.jsonl"
+    for p in (config, fewshots, evalset):
         if p.exists():
             raise ConfigError(f"{p} already exists; pick another name or remove it")
     text = bundled_path(STARTER_CONFIG).read_text(encoding="utf-8")
     text = (text.replace(STARTER_FEWSHOTS, fewshots.name)
+            .replace(STARTER_EVAL, evalset.name)
             .replace(_STARTER_RUN_DIR, f"runs/{name}")
             .replace(f"[{_STARTER_CORPUS}]", json.dumps([str(bundled_path(_STARTER_CORPUS))]))
             .replace(STARTER_CONFIG, config.name))
     dest.mkdir(parents=True, exist_ok=True)
     config.write_text(text, encoding="utf-8")
-    fewshots.write_text(bundled_path(STARTER_FEWSHOTS).read_text(encoding="utf-8"),
-                        encoding="utf-8")
-    return [config, fewshots]
+    for src, dst in ((STARTER_FEWSHOTS, fewshots), (STARTER_EVAL, evalset)):
+        dst.write_text(bundled_path(src).read_text(encoding="utf-8"), encoding="utf-8")
+    return [config, fewshots, evalset]

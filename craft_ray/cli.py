@@ -252,13 +252,14 @@ def demo(
 def init(
     name: Annotated[str, typer.Argument(help="Name of the new task (letters, digits, _ - .).")],
 ) -> None:
-    """Start a new task here: NAME.yaml (a custom-task starter config) + NAME.fewshots.jsonl."""
+    """Start a new task here: NAME.yaml (a custom-task starter config), NAME.fewshots.jsonl
+    and NAME.eval.jsonl (a held-out evaluation set)."""
     from craft_ray.bundled import init_task
 
     written = _run(lambda: init_task(name))
     for p in written:
         typer.echo(f"wrote {p}", err=True)
-    typer.echo(f"next: edit both, then `craft-ray config validate {written[0].name}` and "
+    typer.echo(f"next: edit them, then `craft-ray config validate {written[0].name}` and "
                f"`craft-ray run --config {written[0].name}` (guide: docs/guide.md)", err=True)
 
 

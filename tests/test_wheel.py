@@ -54,7 +54,8 @@ def test_the_wheel_bundles_configs_and_data_and_imports_from_the_venv(wheel_venv
     assert root.endswith("craft_ray/_bundled") and Path(demo).is_file()
     for rel in ("data/fewshots/medqa.jsonl", "data/eval/medqa_usmle_4opt_test_first60.jsonl",
                 "data/stackexchange/beer.stackexchange.com/Posts.xml",
-                "data/starter/fewshots.jsonl", "configs/starter.yaml"):
+                "data/starter/fewshots.jsonl", "data/starter/eval.jsonl",
+                "configs/starter.yaml"):
         assert (Path(root) / rel).is_file(), rel
 
 
@@ -65,7 +66,8 @@ def test_demo_help_and_a_real_stage_from_an_empty_folder(wheel_venv: Path, tmp_p
     assert r.returncode == 0 and "demo" in r.stdout.lower(), r.stderr
     r = _run(wheel_venv, work, "init", "myfaq")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in work.iterdir()) == ["myfaq.fewshots.jsonl", "myfaq.yaml"]
+    assert sorted(p.name for p in work.iterdir()) == ["myfaq.eval.jsonl", "myfaq.fewshots.jsonl",
+                                                      "myfaq.yaml"]
     # The starter embeds the bundled corpus (here its smaller coffee dump) into ./runs/myfaq.
     coffee = Path(wheel_venv.glob("lib/python*/site-packages/craft_ray/_bundled").__next__(),
                   "data/stackexchange/coffee.stackexchange.com")
