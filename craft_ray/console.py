@@ -82,14 +82,15 @@ class ProgressLine(logging.Filter):
 
 
 def progress_text(stage: str, done: int, total: int | None, elapsed: float) -> str:
-    """``generate: 120/480 rows (25%), 3.1 rows/s, ETA 1m56s`` (rate and ETA when known)."""
+    """``generate: 120/480 done (25%), 3.1/s, ETA 1m56s, 39s elapsed``: the rows out of the
+    running dataset so far (rate and ETA when known)."""
     if done == 0 and not total:  # nothing counted yet: a heartbeat
         return f"{stage}: running, {_duration(elapsed)} elapsed"
     rate = done / elapsed if elapsed > 0 else 0.0
-    parts = [f"{stage}: {done}/{total if total else '?'} rows"]
+    parts = [f"{stage}: {done:,}/{f'{total:,}' if total else '?'} done"]
     if total:
         parts[0] += f" ({100 * done // max(total, 1)}%)"
-    parts.append(f"{rate:.1f} rows/s")
+    parts.append(f"{rate:.3g}/s" if rate >= 0.1 else f"{60 * rate:.2g}/min")
     if total and rate > 0 and done < total:
         parts.append(f"ETA {_duration((total - done) / rate)}")
     parts.append(f"{_duration(elapsed)} elapsed")

@@ -33,9 +33,10 @@ def test_progress_line_keeps_only_the_total_named_after_the_stage():
     rec = _record("Total Progress: 50/250")
     assert f.filter(rec)
     msg = rec.getMessage()
-    assert msg.startswith("generate: 50/250 rows (20%), 0.5 rows/s, ETA 6m4")
+    assert msg.startswith("generate: 50/250 done (20%), 0.5/s, ETA 6m4")
     assert msg.endswith("elapsed")
     assert console.progress_text("embed", 0, None, 62) == "embed: running, 1m02s elapsed"
+    assert console.progress_text("embed", 1, 2, 600).startswith("embed: 1/2 done (50%), 0.1/min")
 
 
 def test_noise_filter_drops_known_harmless_warnings_only():
