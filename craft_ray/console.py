@@ -65,15 +65,20 @@ class ProgressLine(logging.Filter):
 
     stage = "dataset"
     started = time.time()
+    last = 0.0  # when the last line was let through
+    # A stage runs many small datasets (filter: one per step), each logging at its start:
+    # one line per this many seconds is enough.
+    min_gap_s = 20.0
 
     @classmethod
     def begin(cls, stage: str) -> None:
-        cls.stage, cls.started = stage, time.time()
+        cls.stage, cls.started, cls.last = stage, time.time(), 0.0
 
     def filter(self, record: logging.LogRecord) -> bool:
         m = _TOTAL.match(record.getMessage())
-        if not m:
+        if not m or time.time() - ProgressLine.last < self.min_gap_s:
             return False
+        ProgressLine.last = time.time()
         done = int(m.group(1))
         total = None if m.group(2) == "?" else int(m.group(2))
         record.msg, record.args = progress_text(self.stage, done, total,
@@ -116,6 +121,7 @@ def configure(verbose: bool = False, level: str = "INFO") -> None:
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft)")
@@ -173,7 +179,9 @@ def after_ray_init() -> None:
 
 # --- the closing summary ---------------------------------------------------------------------
 
-OUTPUT_KEYS = ("store", "output_dir", "adapter", "outputs", "table", "out")
+# The stats key naming each stage's output (other stages: RUN_DIR/STAGE).
+OUTPUT_KEYS = {"embed": "store", "generate": "output_dir", "train": "adapter",
+               "evaluate": "outputs", "sweep": "table"}
 
 
 def write_summary(run_dir: str | Path, results: dict[str, Any]) -> Path:
@@ -197,11 +205,8 @@ def write_summary(run_dir: str | Path, results: dict[str, Any]) -> Path:
 
 
 def _output_of(name: str, stats: dict[str, Any], run_dir: Path) -> str:
-    for key in OUTPUT_KEYS:
-        v = stats.get(key)
-        if isinstance(v, str) and v:
-            return v
-    return str(run_dir / name)
+    v = stats.get(OUTPUT_KEYS.get(name, ""))
+    return v if isinstance(v, str) and v else str(run_dir / name)
 
 
 def stage_rows(results: dict[str, Any], run_dir: str | Path) -> list[list[str]]:

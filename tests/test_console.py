@@ -32,6 +32,7 @@ def test_progress_line_keeps_only_the_total_named_after_the_stage():
     assert not f.filter(_record("MapBatches(HFGenerator): 0/1"))
     rec = _record("Total Progress: 50/250")
     assert f.filter(rec)
+    assert not f.filter(_record("Total Progress: 51/250"))  # at most one line per 20 s
     msg = rec.getMessage()
     assert msg.startswith("generate: 50/250 done (20%), 0.5/s, ETA 6m4")
     assert msg.endswith("elapsed")

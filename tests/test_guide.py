@@ -1,7 +1,7 @@
 """docs/guide.md stays true: every ```bash block runs, in order, in an empty folder.
 
 The guide's config comes from `craft-ray init`; after that command the test makes it small
-(the tiny random LM as generator and base model, the coffee dump only, 4 few-shots, k=2) so
+(the tiny random LM as generator and base model, the coffee dump only, 4 few-shots, k=3) so
 the whole walk-through stays bounded. Blocks marked ```text (cluster commands) are not run.
 """
 
@@ -38,15 +38,16 @@ def test_the_guide_has_the_walkthrough_commands():
 
 
 def _shrink(config: Path, tiny_lm: Path) -> None:
-    """The guide's config, small: tiny LM, one small dump, 4 few-shots, k=2, S=6."""
+    """The guide's config, small: tiny LM, one small dump, 4 few-shots, k=3, S=6."""
     text = config.read_text().replace(STARTER_MODEL, str(tiny_lm))
     cfg = yaml.safe_load(text)
     (corpus,) = cfg["embed"]["corpora"]
     corpus["paths"] = [str(Path(corpus["paths"][0]) / "coffee.stackexchange.com")]
     for section in ("retrieve", "generate", "filter"):
         cfg[section]["fewshots"]["limit"] = 4
-    cfg["retrieve"]["k"] = 2
-    cfg["generate"]["max_new_tokens"] = 96
+    cfg["retrieve"]["k"] = 3
+    # the tiny LM writes random strings: cap them so every JSON object closes in time
+    cfg["generate"].update(max_new_tokens=160, guided_max_string_chars=40)
     cfg["filter"]["datasets"]["sizes"] = {"S": 6}
     cfg["evaluate"]["generation"]["max_new_tokens"] = 24
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
