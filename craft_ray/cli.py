@@ -575,6 +575,52 @@ def mine_negatives(
     typer.echo(json.dumps(result))
 
 
+# --- train-retriever (issue 18) -----------------------------------------------------------
+
+
+@app.command("train-retriever")
+def train_retriever(
+    out: Annotated[Path, typer.Option(help="Output folder: the sentence-transformers model "
+                                      "(+ metrics.json).")],
+    data: Annotated[Path | None, typer.Option(help="BEIR folder or LLM-Embedder jsonl.")]
+    = None,
+    split: Annotated[str | None, typer.Option(help="BEIR qrels split to train on (default "
+                                              "train).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+    = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Fine-tune a sentence-transformers retriever (in-batch + hard negatives, optional LM
+    distillation) on Ray Train; before/after nDCG@10, MRR@10, Recall@100."""
+    from craft_ray.retrieval.evaluation import format_table
+    from craft_ray.runtime import init_ray
+    from craft_ray.stages.train_retriever import RetrieverDataError, TrainRetrieverConfig
+    from craft_ray.stages.train_retriever import run_train_retriever as run_tr
+
+    def body() -> dict[str, Any]:
+        sets = [f"out={out}"] + ([f"data={data}"] if data else []) + \
+            ([f"split={split}"] if split else []) + list(set_ or [])
+        cfg = _load(TrainRetrieverConfig, config, sets, address)
+        init_ray(cfg.ray)
+        return run_tr(cfg, force=force)
+
+    try:
+        stats = _run(body)
+    except RetrieverDataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for name in ("before", "after"):
+        if stats.get(name):
+            typer.echo(f"{name}:\n{format_table(stats[name], [10, 100])}", err=True)
+    typer.echo(f"model: {stats['model']}", err=True)
+    _print_stats(stats)
+
+
+# --- end train-retriever ------------------------------------------------------------------
+
+
 @app.command()
 def judge(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
           force: ForceOpt = False) -> None:

@@ -70,7 +70,7 @@ from craft_ray.evalsets.base import (
     EvalSetError,
     RowError,
 )
-from craft_ray.evalsets.parsers import PARSERS, _row_filter
+from craft_ray.evalsets.parsers import PARSERS, row_filter
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def parse_rows(name: str, rows: Iterable[tuple[int, dict[str, Any] | None, str]]
     parser = parser or PARSERS[name]
     if name in GENERATIVE_SETS:
         parser = functools.partial(parser, instruction=instruction)
-    keep = _row_filter(name)
+    keep = row_filter(name)
     items: list[Any] = []
     rejects: list[EvalReject] = []
     seen: set[str] = set()
