@@ -5,7 +5,6 @@ every reject reason of every stage (so a reason in the counts table can be seen,
 from __future__ import annotations
 
 import ast
-import html
 import json
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,17 @@ SNIPPET = 280  # characters of a text shown in a table cell
 
 
 def _cut(text: Any, n: int = SNIPPET) -> str:
+    """Whitespace folded, cut to ``n`` characters (the page's template escapes it)."""
     s = " ".join(str(text or "").split())
-    return html.escape(s if len(s) <= n else s[: n - 1] + "…")
+    return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _table(headers: list[str], rows: list[list[Any]]) -> list[dict[str, Any]]:
+    return [{"kind": "table", "headers": headers, "rows": rows}]
+
+
+def _muted(text: str) -> list[dict[str, Any]]:
+    return [{"kind": "muted", "text": text}]
 
 
 def _rows(path: Path, columns: list[str] | None = None, limit: int | None = None
@@ -81,12 +83,12 @@ def _fewshot_texts(run: Path) -> dict[str, str]:
     return out
 
 
-def samples_section(run: Path, n: int = 8) -> str:
+def samples_section(run: Path, n: int = 8) -> list[dict[str, Any]]:
     """The first ``n`` clean samples beside the start of their source document, its retrieval
     score and the few-shot the sample was asked to imitate."""
     samples = _rows(run / "generate" / "clean.parquet", limit=n)
     if not samples:
-        return "<p class='muted'>No generated samples yet.</p>"
+        return _muted("No generated samples yet.")
     docs = {r.get("doc_id"): r for r in _rows(run / "retrieve" / "corpus_samples.parquet",
                                           ["doc_id", "text", "score", "mean_score"])}
     shots = _fewshot_texts(run)
@@ -97,12 +99,10 @@ def samples_section(run: Path, n: int = 8) -> str:
         if score is None:
             score = doc.get("mean_score")
         fs_ids = _ids(s.get("fewshot_ids"))
-        imitated = "<br>".join(f"<b>{html.escape(i)}</b> {_cut(shots.get(i, ''), 140)}"
-                               for i in fs_ids) or "-"
+        imitated = " · ".join(f"{i}: {_cut(shots.get(i, ''), 140)}" for i in fs_ids) or "-"
         rows.append([_cut(s.get("sample_text") or json.dumps(s, default=str)),
-                     f"<b>{html.escape(str(s.get('doc_id', '')))}</b><br>"
-                     f"{_cut(doc.get('text', ''))}",
-                     f"{score:.3f}" if isinstance(score, int | float) else "-",
+                     f"{s.get('doc_id', '')}: {_cut(doc.get('text', ''))}",
+                     float(score) if isinstance(score, int | float) else "-",
                      imitated])
     return _table(["sample", "source document (start)", "retrieval score",
                    "few-shot imitated"], rows)
@@ -126,7 +126,7 @@ def _reason(row: dict[str, Any]) -> str:
     return "rejected"
 
 
-def reject_examples_section(run: Path) -> str:
+def reject_examples_section(run: Path) -> list[dict[str, Any]]:
     """Per stage and reason: how many rows, and one example with its detail."""
     rows = []
     for stage, rel, text_cols in _REJECT_SOURCES:
@@ -138,8 +138,7 @@ def reject_examples_section(run: Path) -> str:
         for reason, (count, ex) in sorted(by_reason.items()):
             text = next((ex[c] for c in text_cols if ex.get(c)), "")
             detail = ex.get("reject_detail") or ex.get("detail") or ""
-            rows.append([html.escape(stage), html.escape(reason), f"{count:,}",
-                         _cut(detail, 160), _cut(text, 200)])
+            rows.append([stage, reason, count, _cut(detail, 160), _cut(text, 200)])
     for p in sorted((run / "evaluate" / "rejects").glob("*.jsonl")):
         by_reason_e: dict[str, tuple[int, dict[str, Any]]] = {}
         for line in p.read_text(encoding="utf-8").splitlines():
@@ -150,9 +149,8 @@ def reject_examples_section(run: Path) -> str:
             count, first = by_reason_e.get(_reason(r), (0, r))
             by_reason_e[_reason(r)] = (count + 1, first)
         for reason, (count, ex) in sorted(by_reason_e.items()):
-            rows.append([html.escape(f"evaluate ({p.stem})"), html.escape(reason),
-                         f"{count:,}", _cut(ex.get("detail", ""), 160),
-                         _cut(ex.get("raw", ""), 200)])
+            rows.append([f"evaluate ({p.stem})", reason, count,
+                         _cut(ex.get("detail", ""), 160), _cut(ex.get("raw", ""), 200)])
     if not rows:
-        return "<p class='muted'>No rejected rows.</p>"
+        return _muted("No rejected rows.")
     return _table(["stage", "reason", "rows", "detail (first)", "example (first)"], rows)
