@@ -317,6 +317,8 @@ def _samples_section(run: Path, per_group: int = 3) -> list[Block]:
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` from whatever stages have run; returns its path."""
+    from craft_ray.report.examples import reject_examples_section, samples_section
+
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
@@ -324,7 +326,9 @@ def build_report(run_dir: str | Path) -> Path:
     sections = [
         ("Stages and throughput", overview),
         ("Corpus mix and retrieval scores", _retrieval_section(run)),
+        ("Samples beside their source documents", samples_section(run)),
         ("Rejects by reason", _rejects_section(stats)),
+        ("One example of each reject reason", reject_examples_section(run)),
         ("Sample lengths", _lengths_section(run)),
         ("Samples", _samples_section(run)),
         ("Training loss", _loss_section(run)),
