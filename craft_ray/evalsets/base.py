@@ -14,10 +14,14 @@ from craft_ray.evalsets.custom import CustomEvalFields
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 
 EvalSetName = Literal["commonsenseqa", "medqa", "scienceqa_bio", "medmcqa", "csqa2",
-                      "cnn_dailymail", "recipenlg", "custom"]
+                      "cnn_dailymail", "recipenlg", "custom", "cst", "multihop",
+                      "rag_answer"]
 
 # Generative sets and the CRAFT task whose records they hold.
-GENERATIVE_SETS = {"cnn_dailymail": "summarization", "recipenlg": "recipegen"}
+GENERATIVE_SETS = {"cnn_dailymail": "summarization", "recipenlg": "recipegen",
+                   # issue 17: records of a generation strategy (jsonl/parquet in its layout);
+                   # rag_answer items are prompted with their noisy chunks, as in training
+                   "cst": "cst", "multihop": "multihop", "rag_answer": "rag_answer"}
 
 # CRAFT's evaluation instruction for CNN/DailyMail (FormatExtractor.summarization, official).
 CNN_INSTRUCTION = "Please summarize the text below:"
@@ -186,6 +190,9 @@ LOCAL_ONLY = {
     # the hub's recipe_nlg needs a manual download, so the release file is read directly
     "recipenlg": "/data/recipenlg/RecipeNLG_dataset.csv",
     "custom": "my_eval.jsonl",
+    "cst": "RUN_DIR/generate/clean.jsonl (held-out cst records)",
+    "multihop": "RUN_DIR/generate/clean.jsonl (held-out multihop records)",
+    "rag_answer": "RUN_DIR/generate/clean.jsonl (held-out rag_answer records)",
 }
 
 # (hub id, split) CRAFT's run_eval.py used for each hub set.

@@ -187,7 +187,26 @@ def parse_recipenlg(obj: dict[str, Any], idx: int, instruction: str | None = Non
                    meta={"title": title, "link": obj.get("link"), "origin": obj.get("source")})
 
 
+def _strategy_parser(name: str) -> Callable[..., GenItem]:
+    """A parser of records in a generation strategy's layout (issue 17)."""
+
+    def parse(obj: dict[str, Any], idx: int, instruction: str | None = None) -> GenItem:
+        from craft_ray.tasks import TaskValidationError, get_task
+
+        try:
+            record = get_task(name).validate(obj)
+        except TaskValidationError as exc:
+            raise RowError("bad_record", str(exc)) from None
+        return GenItem(id=str(obj.get("sample_id") or idx), task=name, record=record,
+                       source=name, meta={"doc_id": obj.get("doc_id")})
+
+    return parse
+
+
 PARSERS: dict[str, Callable[..., EvalItem | GenItem]] = {
+    "cst": _strategy_parser("cst"),
+    "multihop": _strategy_parser("multihop"),
+    "rag_answer": _strategy_parser("rag_answer"),
     "commonsenseqa": parse_commonsenseqa,
     "medqa": parse_medqa,
     "scienceqa_bio": parse_scienceqa,

@@ -56,6 +56,7 @@ TEMPLATE = """<!doctype html><html><head><meta charset='utf-8'>
 {%- elif b.kind == "grid" -%}<div class='grid'>
 {%- for i in b.images %}{{ block(i) }}{% endfor %}</div>
 {%- elif b.kind == "heading" -%}<h3>{{ b.text }}</h3>
+{%- elif b.kind == "pre" -%}<pre>{{ b.text }}</pre>
 {%- else -%}<p class='muted'>{{ b.text }}</p>{%- endif -%}
 {%- endmacro -%}
 {% for s in sections %}<h2>{{ s.title }}</h2>{% for b in s.blocks %}{{ block(b) }}{% endfor %}
@@ -292,6 +293,28 @@ def _eval_section(run: Path) -> list[Block]:
     return out or _muted("No evaluation results yet.")
 
 
+# --- samples per strategy (issue 17) ---
+PROVENANCE_HIDDEN = {"sample_text", "prompt_hash", "retrieved_by", "variant"}
+
+
+def _samples_section(run: Path, per_group: int = 3) -> list[Block]:
+    """A few clean samples of each task / strategy (``task`` column), record fields as JSON."""
+    t = _read_parquet(run / "generate" / "clean.parquet")
+    if t is None or t.num_rows == 0:
+        return _muted("No generated samples yet.")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in t.to_pylist():
+        groups.setdefault(str(row.get("task") or "samples"), []).append(row)
+    out: list[Block] = []
+    for name, rows in sorted(groups.items()):
+        out.append({"kind": "heading", "text": f"{name} ({len(rows):,} clean)"})
+        out += [{"kind": "pre", "text": json.dumps(
+            {k: v for k, v in r.items() if k not in PROVENANCE_HIDDEN},
+            ensure_ascii=False, indent=1, default=str)[:3000]} for r in rows[:per_group]]
+    return out
+# --- end samples per strategy ---
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` from whatever stages have run; returns its path."""
     from craft_ray.report.examples import reject_examples_section, samples_section
@@ -307,6 +330,7 @@ def build_report(run_dir: str | Path) -> Path:
         ("Rejects by reason", _rejects_section(stats)),
         ("One example of each reject reason", reject_examples_section(run)),
         ("Sample lengths", _lengths_section(run)),
+        ("Samples", _samples_section(run)),
         ("Training loss", _loss_section(run)),
         ("Evaluation", _eval_section(run)),
     ]

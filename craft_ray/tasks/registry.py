@@ -8,6 +8,7 @@ from typing import Any
 from craft_ray.tasks.base import Task, TaskError
 from craft_ray.tasks.builtin import builtin_task
 from craft_ray.tasks.custom import CustomTask, CustomTaskConfig
+from craft_ray.tasks.strategies import STRATEGY_TASKS, strategy_task
 
 
 def get_task(spec: str | Mapping[str, Any] | CustomTaskConfig | Task) -> Task:
@@ -15,6 +16,8 @@ def get_task(spec: str | Mapping[str, Any] | CustomTaskConfig | Task) -> Task:
     if isinstance(spec, Task):
         return spec
     if isinstance(spec, str):
+        if spec in STRATEGY_TASKS:  # issue 17: a generation strategy's record layout
+            return strategy_task(spec)
         return builtin_task(spec)
     if isinstance(spec, CustomTaskConfig):
         return CustomTask(spec)

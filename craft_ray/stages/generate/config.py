@@ -10,10 +10,16 @@ from craft_ray.backends.hf import HFBackendConfig
 from craft_ray.backends.openai_compat import OpenAIBackendConfig
 from craft_ray.backends.vllm import VLLMBackendConfig
 from craft_ray.config import RayConfig, StrictModel
+from craft_ray.stages.generate.strategies.configs import (
+    CSTConfig,
+    MultihopConfig,
+    RagAnswerConfig,
+)
 from craft_ray.tasks.base import Task, TaskError
 from craft_ray.tasks.custom import CustomTaskConfig
 from craft_ray.tasks.fewshots import FewShotConfig
 from craft_ray.tasks.registry import get_task
+from craft_ray.tasks.strategies import STRATEGY_TASKS
 
 
 class GenerateConfig(StrictModel):
@@ -97,6 +103,20 @@ class GenerateConfig(StrictModel):
         description="Fail the stage (after writing outputs) when more than this fraction of "
         "generations failed in the backend (server errors, timeouts, engine errors).",
     )
+    # --- generation strategies (issue 17) ---
+    strategy: Literal["craft", "cst", "multihop", "rag_answer"] = Field(
+        default="craft",
+        description="craft: one CRAFT sample per retrieved document (the task's format); cst: "
+        "AugCon Context-Split-Tree questions + answers; multihop: qa-expert multi-hop items "
+        "over store neighbours; rag_answer: Instruction-FineTuning RAG answers over noisy "
+        "chunks. The non-craft strategies write their own record layout (task = the strategy).")
+    cst: CSTConfig = Field(default_factory=CSTConfig,
+                           description="Settings of strategy cst.")
+    multihop: MultihopConfig = Field(default_factory=MultihopConfig,
+                                     description="Settings of strategy multihop.")
+    rag_answer: RagAnswerConfig = Field(default_factory=RagAnswerConfig,
+                                        description="Settings of strategy rag_answer.")
+    # --- end generation strategies ---
     hf: HFBackendConfig = Field(default_factory=HFBackendConfig,
                                 description="Settings of the hf backend.")
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig,
@@ -112,6 +132,17 @@ class GenerateConfig(StrictModel):
         except TaskError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @model_validator(mode="after")
+    def _strategy_task(self) -> GenerateConfig:  # issue 17: a strategy's records are its task
+        if self.strategy != "craft" and self.task != self.strategy:
+            raise ValueError(f"generate.strategy={self.strategy} writes {self.strategy} records:"
+                             f" set generate.task: {self.strategy} (it is {self.task!r})")
+        if self.strategy == "craft" and isinstance(self.task, str) and \
+                self.task in STRATEGY_TASKS:
+            raise ValueError(f"generate.task={self.task} is a strategy's record layout: set "
+                             f"generate.strategy: {self.task}")
+        return self
 
     @model_validator(mode="after")
     def _backend_needs(self) -> GenerateConfig:

@@ -70,12 +70,20 @@ def generations_dataset(prompts: Any, cfg: GenerateConfig) -> Any:
     from ray.data.expressions import col
 
     kept = prompts.filter(expr=col("drop_reason") == "")  # dropped prompts are not generated
-    sampling = cfg.sampling()
-    model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model) or cfg.model
-    gen = run_backend(kept, cfg.backend, model, getattr(cfg, cfg.backend), sampling,
-                      tokenizer=local_ref(cfg.tokenizer))
+    gen = backend_dataset(kept, cfg)
     return gen.map_batches(parse_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25,
                            fn_kwargs={"task_spec": _task_spec(cfg)})
+
+
+def backend_dataset(kept: Any, cfg: GenerateConfig, sampling: dict[str, Any] | None = None
+                    ) -> Any:
+    """Lazy: prompt rows -> the configured backend -> generation columns.
+
+    ``sampling`` overrides :meth:`GenerateConfig.sampling` (the strategies use it for their
+    greedy steps)."""
+    model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model) or cfg.model
+    return run_backend(kept, cfg.backend, model, getattr(cfg, cfg.backend),
+                       sampling or cfg.sampling(), tokenizer=local_ref(cfg.tokenizer))
 
 
 def _task_spec(cfg: GenerateConfig) -> Any:
@@ -118,7 +126,8 @@ def prompt_budget(cfg: GenerateConfig, max_new_tokens: int) -> int | None:
     return ctx - max_new_tokens
 
 
-def _input_path(stage_cfg: GenerateStageConfig) -> Path:
+def input_path_of(stage_cfg: GenerateStageConfig) -> Path:
+    """The corpus samples to read (a clear error when missing)."""
     cfg = stage_cfg.generate
     p = Path(cfg.input_path) if cfg.input_path else (
         Path(stage_cfg.run_dir) / "retrieve" / "corpus_samples.parquet")
@@ -189,7 +198,7 @@ def _plan(stage_cfg: GenerateStageConfig) -> _Plan:
             f"generate.openai.api_key_env names {cfg.openai.api_key_env!r}, which is not set; "
             "export it, or set api_key_env: null for a server without a key"
         )
-    input_path = _input_path(stage_cfg)
+    input_path = input_path_of(stage_cfg)
     max_new = cfg.max_new_tokens or task.max_new_tokens
     load_chat_tokenizer(cfg.tokenizer_name())  # fails early on a tokenizer without chat template
     budget = prompt_budget(cfg, max_new)
@@ -262,6 +271,10 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
     if not force and stage.is_complete(cfg):
         logger.info("generate: already complete in %s (same config); skipping", stage.path)
         return json.loads((stage.path / "stats.json").read_text())
+    if cfg.strategy != "craft":  # issue 17: the other seed methods' strategies
+        from craft_ray.stages.generate.strategies import run_strategy
+
+        return run_strategy(stage_cfg, stage)
     plan = _plan(stage_cfg)
     task = plan.task
     logger.info("generate: task=%s backend=%s model=%s max_new_tokens=%d prompt budget=%s",
