@@ -1,6 +1,6 @@
 """Generation backends: same input columns in, same output columns out.
 
-Each backend turns a Ray Dataset of prompt rows (built by :mod:`craft_ray.generate`) into the
+Each backend turns a Ray Dataset of prompt rows (built by :mod:`craft_ray.stages.generate`) into the
 same rows plus the generation columns of :data:`OUTPUT_COLUMNS`:
 
 ========================  ============================================================

@@ -36,7 +36,7 @@ from craft_ray.bench.measure import (
     summary,
     thread_report,
 )
-from craft_ray.store import (
+from craft_ray.store.vectors import (
     ShardInfo,
     StoreInfo,
     embedding_array,
@@ -103,7 +103,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     import faiss
     import ray
 
-    from craft_ray.retrieve import StoreSearcher, _cache_file, ranked_lists
+    from craft_ray.stages.retrieve import StoreSearcher, cache_file, ranked_lists
 
     load_before = load_average()
     store = workdir / "store"
@@ -173,7 +173,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     off = 0
     for sh in info.shards:
         path = store / sh.file
-        vec = np.load(_cache_file(str(store / "_vector_cache"), str(path), "float32"))
+        vec = np.load(cache_file(str(store / "_vector_cache"), str(path), "float32"))
         xb[off:off + len(vec)] = vec
         off += len(vec)
         ids.extend(pq.read_table(path, columns=["doc_id"]).column("doc_id").to_pylist())
