@@ -63,14 +63,15 @@ def paired_ratio(num: list[float], den: list[float], digits: int = 3) -> dict[st
 
 
 def interleave(sides: dict[str, Callable[[], float]], repeats: int = 3,
-               warmup: bool = True) -> dict[str, list[float]]:
-    """Call each side once as warm-up (not kept), then ``repeats`` rounds of every side in
-    turn. Each callable runs its work and returns the figure it measured (seconds, or a rate);
-    what it times is its own business, so set-up can stay outside the timing."""
+               warmup: bool | dict[str, Callable[[], Any]] = True) -> dict[str, list[float]]:
+    """Warm up each side (``warmup=True``: one call of the side itself, not kept; a dict: a
+    lighter call per side), then ``repeats`` rounds of every side in turn. Each callable runs
+    its work and returns the figure it measured (seconds, or a rate); what it times is its own
+    business, so set-up can stay outside the timing."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup:
-        for name, fn in sides.items():
+        for name, fn in (warmup if isinstance(warmup, dict) else sides).items():
             logger.info("bench: warm-up of %s", name)
             fn()
     out: dict[str, list[float]] = {name: [] for name in sides}
