@@ -316,12 +316,15 @@ def bench_embed(
     data: Annotated[Path, typer.Option(help="Folder of StackExchange dumps.")] = Path(
         "data/stackexchange"),
     min_docs: Annotated[int, typer.Option(help="At least this many texts.")] = 2000,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds per side.")] = 3,
+    int8: Annotated[bool, typer.Option(help="Also time the onnx int8 backend.")] = True,
     set_: SetOpt = None,
 ) -> None:
     """Plain sentence-transformers encode vs the embed stage, on the same real texts."""
     from craft_ray.bench.embed import run_bench_embed
 
-    result = _run(lambda: run_bench_embed(data, min_docs=min_docs, overrides=set_ or []))
+    result = _run(lambda: run_bench_embed(data, min_docs=min_docs, overrides=set_ or [],
+                                          repeats=repeats, int8=int8))
     typer.echo(json.dumps(result))
 
 
@@ -526,13 +529,19 @@ def bench_retrieve(
     k: Annotated[int, typer.Option(help="Top-k per query.")] = 1000,
     shards: Annotated[int, typer.Option(help="Store data files.")] = 16,
     concurrency: Annotated[int, typer.Option(help="Similarity actors.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds per side.")] = 3,
 ) -> None:
     """Retrieval stage vs FAISS IndexFlatIP on 1M x 384 float16 vectors: time, recall, RSS."""
     from craft_ray.bench.retrieve import run_bench_retrieve
 
-    r = _run(lambda: run_bench_retrieve(workdir, rows, dim, queries, k, shards, concurrency))
-    typer.echo(f"search, actors up and vectors cached: stage {r['stage_s']:.3f} s vs FAISS "
-               f"IndexFlatIP {r['faiss_s']:.3f} s (index in memory): ratio {r['ratio']}")
+    r = _run(lambda: run_bench_retrieve(workdir, rows, dim, queries, k, shards, concurrency,
+                                           repeats=repeats))
+    st, fa = r["stage_s"], r["faiss_s"]
+    typer.echo(f"search, actors up and vectors cached ({r['repeats']} interleaved rounds): stage "
+               f"median {st['median']:.3f} s ({st['min']:.3f}-{st['max']:.3f}) vs FAISS "
+               f"IndexFlatIP {fa['median']:.3f} s ({fa['min']:.3f}-{fa['max']:.3f}): ratio "
+               f"{r['ratio']} ({r['ratio_range'][0]}-{r['ratio_range'][1]}); load "
+               f"{r['load_before']} -> {r['load_after']}")
     typer.echo(f"fresh process, cached vectors: stage {r['stage_fresh_s']:.3f} s (actor start "
                f"{r['actor_startup_s']:.3f} s) vs FAISS {r['faiss_fresh_s']:.3f} s (load + add "
                f"+ search): ratio {r['ratio_fresh']}   first-ever search (Parquet decoded, "

@@ -11,6 +11,6 @@ pip install -q torch==2.13.0
 # deepspeed: ~10 s to install (an sdist; it uses the torch above, never pulls a CUDA one), and
 # its CPU tests add ~80 s on the first run (a one-off JIT build of its shm comm op) on 2 cores;
 # qlora: bitsandbytes' wheel (CPU 4-bit backend too; needs only torch, numpy, packaging)
-pip install -q -e ".[dev,deepspeed,qlora]"
+pip install -q -e ".[dev,deepspeed,qlora,onnx]"
 ruff check craft_ray jobs tests
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"

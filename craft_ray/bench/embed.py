@@ -1,11 +1,21 @@
 """``craft-ray bench embed``: plain sentence-transformers ``encode`` vs the embed stage.
 
 Both embed the same real texts (every post of the StackExchange dumps, HTML stripped, at least
-``min_docs`` of them) in one run. The baseline is one in-process ``model.encode`` call over all
-texts (it sorts by length internally); its model load is not timed. The stage is timed from
-the start of :func:`craft_ray.stages.embed.run_embed` to its end: reading, actor start-up and model
-load, embedding, writing and finalising the store. Ray's own start is not timed (a cluster is
-started once, not per stage).
+``min_docs`` of them). Sides, each timed ``repeats`` times interleaved after a light warm-up
+(:mod:`craft_ray.bench.measure`):
+
+- ``encode``: the baseline, one in-process ``model.encode`` call over all texts in float32
+  (it sorts by length internally; torch's default threads, i.e. every core); its model load
+  is not timed;
+- ``stage``: :func:`craft_ray.stages.embed.run_embed` with the config's defaults, from its
+  start to its end: reading, actor start-up and model load, embedding, writing and finalising
+  the store (Ray's own start is not timed: a cluster is started once, not per stage);
+- ``int8_stage`` / ``int8_encode`` (``int8=True``): the same with ``embed.backend=onnx,
+  embed.quantize=int8`` (ONNX Runtime, dynamic int8), in the stage and in-process.
+
+``ratio`` = encode / stage time (>= 1.0: the stage keeps pace with plain encode);
+``ratio_int8`` = encode / int8 stage time. Where the stage's time goes: the actors' model time
+(``encode_seconds_this_run``) against the stage's wall time.
 """
 
 from __future__ import annotations
@@ -19,6 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from craft_ray.bench.measure import (
+    conditions,
+    interleave,
+    load_average,
+    paired_ratio,
+    summary,
+    thread_report,
+)
 from craft_ray.config import apply_overrides, validate
 from craft_ray.models.embedder import encode_texts, load_sentence_transformer
 from craft_ray.runtime import init_ray
@@ -48,66 +66,132 @@ def stackexchange_texts(root: Path, min_docs: int) -> list[str]:
     return texts
 
 
+def _write_corpus(texts: list[str], folder: Path, shards: int) -> int:
+    folder.mkdir(parents=True)
+    per = (len(texts) + shards - 1) // shards
+    for s in range(shards):
+        with (folder / f"part-{s:03d}.jsonl").open("w") as fh:
+            for t in texts[s * per:(s + 1) * per]:
+                fh.write(json.dumps({"text": t}) + "\n")
+    return per
+
+
+def _stage_config(tmp: Path, corpus: Path, run: str, overrides: list[str]) -> Any:
+    data = apply_overrides({
+        "run_dir": str(tmp / run),
+        "embed": {"corpora": [{"name": "bench", "format": "jsonl", "paths": [str(corpus)],
+                               "min_chars": 0}],
+                  "export_h5": False, "model_cache_dir": str(tmp / "_models")},
+    }, overrides)
+    return validate(EmbedStageConfig, data, "bench embed")
+
+
+def _max_cos_dist(store: Path, base: np.ndarray, per: int) -> tuple[float, int]:
+    worst, n = 0.0, 0
+    for sh in read_info(store).shards:
+        t = read_shard_table(store, sh)
+        idx = int(sh.shard.split("-")[1].split(".")[0]) * per
+        rows = t.column("row").to_numpy()
+        got = vectors_of(t).astype(np.float32)
+        ref = base[idx + rows].astype(np.float32)
+        cos = np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1)
+                                            * np.linalg.norm(ref, axis=1))
+        worst = max(worst, float(np.max(1.0 - cos)))
+        n += len(rows)
+    return worst, n
+
+
 def run_bench_embed(data: Path, *, min_docs: int = 2000, overrides: list[str] | None = None,
-                    shards: int = 8) -> dict[str, Any]:
-    """Run both sides and return the figures (also logged)."""
-    texts = stackexchange_texts(Path(data), min_docs)
-    with tempfile.TemporaryDirectory(prefix="craft-bench-embed-") as tmp:
-        corpus = Path(tmp) / "corpus"
-        corpus.mkdir()
-        per = (len(texts) + shards - 1) // shards
-        for s in range(shards):
-            with (corpus / f"part-{s:03d}.jsonl").open("w") as fh:
-                for t in texts[s * per:(s + 1) * per]:
-                    fh.write(json.dumps({"text": t}) + "\n")
-        data_cfg = apply_overrides({
-            "run_dir": str(Path(tmp) / "run"),
-            "embed": {"corpora": [{"name": "bench", "format": "jsonl", "paths": [str(corpus)],
-                                   "min_chars": 0}],
-                      "export_h5": False},
-        }, overrides or [])
-        cfg = validate(EmbedStageConfig, data_cfg, "bench embed")
+                    shards: int = 8, repeats: int = 3, int8: bool = True,
+                    max_docs: int | None = None) -> dict[str, Any]:
+    """Run the sides interleaved and return the figures (also logged). ``max_docs`` cuts the
+    texts short (smoke tests)."""
+    load_before = load_average()
+    texts = stackexchange_texts(Path(data), min_docs)[:max_docs]
+    overrides = list(overrides or [])
+    with tempfile.TemporaryDirectory(prefix="craft-bench-embed-") as tmp_s:
+        tmp = Path(tmp_s)
+        per = _write_corpus(texts, tmp / "corpus", shards)
+        _write_corpus(texts[:64], tmp / "warm", 1)
+        cfg = _stage_config(tmp, tmp / "corpus", "run", overrides)
         ecfg = cfg.embed
-
         model = load_sentence_transformer(ecfg.model, None, ecfg.max_seq_length, ecfg.fp16)
-        model.encode(texts[:16], batch_size=ecfg.encode_batch_size)  # warm-up
-        t0 = time.perf_counter()
-        base = encode_texts(model, texts, ecfg.encode_batch_size)
-        base_s = time.perf_counter() - t0
-        del model
+        threads_encode = thread_report()
+        base: dict[str, np.ndarray] = {}
+        runs = iter(range(10_000))
+        stats: dict[str, dict[str, Any]] = {}
 
+        def encode_side(m: Any, key: str) -> float:
+            t0 = time.perf_counter()
+            base[key] = encode_texts(m, texts, ecfg.encode_batch_size)
+            return time.perf_counter() - t0
+
+        def stage_side(extra: list[str], key: str, corpus: str = "corpus") -> float:
+            run_cfg = _stage_config(tmp, tmp / corpus, f"run-{next(runs)}", overrides + extra)
+            t0 = time.perf_counter()
+            st = run_embed(run_cfg)
+            took = time.perf_counter() - t0
+            if corpus == "corpus":
+                st["seconds_wall"] = took
+                st["store"] = Path(run_cfg.run_dir) / "embed" / "store"
+                stats[key] = st
+            return took
+
+        int8_opts = ["embed.backend=onnx", "embed.quantize=int8"]
+        sides = {"encode": lambda: encode_side(model, "encode"),
+                 "stage": lambda: stage_side([], "stage")}
+        warm = {"encode": lambda: model.encode(texts[:64]),
+                "stage": lambda: stage_side([], "warm", "warm")}
+        if int8:
+            q8 = load_sentence_transformer(ecfg.model, None, ecfg.max_seq_length, False,
+                                           backend="onnx", quantize="int8",
+                                           cache_dir=tmp / "_models")
+            sides["int8_stage"] = lambda: stage_side(int8_opts, "int8_stage")
+            sides["int8_encode"] = lambda: encode_side(q8, "int8_encode")
+            warm["int8_stage"] = lambda: stage_side(int8_opts, "warm", "warm")
+            warm["int8_encode"] = lambda: q8.encode(texts[:64])
         init_ray(cfg.ray)
-        t0 = time.perf_counter()
-        stats = run_embed(cfg)
-        stage_s = time.perf_counter() - t0
-
-        store = Path(tmp) / "run" / "embed" / "store"
-        worst = 0.0
-        n = 0
-        for sh in read_info(store).shards:
-            t = read_shard_table(store, sh)
-            idx = int(sh.shard.split("-")[1].split(".")[0]) * per
-            rows = t.column("row").to_numpy()
-            got = vectors_of(t).astype(np.float32)
-            ref = base[idx + rows].astype(np.float32)
-            cos = np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1)
-                                                * np.linalg.norm(ref, axis=1))
-            worst = max(worst, float(np.max(1.0 - cos)))
-            n += len(rows)
-    if n != len(texts) or stats["rows_out"] != len(texts):
-        raise RuntimeError(f"stage embedded {n} of {len(texts)} texts")
-    result = {
-        "docs": len(texts),
-        "baseline": "sentence-transformers encode, one process, all texts in one call",
-        "baseline_docs_per_s": round(len(texts) / base_s, 2),
-        "stage_docs_per_s": round(len(texts) / stage_s, 2),
-        "ratio": round(base_s / stage_s, 3),
-        "max_cos_dist": float(f"{worst:.3g}"),
-        "baseline_s": round(base_s, 2),
-        "stage_s": round(stage_s, 2),
-        "stage_config": {k: v for k, v in ecfg.model_dump(mode="json").items()
-                         if k not in ("corpora",)},
-    }
-    logger.info("bench embed: baseline %.1f docs/s, stage %.1f docs/s, ratio %.3f",
-                result["baseline_docs_per_s"], result["stage_docs_per_s"], result["ratio"])
+        times = interleave(sides, repeats=repeats, warmup=warm)
+        worst, n = _max_cos_dist(stats["stage"]["store"], base["encode"], per)
+        if n != len(texts):
+            raise RuntimeError(f"stage embedded {n} of {len(texts)} texts")
+        result: dict[str, Any] = {
+            "docs": len(texts), "repeats": repeats,
+            "baseline": "sentence-transformers encode in float32, one process, all texts in "
+                        "one call",
+            "encode_s": summary(times["encode"]), "stage_s": summary(times["stage"]),
+            "ratio": paired_ratio(times["encode"], times["stage"])["median"],
+            "ratio_summary": paired_ratio(times["encode"], times["stage"]),
+            "baseline_docs_per_s": round(len(texts) / summary(times["encode"])["median"], 2),
+            "stage_docs_per_s": round(len(texts) / summary(times["stage"])["median"], 2),
+            "max_cos_dist": float(f"{worst:.3g}"),
+            "stage_time": _where_time_goes(stats["stage"]),
+            "threads_encode": threads_encode,
+            "stage_config": {k: v for k, v in ecfg.model_dump(mode="json").items()
+                             if k not in ("corpora",)},
+        }
+        if int8:
+            worst8, _ = _max_cos_dist(stats["int8_stage"]["store"], base["encode"], per)
+            result.update({
+                "int8_stage_s": summary(times["int8_stage"]),
+                "int8_encode_s": summary(times["int8_encode"]),
+                "ratio_int8": paired_ratio(times["encode"], times["int8_stage"])["median"],
+                "ratio_int8_summary": paired_ratio(times["encode"], times["int8_stage"]),
+                "ratio_int8_encode": paired_ratio(times["encode"],
+                                                  times["int8_encode"])["median"],
+                "int8_max_cos_dist": float(f"{worst8:.3g}"),
+                "int8_stage_time": _where_time_goes(stats["int8_stage"]),
+            })
+    result.update(conditions(load_before))
+    logger.info("bench embed: ratio %.3f (median of %d), int8 %s", result["ratio"], repeats,
+                result.get("ratio_int8"))
     return result
+
+
+def _where_time_goes(stats: dict[str, Any]) -> dict[str, Any]:
+    """The stage's wall time split into the actors' model time and the rest (Ray: read,
+    schedule, write, finalise, actor start-up and model load)."""
+    wall = stats["seconds_wall"]
+    enc = stats["encode_seconds_this_run"]
+    return {"wall_s": round(wall, 2), "model_s": round(enc, 2),
+            "other_s": round(wall - enc, 2), "other_frac": round((wall - enc) / wall, 3)}

@@ -5,14 +5,16 @@ needs). Three figures for the stage, each against its FAISS counterpart:
 
 - ``stage_s`` / ``ratio``: the search with the similarity actors up and the vectors cached
   (a :class:`StoreSearcher` searched again), against ``faiss_s``, FAISS's search with its
-  index built and in memory; best of two runs each.
+  index built and in memory; after a warm-up of each, ``repeats`` rounds interleaved (stage,
+  FAISS, stage, FAISS, ...), ``ratio`` the median of the per-round ratios
+  (:mod:`craft_ray.bench.measure`).
 - ``stage_fresh_s`` / ``ratio_fresh``: what a fresh process pays on a store with its vector
   cache: starting the actors plus one search, against FAISS loading the same cached float32
-  vectors (and the doc ids), adding them to the index and searching.
+  vectors (and the doc ids), adding them to the index and searching (once each).
 - ``stage_cold_s``: the first search ever (actors started, Parquet decoded, cache written).
 
-The stage runs first, so the driver's peak memory is the stage's, before FAISS loads the
-matrix."""
+The stage's memory is measured before FAISS loads the matrix, so the driver's peak is the
+stage's."""
 
 from __future__ import annotations
 
@@ -26,6 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from craft_ray.bench.measure import (
+    conditions,
+    interleave,
+    load_average,
+    paired_ratio,
+    summary,
+    thread_report,
+)
 from craft_ray.store.vectors import (
     ShardInfo,
     StoreInfo,
@@ -86,7 +96,7 @@ def build_random_store(path: Path, rows: int, dim: int, shards: int, seed: int =
 def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
                        num_queries: int = 32, k: int = 1000, shards: int = 16,
                        concurrency: int = 2, chunk_rows: int = 32_768,
-                       blas_threshold: int = 20) -> dict[str, Any]:
+                       blas_threshold: int = 20, repeats: int = 3) -> dict[str, Any]:
     """Time the stage and FAISS on the same vectors; recall of the stage against FAISS."""
     import multiprocessing as mp
 
@@ -95,6 +105,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
 
     from craft_ray.stages.retrieve import StoreSearcher, cache_file, ranked_lists
 
+    load_before = load_average()
     store = workdir / "store"
     t = time.time()
     # Built in a child process, so this process' peak RSS below is the stage's alone.
@@ -142,12 +153,10 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     startup_s, searcher = start()
     stage_first_s, _, _ = search(searcher)
     # 3) the search itself, actors up and vectors cached (as FAISS's index is built and in
-    # memory): best of two, as for FAISS.
-    warm = [search(searcher) for _ in range(2)]
-    searcher.close()
-    stage_s = min(w[0] for w in warm)
-    stage_ids, res = warm[-1][1], warm[-1][2]
+    # memory). One search here for the memory figures, before FAISS loads its matrix.
+    search(searcher)
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res = search(searcher)[2]
     actor_peak = max(res.actor_peak_rss_mb.values(), default=0.0)
     # What the search itself held: each process' peak above its RSS before it searched
     # (interpreter, numpy, pyarrow and Ray's worker are a fixed cost, whatever the store size).
@@ -174,20 +183,32 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     t = time.time()
     index.add(xb)
     add_s = time.time() - t
-    faiss_runs = []
-    for _ in range(2):  # best of two, as for the stage
-        t = time.time()
-        _, idx = index.search(q, k)
-        faiss_runs.append(time.time() - t)
-    faiss_s = min(faiss_runs)
-    faiss_ids = [[ids[j] for j in row] for row in idx]
-    del xb, index
+    del xb
+    last: dict[str, Any] = {}
+
+    def stage_side() -> float:
+        took, last["stage"], _ = search(searcher)
+        return took
+
+    def faiss_side() -> float:
+        t = time.perf_counter()
+        _, last["faiss"] = index.search(q, k)
+        return time.perf_counter() - t
+
+    times = interleave({"stage": stage_side, "faiss": faiss_side}, repeats=repeats)
+    searcher.close()
+    stage_ids = last["stage"]
+    faiss_ids = [[ids[j] for j in row] for row in last["faiss"]]
+    index.reset()  # frees the matrix
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(stage_ids, faiss_ids)]))
+    ratio = paired_ratio(times["stage"], times["faiss"])
+    faiss_s = summary(times["faiss"])["median"]
     fresh_s = startup_s + stage_first_s
     faiss_fresh_s = load_s + add_s + faiss_s
     return {
-        "stage_s": round(stage_s, 3), "faiss_s": round(faiss_s, 3),
-        "ratio": round(stage_s / faiss_s, 3) if faiss_s > 0 else None,
+        "stage_s": summary(times["stage"]), "faiss_s": summary(times["faiss"]),
+        "ratio": ratio["median"], "ratio_range": [ratio["min"], ratio["max"]],
+        "ratio_runs": ratio["runs"], "repeats": repeats,
         "stage_fresh_s": round(fresh_s, 3), "faiss_fresh_s": round(faiss_fresh_s, 3),
         "ratio_fresh": round(fresh_s / faiss_fresh_s, 3) if faiss_fresh_s > 0 else None,
         "stage_cold_s": round(startup_cold_s + stage_cold_s, 3),
@@ -204,4 +225,6 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
         "build_store_s": round(build_s, 3), "rows": info.num_rows, "dim": dim,
         "queries": num_queries, "k": k, "shards": len(info.shards),
         "faiss_threads": faiss.omp_get_max_threads(),
+        "driver_threads": thread_report(),
+        **conditions(load_before),
     }

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import Field
 
 from craft_ray.config import RayConfig, StrictModel
+from craft_ray.models.embedder import Backend, Quantize
 from craft_ray.runtime import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,15 @@ CUTOFFS = (1, 5, 10, 100)
 
 class BeirError(ValueError):
     """A BEIR folder is missing files or holds malformed lines (message names which)."""
+
+
+class EmbedderSettings(StrictModel):
+    """How eval-retrieval runs the embedder: the embed stage's keys of the same names."""
+
+    backend: Backend = Field(default="torch", description="'torch' or 'onnx' (ONNX Runtime, "
+                             "CPU), as embed.backend.")
+    quantize: Quantize = Field(default="none", description="'int8' (backend onnx only), as "
+                               "embed.quantize.")
 
 
 class RetrievalEvalConfig(StrictModel):
@@ -58,6 +68,8 @@ class RetrievalEvalConfig(StrictModel):
                                   "call.")
     concurrency: int = Field(default=1, ge=1, description="Embedding and similarity actors.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor.")
+    embed: EmbedderSettings = Field(default_factory=EmbedderSettings,
+                                    description="Embedder backend and quantisation.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
 
 
@@ -224,11 +236,16 @@ def convert_corpus(corpus: Path, out: Path) -> tuple[list[str], bool]:
 
 
 def encode_queries(model_name: str, texts: list[str], batch_size: int,
-                   max_seq_length: int | None) -> np.ndarray:
-    """Queries as float32 unit vectors (not rounded to float16, as BEIR keeps them)."""
+                   max_seq_length: int | None, embed: EmbedderSettings | None = None,
+                   cache_dir: str | Path | None = None) -> np.ndarray:
+    """Queries as float32 unit vectors (not rounded to float16, as BEIR keeps them), with
+    the same embedder backend as the corpus."""
     from craft_ray.models.embedder import load_sentence_transformer
 
-    model = load_sentence_transformer(model_name, None, max_seq_length, False)
+    embed = embed or EmbedderSettings()
+    model = load_sentence_transformer(model_name, None, max_seq_length, False,
+                                      backend=embed.backend, quantize=embed.quantize,
+                                      cache_dir=cache_dir)
     vec = model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
                        convert_to_numpy=True, show_progress_bar=False)
     return np.asarray(vec, dtype=np.float32)
@@ -255,14 +272,14 @@ def dense_rankings(cfg: RetrievalEvalConfig, beir: Beir, queries: dict[str, str]
                               min_chars=0, max_chars=100_000_000)],
         model=cfg.model, max_seq_length=cfg.max_seq_length, export_h5=False,
         batch_size=cfg.embed_batch_size, concurrency=cfg.concurrency,
-        num_gpus=cfg.num_gpus))
+        num_gpus=cfg.num_gpus, backend=cfg.embed.backend, quantize=cfg.embed.quantize))
     embed_stats = run_embed(embed_cfg, force=rewritten)  # a new corpus file: re-embed
     t_embed = time.time()
     store = work / "embed" / "store"
     info = read_info(store)
     qids = list(queries)
     q = encode_queries(cfg.model, [queries[i] for i in qids], cfg.query_batch_size,
-                       cfg.max_seq_length)
+                       cfg.max_seq_length, cfg.embed, work / "_models")
     if q.shape[1] != info.dim:
         raise BeirError(f"queries are {q.shape[1]}-dim but the store {store} is {info.dim}-dim")
     t_q = time.time()

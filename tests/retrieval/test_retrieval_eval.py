@@ -101,3 +101,22 @@ def test_eval_pipeline_matches_in_memory_reference(ray_local, tmp_path: Path) ->
         assert m[key] == pytest.approx(v, abs=0.02), key
     assert m["recall@100"] == 1.0  # 120 documents: every accepted answer is in the top 100
     assert m["ndcg@10"] > 0.3  # titles find their accepted answers far above chance
+
+
+def test_int8_onnx_embedder_keeps_ndcg(ray_local, tmp_path: Path) -> None:
+    """eval-retrieval with embed.backend=onnx, embed.quantize=int8 (set as on the command line)
+    scores nDCG@10 within 0.01 of the float32 torch embedder on the BEIR fixture."""
+    pytest.importorskip("onnxruntime")
+    from craft_ray.config import apply_overrides, validate
+
+    base = {"data": str(BEIR_DIR), "embed_batch_size": 64}
+    fp32 = run_eval_retrieval(validate(RetrievalEvalConfig, {
+        **base, "run_dir": str(tmp_path / "fp32")}, "t"))["metrics"]
+    raw = apply_overrides({**base, "run_dir": str(tmp_path / "int8")},
+                          ["embed.backend=onnx", "embed.quantize=int8"])
+    cfg = validate(RetrievalEvalConfig, raw, "t")
+    assert (cfg.embed.backend, cfg.embed.quantize) == ("onnx", "int8")
+    int8 = run_eval_retrieval(cfg)["metrics"]
+    assert (tmp_path / "int8" / "_models").is_dir()  # the export sits beside the run
+    assert int8["ndcg@10"] == pytest.approx(fp32["ndcg@10"], abs=0.01)
+    assert int8["ndcg@10"] > 0.3

@@ -1,0 +1,72 @@
+"""The ONNX Runtime embedder backend (float32 and dynamic int8) against plain
+sentence-transformers, and the config rules around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from craft_ray.config import ConfigError, validate  # noqa: E402
+from craft_ray.models.embedder import export_onnx, load_sentence_transformer  # noqa: E402
+from craft_ray.stages.embed import EmbedStageConfig  # noqa: E402
+
+TEXTS = [
+    "How do I descale an espresso machine without vinegar?",
+    "Ales ferment best between 16 and 20 degrees Celsius; lagers want it colder.",
+    "What grind size works for a French press?",
+    "Dry hopping adds aroma without adding bitterness.",
+    "word " * 400,  # longer than max_seq_length: truncated the same way on both sides
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+def test_onnx_float32_equals_torch_and_int8_stays_close(cache: Path) -> None:
+    ref = load_sentence_transformer("all-MiniLM-L6-v2", "cpu", 128, False).encode(
+        TEXTS, normalize_embeddings=True)
+    fp32 = load_sentence_transformer("all-MiniLM-L6-v2", None, 128, False, backend="onnx",
+                                     cache_dir=cache, threads=1)
+    v32 = fp32.encode(TEXTS, normalize_embeddings=True)
+    assert v32.shape == ref.shape == (len(TEXTS), 384)
+    assert float(np.max(1 - np.sum(ref * v32, axis=1))) < 1e-5
+    # the swapped module really is the ONNX session, not the torch model
+    assert type(fp32[0].model).__name__ == "OnnxTransformer"
+    int8 = load_sentence_transformer("all-MiniLM-L6-v2", None, 128, False, backend="onnx",
+                                     quantize="int8", cache_dir=cache, threads=1)
+    v8 = int8.encode(TEXTS, normalize_embeddings=True)
+    dist = 1 - np.sum(ref * v8, axis=1)
+    assert 1e-6 < float(np.max(dist)) < 0.05  # quantised (not identical), still close
+    # similarities between texts move little (ranking quality: see the nDCG test)
+    assert float(np.max(np.abs(ref @ ref.T - v8 @ v8.T))) < 0.05
+
+
+def test_export_is_made_once_and_reused(cache: Path) -> None:
+    first = export_onnx("all-MiniLM-L6-v2", cache)
+    stamp = (first / "model_int8.onnx").stat().st_mtime_ns
+    again = export_onnx("all-MiniLM-L6-v2", cache)
+    assert again == first and (again / "model_int8.onnx").stat().st_mtime_ns == stamp
+    assert (first / "model.onnx").stat().st_size > 3 * (first / "model_int8.onnx").stat().st_size
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no tmp left
+
+
+def test_config_rules() -> None:
+    corpora = [{"name": "c", "format": "jsonl", "paths": ["x.jsonl"]}]
+    ok = validate(EmbedStageConfig, {"embed": {"corpora": corpora, "backend": "onnx",
+                                               "quantize": "int8"}}, "t")
+    assert ok.embed.backend == "onnx" and ok.embed.quantize == "int8"
+    with pytest.raises(ConfigError, match="quantize=int8 needs embed.backend=onnx"):
+        validate(EmbedStageConfig, {"embed": {"corpora": corpora, "quantize": "int8"}}, "t")
+    with pytest.raises(ConfigError, match="runs on CPU"):
+        validate(EmbedStageConfig, {"embed": {"corpora": corpora, "backend": "onnx",
+                                              "num_gpus": 1}}, "t")
+    with pytest.raises(ConfigError, match="backend"):
+        validate(EmbedStageConfig, {"embed": {"corpora": corpora, "backend": "tensorrt"}}, "t")
+    with pytest.raises(ValueError, match="needs embed.backend=onnx"):
+        load_sentence_transformer("all-MiniLM-L6-v2", "cpu", quantize="int8")
