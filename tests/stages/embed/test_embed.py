@@ -162,7 +162,7 @@ def test_resume_after_sigkill_gives_the_same_store(ray_local, tmp_path: Path):
     assert 1 <= done_at_kill < 5, "the kill must land part-way"
     assert not (tmp_path / "killed" / "embed" / "_SUCCESS").exists()
 
-    proc = _cli(["embed", "--config", str(cfg_file), "--set", "ray.num_cpus=2"])
+    proc = _cli(["embed", "--config", str(cfg_file), "--set", "ray.num_cpus=2", "--json"])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     stats = json.loads(out.strip().splitlines()[-1])

@@ -236,7 +236,7 @@ def test_hf_backend_end_to_end(ray_local, tiny_causal_lm, tmp_path):
     assert sum(stats["rejects"].values()) == len(rejects) + len(drops)
 
     # a rerun with the same config is skipped; the outputs stay
-    res2 = CliRunner().invoke(app, ["generate", "--config", str(cfg_path)])
+    res2 = CliRunner().invoke(app, ["generate", "--config", str(cfg_path), "--json"])
     assert res2.exit_code == 0 and json.loads(res2.stdout.strip().splitlines()[-1]) == stats
 
     # guided decoding off, few tokens: every generation is rejected with its reason, and
