@@ -38,12 +38,14 @@ def sections() -> dict[str, tuple[type[BaseModel], str]]:
     """Name -> (config model, what it configures), in pipeline order.
 
     ``common`` are the keys every YAML shares (``run_dir``, ``ray``); the stage names are the
-    YAML sections; ``eval-retrieval`` and ``mine-negatives`` take ``--set`` keys only.
+    YAML sections; ``eval-retrieval`` and ``mine-negatives`` take ``--set`` keys only,
+    ``train-retriever`` a file of its own and ``--set`` keys.
     """
     from craft_ray.pipeline import PipelineConfig
     from craft_ray.retrieval.evaluation import RetrievalEvalConfig
     from craft_ray.retrieval.negatives import MineNegativesConfig
     from craft_ray.stages.judge import JudgeStageConfig
+    from craft_ray.stages.train_retriever import TrainRetrieverConfig
 
     out: dict[str, tuple[type[BaseModel], str]] = {}
     fields = PipelineConfig.model_fields
@@ -54,6 +56,8 @@ def sections() -> dict[str, tuple[type[BaseModel], str]]:
     out["judge"] = (_model_of(JudgeStageConfig, "judge"), "LLM-judge stage (craft-ray judge)")
     out["eval-retrieval"] = (RetrievalEvalConfig, "craft-ray eval-retrieval (--set keys)")
     out["mine-negatives"] = (MineNegativesConfig, "craft-ray mine-negatives (--set keys)")
+    out["train-retriever"] = (TrainRetrieverConfig,
+                              "craft-ray train-retriever (--config FILE and --set keys)")
     return out
 
 

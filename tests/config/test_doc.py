@@ -17,7 +17,7 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("stage", ["embed", "retrieve", "generate", "filter", "train", "sweep",
-                                   "evaluate", "judge"])
+                                   "evaluate", "judge", "train-retriever"])
 def test_show_lists_every_key_of_every_stage_with_a_description(stage: str):
     model, _ = sections()[stage]
     docs = {d.key: d for d in describe(model, f"{stage}.")}
