@@ -60,6 +60,7 @@ from pydantic import Field, field_validator, model_validator
 from craft_ray.config import RayConfig, StrictModel, config_hash
 from craft_ray.evalsets import LETTERS, EvalItem, EvalSetConfig, load_eval_set
 from craft_ray.judge import JUDGE_TEMPLATE, JudgeModelConfig
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -485,6 +486,7 @@ def load_hf_model(model: str, adapter: str | None, merge_adapter: bool, dtype: s
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = resolve_model_path(model)
     if os.path.isdir(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter)
@@ -621,7 +623,8 @@ def vllm_processor_config(cfg: EvaluateConfig, model: ModelSpec) -> Any:
         engine.update(enable_lora=True, max_lora_rank=cfg.vllm.max_lora_rank, max_loras=1)
     engine.update(cfg.vllm.engine_kwargs)
     return vLLMEngineProcessorConfig(
-        model_source=model.model, engine_kwargs=engine, batch_size=cfg.batch_size,
+        model_source=resolve_model_path(model.model), engine_kwargs=engine,
+        batch_size=cfg.batch_size,
         concurrency=cfg.concurrency, accelerator_type=None,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
     )
@@ -814,7 +817,7 @@ def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, A
     vrows = [{**r, "sample_id": f"{r['model_name']}/{r['eval_set']}/{r['id']}",
               "prompt_token_ids": r["tokenized_prompt"], "schema": ""} for r in rows]
     processor = build_processor(
-        processor_config(vllm_generation_config(cfg, model), model.model),
+        processor_config(vllm_generation_config(cfg, model), resolve_model_path(model.model)),
         preprocess=partial(vllm_generation_request, sampling=sampling, adapter=model.adapter),
         postprocess=postprocess)
     got = []
@@ -1174,8 +1177,8 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     results: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # generated pairs waiting for ROUGE-L / the judge
     for model in models:
-        tok = AutoTokenizer.from_pretrained(
-            model.adapter if model.adapter and _has_tokenizer(model.adapter) else model.model)
+        tok = AutoTokenizer.from_pretrained(model.adapter if model.adapter and _has_tokenizer(
+            model.adapter) else resolve_model_path(model.model))
         mc_rows: list[dict[str, Any]] = []
         gen_rows: list[dict[str, Any]] = []
         mc_sets, gen_sets = [], []

@@ -44,6 +44,7 @@ from craft_ray.backends.openai_compat import OpenAIBackendConfig
 from craft_ray.backends.vllm import VLLMBackendConfig
 from craft_ray.config import ConfigError, RayConfig, StrictModel
 from craft_ray.fewshots import FewShotConfig, FewShotError, load_fewshots
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.runtime import StageDir, StageStats, atomic_write_text, tmp_path_for
 from craft_ray.tasks import (
     MALFORMED_JSON,
@@ -392,10 +393,9 @@ class PromptBuilder:
 
 
 def local_ref(name: str | None) -> str | None:
-    """An existing local path made absolute (Ray workers may run elsewhere); ids unchanged."""
-    if name is not None and os.path.exists(name):
-        return os.path.abspath(name)
-    return name
+    """A model reference resolved for workers: a local path made absolute (Ray workers may run
+    elsewhere), a GGUF file or ``pkg://`` spec converted to its cached HF folder; ids unchanged."""
+    return resolve_model_path(name) if name is not None else None
 
 
 def load_tokenizer(name: str | None) -> Any | None:
@@ -404,7 +404,7 @@ def load_tokenizer(name: str | None) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
     if not getattr(tok, "chat_template", None):
         raise ConfigError(
             f"tokenizer {name!r} has no chat template; prompts are rendered with the "
@@ -516,7 +516,7 @@ def _model_context(name: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        c = AutoConfig.from_pretrained(name)
+        c = AutoConfig.from_pretrained(resolve_model_path(name))
     except Exception:  # not a local/hub model (e.g. an openai served name)
         return None
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):

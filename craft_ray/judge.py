@@ -29,6 +29,7 @@ from craft_ray.backends.hf import HFBackendConfig
 from craft_ray.backends.openai_compat import OpenAIBackendConfig
 from craft_ray.backends.vllm import VLLMBackendConfig
 from craft_ray.config import RayConfig, StrictModel
+from craft_ray.models.gguf import resolve_model_path
 
 Verdict = Literal["1", "2", "tie"]
 Outcome = Literal["win", "loss", "tie", "unparsable"]
@@ -280,23 +281,21 @@ def backend_generate(cfg: JudgeModelConfig, seed: int = 0) -> Callable[[list[str
 
     Ray must be initialised. A failed request yields "" (an unparsable judgement).
     """
-    import os
 
     def run(prompts: list[str]) -> list[str]:
         import ray.data
         from transformers import AutoTokenizer
 
         tok_name = cfg.tokenizer or (None if cfg.backend == "openai" else cfg.model)
-        tok = AutoTokenizer.from_pretrained(tok_name) if tok_name else None
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(tok_name)) if tok_name else None
         ds = ray.data.from_items(judge_rows(prompts, cfg, tok))
         sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": seed,
                     "guided": False}
-        model = os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model
+        model = cfg.model if cfg.backend == "openai" else resolve_model_path(cfg.model)
         if cfg.backend == "hf":
             from craft_ray.backends.hf import hf_generate
 
-            tok_path = (os.path.abspath(cfg.tokenizer) if cfg.tokenizer and
-                        os.path.exists(cfg.tokenizer) else cfg.tokenizer)
+            tok_path = resolve_model_path(cfg.tokenizer) if cfg.tokenizer else None
             out = hf_generate(ds, model, tok_path, cfg.hf, sampling)
         elif cfg.backend == "openai":
             from craft_ray.backends.openai_compat import openai_generate
