@@ -204,8 +204,15 @@ class Task:
         """
         raise NotImplementedError
 
-    def parse(self, text: str) -> dict[str, Any]:
-        """The first JSON object in ``text`` that passes :meth:`validate`, as a record.
+    def check_source(self, record: Mapping[str, Any], source: str) -> None:
+        """Rules that need the source document (e.g. no verbatim copy); none by default.
+
+        Raises :class:`TaskValidationError` with a fixed message.
+        """
+
+    def parse(self, text: str, source: str = "") -> dict[str, Any]:
+        """The first JSON object in ``text`` that passes :meth:`validate` (and, given the
+        source document, :meth:`check_source`), as a record.
 
         Raises :class:`TaskValidationError`: ``"Empty generation."``, ``"No JSON found."``,
         ``"Malformed or truncated JSON."``, or the validation message of the first object found
@@ -219,7 +226,9 @@ class Task:
         first_error: TaskValidationError | None = None
         for obj in objs:
             try:
-                return self.validate(obj)
+                record = self.validate(obj)
+                self.check_source(record, source)
+                return record
             except TaskValidationError as exc:
                 first_error = first_error or exc
         assert first_error is not None
@@ -368,6 +377,67 @@ def _schema_object(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Quality guards: what a real (small) model gets wrong while the JSON stays valid. Each guard
+# raises TaskValidationError with a fixed message, so rejects are counted by reason.
+
+MIN_OPTION_CHARS = 2  # "IgA", "5 mg" are real options; "A", "M" are not
+
+OPTION_ONLY_LETTER = "Option is only a letter label."
+OPTION_TOO_SHORT = "Option shorter than {n} characters."
+DUPLICATE_OPTIONS = "Duplicate answer options."
+QUESTION_CUT_OFF = "Question cut off (no terminal punctuation)."
+QUESTION_REPEATS_OPTION = "Question repeats an answer option."
+COPIES_DOCUMENT = "{what} copies the document verbatim."
+
+_TERMINAL = tuple("?.!:)\"'”")
+_WORDS = re.compile(r"\w+")
+
+
+def check_options(options: list[str], letters: str, min_chars: int) -> None:
+    """Reject options that are only a letter, shorter than ``min_chars`` or duplicated."""
+    texts = [_option_text(o) for o in options]
+    for t in texts:
+        if len(t) == 1 and t.upper() in LETTERS:
+            raise TaskValidationError(OPTION_ONLY_LETTER)
+        if len(t) < min_chars:
+            raise TaskValidationError(OPTION_TOO_SHORT.format(n=min_chars))
+    norm = [" ".join(_WORDS.findall(t)) for t in texts]
+    if len(set(norm)) < len(norm):
+        raise TaskValidationError(DUPLICATE_OPTIONS)
+
+
+def check_question(question: str, options: list[str]) -> None:
+    """Reject a question that stops without terminal punctuation or repeats an option."""
+    if not question.rstrip().endswith(_TERMINAL):
+        raise TaskValidationError(QUESTION_CUT_OFF)
+    q = question.lower()
+    labelled = sum(1 for o in options if o.lower() in q)
+    texts = [_option_text(o) for o in options]
+    if labelled >= 2 or any(t and q.rstrip("?.!: ") == t for t in texts):
+        raise TaskValidationError(QUESTION_REPEATS_OPTION)
+
+
+def copied_fraction(text: str, source: str, n: int = 8) -> float:
+    """Share of ``text``'s word ``n``-grams that occur verbatim in ``source`` (0 if too short).
+
+    Lower-cased words, punctuation ignored: a copy with changed spacing or quotes still counts.
+    """
+    words = _WORDS.findall(text.lower())
+    if len(words) < n:
+        return 0.0
+    src = _WORDS.findall(source.lower())
+    src_grams = {tuple(src[i:i + n]) for i in range(len(src) - n + 1)}
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return sum(g in src_grams for g in grams) / len(grams)
+
+
+def check_not_copied(what: str, text: str, source: str, max_fraction: float) -> None:
+    """Reject ``text`` when more than ``max_fraction`` of it is copied from ``source``."""
+    if source and copied_fraction(text, source) > max_fraction:
+        raise TaskValidationError(COPIES_DOCUMENT.format(what=what))
+
+
 class MultipleChoiceTask(Task):
     """Multiple-choice QA: ``question``, ``options`` (``"A. ..."``), ``answer`` (a letter).
 
@@ -386,6 +456,7 @@ class MultipleChoiceTask(Task):
         fixed_options: list[str] | None = None,
         question_keys: tuple[str, ...] = ("question",),
         min_question_chars: int = 16,
+        min_option_chars: int = MIN_OPTION_CHARS,
         short_question_msg: str = "No question found / below 15 characters.",
         system_prompt: str = "",
         max_new_tokens: int = 1024,
@@ -397,6 +468,7 @@ class MultipleChoiceTask(Task):
         self.fixed_options = fixed_options
         self.question_keys = question_keys
         self.min_question_chars = min_question_chars
+        self.min_option_chars = min_option_chars
         self.short_question_msg = short_question_msg
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
@@ -429,11 +501,14 @@ class MultipleChoiceTask(Task):
                 expected = [f"{ltr}. {o}" for ltr, o in zip(self.letters, self.fixed_options)]
                 raise TaskValidationError(f"Options are not {expected}.")
             labelled = [f"{ltr}. {o}" for ltr, o in zip(self.letters, self.fixed_options)]
+        else:
+            check_options(labelled, self.letters, self.min_option_chars)
         if not isinstance(answer_raw, str):
             raise TaskValidationError(self.answer_msg)
         letter = _answer_letter(answer_raw, labelled, self.letters)
-        if letter is None:
+        if letter is None:  # e.g. "E" of four options: CRAFT's message names the letters
             raise TaskValidationError(self.answer_msg)
+        check_question(question, labelled)
         return {"question": question, "options": labelled, "answer": letter}
 
     def sample_text(self, record: Mapping[str, Any]) -> str:
@@ -471,10 +546,12 @@ class RecipeTask(Task):
 
     record_fields = ["instruction", "ingredients", "steps"]
 
-    def __init__(self, *, min_instruction_chars: int = 16, min_items: int = 2) -> None:
+    def __init__(self, *, min_instruction_chars: int = 16, min_items: int = 2,
+                 max_copied_fraction: float = 0.6) -> None:
         self.name = "recipegen"
         self.min_instruction_chars = min_instruction_chars
         self.min_items = min_items
+        self.max_copied_fraction = max_copied_fraction
         self.system_prompt = SYSTEM_PROMPTS["recipegen"]
         self.max_new_tokens = CRAFT_MAX_NEW_TOKENS["recipegen"]
         item = {"type": "string", "minLength": 1}
@@ -497,6 +574,9 @@ class RecipeTask(Task):
         if len(steps) < self.min_items:
             raise TaskValidationError("One or no cooking step found.")
         return {"instruction": instruction, "ingredients": ingredients, "steps": steps}
+
+    def check_source(self, record: Mapping[str, Any], source: str) -> None:
+        check_not_copied("Recipe", "\n".join(record["steps"]), source, self.max_copied_fraction)
 
     @staticmethod
     def _body(record: Mapping[str, Any]) -> str:
@@ -548,9 +628,10 @@ class SummarizationTask(Task):
 
     def __init__(
         self, *, min_instruction_chars: int = 16, min_summary_chars: int = 100,
-        min_text_chars: int = 500,
+        min_text_chars: int = 500, max_copied_fraction: float = 0.6,
     ) -> None:
         self.name = "summarization"
+        self.max_copied_fraction = max_copied_fraction
         self.min_instruction_chars = min_instruction_chars
         self.min_summary_chars = min_summary_chars
         self.min_text_chars = min_text_chars
@@ -579,6 +660,10 @@ class SummarizationTask(Task):
                 f"Long but clean text shorter than {self.min_text_chars} characters."
             )
         return {"instruction": instruction, "summary": summary, "long_but_clean_text": text}
+
+    def check_source(self, record: Mapping[str, Any], source: str) -> None:
+        # Only the summary: long_but_clean_text is meant to keep the document's wording.
+        check_not_copied("Summary", record["summary"], source, self.max_copied_fraction)
 
     def sample_text(self, record: Mapping[str, Any]) -> str:
         return f"{record['instruction']}\n{record['long_but_clean_text']}\n{record['summary']}"
@@ -855,12 +940,16 @@ def _mc_schema(n: int, question_key: str, fixed: list[str] | None) -> dict[str, 
         options = {
             "type": "array",
             "prefixItems": [
-                {"type": "string", "pattern": f"^{ltr}\\. \\S"} for ltr in letters
+                # "A. " plus MIN_OPTION_CHARS or more. Patterns match the whole string (xgrammar,
+                # which also ignores minLength beside a pattern): "^A\. \S" allowed one letter.
+                {"type": "string", "pattern": f"^{ltr}\\. \\S.{{{MIN_OPTION_CHARS - 1},}}$"}
+                for ltr in letters
             ],
             "items": False, "minItems": n, "maxItems": n,
         }
     return _schema_object({
-        question_key: {"type": "string", "minLength": 16},
+        # 16+ characters ending as a sentence ends: a question cannot stop mid-way
+        question_key: {"type": "string", "pattern": "^\\S.{14,}[?.!:]$"},
         "options": options,
         "answer": {"type": "string", "enum": list(letters)},
     })

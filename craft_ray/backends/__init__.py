@@ -54,7 +54,10 @@ def cap_string_lengths(schema: dict[str, Any], max_chars: int | None) -> dict[st
     """A copy of ``schema`` whose free strings get ``maxLength`` (never below ``minLength``).
 
     Guided decoding forces valid JSON but not short strings; a cap bounds runaway
-    generations (a string that never closes ends as a truncated row instead).
+    generations (a string that never closes ends as a truncated row instead). Strings with a
+    ``pattern`` are left alone: the pattern already says how they end (a question ends with
+    its punctuation), a cap would cut them mid-sentence, and xgrammar ignores ``maxLength``
+    beside a pattern anyway.
     """
     if max_chars is None:
         return schema
@@ -62,7 +65,7 @@ def cap_string_lengths(schema: dict[str, Any], max_chars: int | None) -> dict[st
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if node.get("type") == "string" and "enum" not in node and "const" not in node:
+            if node.get("type") == "string" and not {"enum", "const", "pattern"} & set(node):
                 node["maxLength"] = max(max_chars, int(node.get("minLength", 0)))
             for v in node.values():
                 walk(v)
