@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from craft_ray.config import RayConfig, StrictModel
 from craft_ray.corpus import CorpusConfig, Shard, list_shards, read_shard
+from craft_ray.resources import actor_cpus, torch_threads
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, tmp_path_for
 from craft_ray.store import (
     ShardInfo,
@@ -79,7 +80,10 @@ class EmbedConfig(StrictModel):
         default=64, ge=1, le=65_536, description="Texts per forward pass inside an actor."
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per embedding actor.")
-    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per embedding actor.")
+    num_cpus: float | None = Field(
+        default=None, gt=0,
+        description="CPUs per embedding actor (default: an equal share of the cluster's CPUs "
+        "minus 0.5 left to the reader tasks; 1 with a GPU).")
     torch_threads: int | None = Field(
         default=None, ge=1,
         description="Torch intra-op threads per actor (default: the actor's num_cpus).",
@@ -333,17 +337,19 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
         fn_kwargs={"corpora": corpora, "store": str(store), "stage_dir": str(stage_dir),
                    "chunk_rows": cfg.read_chunk_rows},
     )
+    size = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
+    cpus = actor_cpus(cfg.num_cpus, size, cfg.num_gpus)
     if isinstance(cfg.concurrency, int):
         pool = ray.data.ActorPoolStrategy(size=cfg.concurrency)
     else:
         pool = ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1])
     emb = docs.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
-        num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus or None, num_cpus=cpus,
         fn_constructor_kwargs={
             "model": cfg.model, "max_seq_length": cfg.max_seq_length, "fp16": cfg.fp16,
             "encode_batch_size": cfg.encode_batch_size,
-            "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
+            "torch_threads": torch_threads(cpus, cfg.torch_threads),
             "trust_remote_code": cfg.trust_remote_code,
         },
     )

@@ -61,6 +61,7 @@ from craft_ray.config import RayConfig, StrictModel, config_hash
 from craft_ray.evalsets import LETTERS, EvalItem, EvalSetConfig, load_eval_set
 from craft_ray.judge import JUDGE_TEMPLATE, JudgeModelConfig
 from craft_ray.models.gguf import resolve_model_path
+from craft_ray.resources import actor_cpus, torch_threads
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -223,7 +224,10 @@ class EvaluateConfig(StrictModel):
         default="auto", description="hf weights dtype (auto: bfloat16 on GPU, float32 on CPU)."
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per scoring actor/engine.")
-    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per scoring actor.")
+    num_cpus: float | None = Field(
+        default=None, gt=0,
+        description="CPUs per scoring actor (default: an equal share of the cluster's CPUs "
+        "minus 0.5 left to the stage's own tasks; 1 with a GPU).")
     torch_threads: int | None = Field(default=None, ge=1,
                                       description="hf: torch threads per actor (default num_cpus).")
     concurrency: int = Field(default=1, ge=1, le=4096,
@@ -778,15 +782,16 @@ def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
     """``ds`` through a pool of hf actors that each load ``model`` (+ adapter) once."""
     import ray.data
 
+    cpus = actor_cpus(cfg.num_cpus, cfg.concurrency, cfg.num_gpus)
     return ds.map_batches(
         actor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus or None, num_cpus=cpus,
         fn_constructor_kwargs={
             "model": model.model, "adapter": model.adapter,
             "merge_adapter": model.merge_adapter, "dtype": cfg.dtype,
             "num_gpus": cfg.num_gpus,
-            "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
+            "torch_threads": torch_threads(cpus, cfg.torch_threads),
             **extra,
         })
 

@@ -47,6 +47,7 @@ from pydantic import Field, field_validator, model_validator
 
 from craft_ray.config import ConfigError, RayConfig, StrictModel
 from craft_ray.models.gguf import resolve_model_path
+from craft_ray.resources import actor_cpus, torch_threads
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, tmp_path_for
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ ROW_COLUMN = "__source_row__"  # row number in the source dataset, carried throu
 # Fields that do not change what is learned: a rerun differing only in these resumes.
 _RESUME_NEUTRAL = {"stop_after_steps", "max_failures", "log_every_steps", "report_every_steps",
                    "checkpoint_every_steps", "num_checkpoints_to_keep", "storage_path",
-                   "trial_name", "tokenize_batch_size", "data_num_cpus"}
+                   "trial_name", "tokenize_batch_size", "data_num_cpus", "cpus_per_worker",
+                   "torch_threads"}
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -191,7 +193,10 @@ class TrainConfig(StrictModel):
                                          description="Recompute activations (saves memory).")
     num_workers: int = Field(default=1, ge=1, le=4096, description="Ray Train workers.")
     use_gpu: bool = Field(default=False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(default=1.0, gt=0, le=1024, description="CPUs per worker.")
+    cpus_per_worker: float | None = Field(
+        default=None, gt=0, le=1024,
+        description="CPUs per worker (default: an equal share of the cluster's CPUs minus 0.5 "
+        "left to the data tasks; 1 with a GPU). Torch threads follow (rounded up).")
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024,
         description="Torch threads per worker (default: cpus_per_worker).")
@@ -828,7 +833,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = config["plan"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker or 1.0, cfg.torch_threads))
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(cfg.base_model)
@@ -1158,8 +1163,10 @@ def build_trainer(stage_cfg: TrainStageConfig, datasets: dict[str, Any], plan: d
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = stage_cfg.train
+    cfg = cfg.model_copy(update={"cpus_per_worker": actor_cpus(  # workers read it too
+        cfg.cpus_per_worker, cfg.num_workers, float(cfg.use_gpu))})
     storage = cfg.storage_path or str((trial_dir / "ray").resolve())
-    resources = {"CPU": cfg.cpus_per_worker}
+    resources = {"CPU": cfg.cpus_per_worker}  # resolved by the driver (actor_cpus)
     if cfg.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
