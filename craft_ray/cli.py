@@ -55,9 +55,9 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from craft_ray.corpus import CorpusError
     from craft_ray.runtime import ClusterUnreachableError
-    from craft_ray.store import StoreError
+    from craft_ray.store.corpus import CorpusError
+    from craft_ray.store.vectors import StoreError
 
     return (ConfigError, CorpusError, StoreError, ClusterUnreachableError, FileNotFoundError)
 
@@ -95,8 +95,8 @@ def main(
 def embed(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
           force: ForceOpt = False) -> None:
     """Embed corpora into a sharded embedding store (+ CRAFT .h5)."""
-    from craft_ray.embed import EmbedStageConfig, preflight, run_embed
     from craft_ray.runtime import init_ray
+    from craft_ray.stages.embed import EmbedStageConfig, preflight, run_embed
 
     def body() -> dict[str, Any]:
         cfg = _load(EmbedStageConfig, config, set_, address)
@@ -147,7 +147,7 @@ def demo(
         project_root,
     )
     from craft_ray.pipeline import PipelineConfig, plan, run_pipeline
-    from craft_ray.report import build_report
+    from craft_ray.report.html import build_report
     from craft_ray.runtime import init_ray
 
     os.chdir(project_root())  # the demo config's paths are relative to the checkout
@@ -183,7 +183,7 @@ def report(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory.")],
 ) -> None:
     """Write RUN_DIR/report.html from the stages that have run."""
-    from craft_ray.report import build_report
+    from craft_ray.report.html import build_report
 
     out = _run(lambda: build_report(run_dir))
     typer.echo(str(out))
@@ -195,7 +195,7 @@ def export_h5_cmd(
     out: Annotated[Path, typer.Option(help="Output .h5 file.")],
 ) -> None:
     """Export an embedding store to CRAFT's .h5 layout."""
-    from craft_ray.store import export_h5
+    from craft_ray.store.vectors import export_h5
 
     counts = _run(lambda: export_h5(store, out))
     typer.echo(json.dumps({"out": str(out), "datasets": counts}))
@@ -219,8 +219,8 @@ def bench_embed(
 def generate(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
              force: ForceOpt = False) -> None:
     """Generate task samples from corpus samples + few-shots (hf, openai or vllm backend)."""
-    from craft_ray.generate import GenerateStageConfig, run_generate
     from craft_ray.runtime import init_ray
+    from craft_ray.stages.generate import GenerateStageConfig, run_generate
 
     def body() -> dict[str, Any]:
         cfg = _load(GenerateStageConfig, config, set_, address)
@@ -236,14 +236,14 @@ def generate(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
 def retrieve(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
              force: ForceOpt = False) -> None:
     """Retrieve the corpus documents most similar to the few-shots (exact top-k)."""
-    from craft_ray.fewshots import FewShotError
-    from craft_ray.retrieve import (
+    from craft_ray.runtime import StageDir, init_ray
+    from craft_ray.stages.retrieve import (
         RetrieveError,
         RetrieveStageConfig,
         prepare_retrieve,
         run_retrieve,
     )
-    from craft_ray.runtime import StageDir, init_ray
+    from craft_ray.tasks.fewshots import FewShotError
 
     def body() -> dict[str, Any]:
         cfg = _load(RetrieveStageConfig, config, set_, address)
@@ -275,7 +275,7 @@ def eval_retrieval(
 ) -> None:
     """nDCG/MRR/Recall@{1,5,10,100} of the embed + retrieve stages on a BEIR folder."""
     from craft_ray.config import apply_overrides, validate
-    from craft_ray.retrieval_eval import (
+    from craft_ray.retrieval.evaluation import (
         BeirError,
         RetrievalEvalConfig,
         format_table,
@@ -310,7 +310,7 @@ def train(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
           force: ForceOpt = False) -> None:
     """LoRA fine-tune on Ray Train (one dataset size, one seed) -> RUN_DIR/train/TRIAL/adapter."""
     from craft_ray.runtime import init_ray
-    from craft_ray.train import TrainStageConfig, run_train
+    from craft_ray.stages.train import TrainStageConfig, run_train
 
     def body() -> dict[str, Any]:
         cfg = _load(TrainStageConfig, config, set_, address)
@@ -326,9 +326,9 @@ def evaluate(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
              force: ForceOpt = False) -> None:
     """Score base models / adapters / merged models on eval sets: multiple-choice accuracy,
     or for generative sets the model's own answers with ROUGE-L and an LLM-judge win rate."""
-    from craft_ray.evalsets import EvalSetError
-    from craft_ray.evaluate import EvaluateStageConfig, run_evaluate
+    from craft_ray.evalsets.base import EvalSetError
     from craft_ray.runtime import init_ray
+    from craft_ray.stages.evaluate import EvaluateStageConfig, run_evaluate
 
     def body() -> dict[str, Any]:
         cfg = _load(EvaluateStageConfig, config, set_, address)
@@ -353,7 +353,7 @@ def merge(
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
 ) -> None:
     """Fold a LoRA adapter into its base model and save the merged model."""
-    from craft_ray.train import merge_adapter
+    from craft_ray.stages.train import merge_adapter
 
     path = _run(lambda: merge_adapter(adapter, out, base, dtype))
     typer.echo(json.dumps({"merged": str(path)}))
@@ -363,7 +363,7 @@ def merge(
 def sweep(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Seeds x dataset sizes on Ray Tune (one Ray Train fine-tune per trial); resumable."""
     from craft_ray.runtime import init_ray
-    from craft_ray.sweep import SweepStageConfig, run_sweep
+    from craft_ray.stages.sweep import SweepStageConfig, run_sweep
 
     def body() -> dict[str, Any]:
         cfg = _load(SweepStageConfig, config, set_, address)
@@ -395,7 +395,7 @@ def aggregate(
     out: Annotated[Path, typer.Option(help="Output folder (table, plot, report).")],
 ) -> None:
     """Mean ± std per model series and dataset size over many results, with a plot."""
-    from craft_ray.plots import run_aggregate
+    from craft_ray.report.plots import run_aggregate
 
     typer.echo(json.dumps(_run(lambda: run_aggregate(inputs, out))))
 
@@ -437,8 +437,8 @@ def mine_negatives(
 ) -> None:
     """Hard negatives from dense + BM25 top-200, in LLM-Embedder's training format."""
     from craft_ray.config import apply_overrides, validate
-    from craft_ray.negatives import MineNegativesConfig, run_mine_negatives
-    from craft_ray.retrieval_eval import BeirError, load_beir
+    from craft_ray.retrieval.evaluation import BeirError, load_beir
+    from craft_ray.retrieval.negatives import MineNegativesConfig, run_mine_negatives
     from craft_ray.runtime import init_ray
 
     def body() -> dict[str, Any]:
@@ -463,8 +463,8 @@ def mine_negatives(
 def judge(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
           force: ForceOpt = False) -> None:
     """Win rate of predictions against references with an LLM judge (+ ROUGE-L)."""
-    from craft_ray.judge import JudgeStageConfig, run_judge
     from craft_ray.runtime import init_ray
+    from craft_ray.stages.judge import JudgeStageConfig, run_judge
 
     def body() -> dict[str, Any]:
         cfg = _load(JudgeStageConfig, config, set_, address)
@@ -480,8 +480,8 @@ def judge(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
 def filter_cmd(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
                force: ForceOpt = False) -> None:
     """Filter clean samples (leakage, dedup, decontamination, judge); write sized datasets."""
-    from craft_ray.filter import FilterStageConfig, run_filter, too_few_message
     from craft_ray.runtime import init_ray
+    from craft_ray.stages.filter import FilterStageConfig, run_filter, too_few_message
 
     def body() -> dict[str, Any]:
         cfg = _load(FilterStageConfig, config, set_, address)

@@ -24,7 +24,7 @@ def project_root() -> Path:
 
 def prepare_demo_models(generator: str, base_model: str) -> list[Path]:
     """Build the tiny offline model(s) the demo config points at, if missing."""
-    from craft_ray.tiny import build_tiny_causal_lm
+    from craft_ray.models.tiny import build_tiny_causal_lm
 
     built = []
     for path in dict.fromkeys([generator, base_model]):

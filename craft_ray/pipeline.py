@@ -20,15 +20,15 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from craft_ray.config import ConfigError, RayConfig, StrictModel
-from craft_ray.embed import EmbedConfig, EmbedStageConfig, run_embed
-from craft_ray.evaluate import EvaluateConfig, EvaluateStageConfig, run_evaluate
-from craft_ray.evaluate import _stage_root as evaluate_root
-from craft_ray.filter import FilterConfig, FilterStageConfig, run_filter
-from craft_ray.generate import GenerateConfig, GenerateStageConfig, run_generate
-from craft_ray.retrieve import RetrieveConfig, RetrieveStageConfig, run_retrieve
 from craft_ray.runtime import SUCCESS, StageDir
-from craft_ray.sweep import SweepConfig, SweepStageConfig, run_sweep
-from craft_ray.train import TrainConfig, TrainStageConfig, run_train, trial_dir_of
+from craft_ray.stages.embed import EmbedConfig, EmbedStageConfig, run_embed
+from craft_ray.stages.evaluate import EvaluateConfig, EvaluateStageConfig, run_evaluate
+from craft_ray.stages.evaluate import stage_root as evaluate_root
+from craft_ray.stages.filter import FilterConfig, FilterStageConfig, run_filter
+from craft_ray.stages.generate import GenerateConfig, GenerateStageConfig, run_generate
+from craft_ray.stages.retrieve import RetrieveConfig, RetrieveStageConfig, run_retrieve
+from craft_ray.stages.sweep import SweepConfig, SweepStageConfig, run_sweep
+from craft_ray.stages.train import TrainConfig, TrainStageConfig, run_train, trial_dir_of
 
 logger = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_causal_lm(tmp_path_factory):
     """A tiny random-init Llama (2 layers, hidden 64) + byte-level BPE tokenizer with a chat
-    template, saved to a folder (see craft_ray.tiny); built once per session, offline."""
-    from craft_ray.tiny import build_tiny_causal_lm
+    template, saved to a folder (see craft_ray.models.tiny); built once per session, offline."""
+    from craft_ray.models.tiny import build_tiny_causal_lm
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_causal_lm"))
 
@@ -55,8 +55,8 @@ def write_task_dataset(run_dir: Path, size: str, task: str, fewshots: Path,
     """RUN_DIR/filter/datasets/{size}/hf from real CRAFT few-shots (as the filter stage would)."""
     import datasets
 
-    from craft_ray.fewshots import FewShotConfig, load_fewshots
-    from craft_ray.tasks import get_task
+    from craft_ray.tasks.fewshots import FewShotConfig, load_fewshots
+    from craft_ray.tasks.registry import get_task
 
     t = get_task(task)
     shots = load_fewshots(FewShotConfig(path=str(fewshots), limit=limit))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from craft_ray.embed import run_embed
-from tests.test_embed import make_c4_corpus, stage_cfg, store_rows
+from craft_ray.stages.embed.stage import run_embed
+from tests.stages.embed.test_embed import make_c4_corpus, stage_cfg, store_rows
 
 
 def _actor_pids() -> list[int]:

@@ -1,6 +1,6 @@
 """Generation backends: same input columns in, same output columns out.
 
-Each backend turns a Ray Dataset of prompt rows (built by :mod:`craft_ray.generate`) into the
+Each backend turns a Ray Dataset of prompt rows (built by :mod:`craft_ray.stages.generate`) into the
 same rows plus the generation columns of :data:`OUTPUT_COLUMNS`:
 
 ========================  ============================================================
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from typing import Any
 
 OUTPUT_COLUMNS = (
@@ -50,14 +51,17 @@ def row_seed(base_seed: int, key: str) -> int:
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
+_OPEN_REPEAT = re.compile(r"\{(\d+),\}")  # a regex repeat without upper bound: {14,}
+
+
 def cap_string_lengths(schema: dict[str, Any], max_chars: int | None) -> dict[str, Any]:
     """A copy of ``schema`` whose free strings get ``maxLength`` (never below ``minLength``).
 
     Guided decoding forces valid JSON but not short strings; a cap bounds runaway
-    generations (a string that never closes ends as a truncated row instead). Strings with a
-    ``pattern`` are left alone: the pattern already says how they end (a question ends with
-    its punctuation), a cap would cut them mid-sentence, and xgrammar ignores ``maxLength``
-    beside a pattern anyway.
+    generations (a string that never closes ends as a truncated row instead). A string with a
+    ``pattern`` gets no ``maxLength`` (xgrammar ignores it beside a pattern, and a cut would
+    drop the pattern's ending, e.g. a question's punctuation): its open repeats ``{m,}`` are
+    bounded instead (``{m,max_chars}``), so it still ends as its pattern says.
     """
     if max_chars is None:
         return schema
@@ -65,7 +69,10 @@ def cap_string_lengths(schema: dict[str, Any], max_chars: int | None) -> dict[st
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if node.get("type") == "string" and not {"enum", "const", "pattern"} & set(node):
+            if node.get("type") == "string" and "pattern" in node:
+                node["pattern"] = _OPEN_REPEAT.sub(
+                    lambda m: f"{{{m[1]},{max(int(m[1]), max_chars)}}}", node["pattern"])
+            elif node.get("type") == "string" and not {"enum", "const"} & set(node):
                 node["maxLength"] = max(max_chars, int(node.get("minLength", 0)))
             for v in node.values():
                 walk(v)

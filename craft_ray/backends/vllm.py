@@ -1,7 +1,7 @@
 """``vllm`` backend: vLLM engines as a Ray Data actor pool through ``ray.data.llm``.
 
 Prompts arrive already rendered with the generator's chat template and tokenized (by
-:mod:`craft_ray.generate`), so ``ray.data.llm``'s own chat-template and tokenize stages are
+:mod:`craft_ray.stages.generate`), so ``ray.data.llm``'s own chat-template and tokenize stages are
 switched off and the token ids go straight to the engine (no second BOS, and the length rule
 applied when building prompts is exactly what the engine sees). JSON-schema guided decoding
 uses vLLM's structured outputs (``sampling_params.structured_outputs.json``). As in the ``hf``

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from craft_ray.dedup import (
+from craft_ray.stages.filter.dedup import (
     FuzzyDedupConfig,
     exact_duplicates,
     fuzzy_duplicates,
@@ -41,7 +41,7 @@ def load_sentences(data: Path, min_words: int = 6, max_words: int = 30) -> list[
     """Distinct real sentences of every post (questions and answers) of the dumps."""
     import xml.etree.ElementTree as ET
 
-    from craft_ray.corpus import html_to_text
+    from craft_ray.store.corpus import html_to_text
 
     files = sorted(Path(data).glob("*/Posts.xml")) + sorted(Path(data).glob("Posts.xml"))
     if not files:
@@ -210,7 +210,10 @@ def ray_plan_seconds(ids: list[str], texts: list[str], cfg: FuzzyDedupConfig
     import ray
     import ray.data
 
-    from craft_ray.dedup import exact_duplicates_dataset, fuzzy_duplicates_dataset
+    from craft_ray.stages.filter.dedup_dataset import (
+        exact_duplicates_dataset,
+        fuzzy_duplicates_dataset,
+    )
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)

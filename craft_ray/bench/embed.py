@@ -3,7 +3,7 @@
 Both embed the same real texts (every post of the StackExchange dumps, HTML stripped, at least
 ``min_docs`` of them) in one run. The baseline is one in-process ``model.encode`` call over all
 texts (it sorts by length internally); its model load is not timed. The stage is timed from
-the start of :func:`craft_ray.embed.run_embed` to its end: reading, actor start-up and model
+the start of :func:`craft_ray.stages.embed.run_embed` to its end: reading, actor start-up and model
 load, embedding, writing and finalising the store. Ray's own start is not timed (a cluster is
 started once, not per stage).
 """
@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from craft_ray.config import apply_overrides, validate
-from craft_ray.corpus import CorpusConfig, _iter_posts, html_to_text, list_shards
-from craft_ray.embed import EmbedStageConfig, encode_texts, load_sentence_transformer, run_embed
+from craft_ray.models.embedder import encode_texts, load_sentence_transformer
 from craft_ray.runtime import init_ray
-from craft_ray.store import read_info, read_shard_table, vectors_of
+from craft_ray.stages.embed import EmbedStageConfig, run_embed
+from craft_ray.store.corpus import CorpusConfig, html_to_text, iter_posts, list_shards
+from craft_ray.store.vectors import read_info, read_shard_table, vectors_of
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def stackexchange_texts(root: Path, min_docs: int) -> list[str]:
     cfg = CorpusConfig(name="se", format="stackexchange", paths=[str(root)])
     texts: list[str] = []
     for shard in list_shards(cfg):
-        for _idx, post in _iter_posts(shard.path):
+        for _idx, post in iter_posts(shard.path):
             text = "\n\n".join(p for p in (post.get("Title", ""), html_to_text(
                 post.get("Body", ""))) if p)
             if len(text) >= 20:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from craft_ray.store import (
+from craft_ray.store.vectors import (
     ShardInfo,
     StoreInfo,
     embedding_array,
@@ -93,7 +93,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     import faiss
     import ray
 
-    from craft_ray.retrieve import StoreSearcher, _cache_file, ranked_lists
+    from craft_ray.stages.retrieve import StoreSearcher, cache_file, ranked_lists
 
     store = workdir / "store"
     t = time.time()
@@ -164,7 +164,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     off = 0
     for sh in info.shards:
         path = store / sh.file
-        vec = np.load(_cache_file(str(store / "_vector_cache"), str(path), "float32"))
+        vec = np.load(cache_file(str(store / "_vector_cache"), str(path), "float32"))
         xb[off:off + len(vec)] = vec
         off += len(vec)
         ids.extend(pq.read_table(path, columns=["doc_id"]).column("doc_id").to_pylist())

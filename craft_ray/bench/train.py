@@ -5,7 +5,7 @@ real CRAFT few-shots (bioqa, repeated to ``rows`` examples), same effective batc
 of optimizer steps:
 
 (a) plain: one process, the library's ``train_step`` over pre-tokenised, padded batches;
-(b) Ray Train, 1 worker: :func:`craft_ray.train.run_train` (Ray Data shard, TorchTrainer);
+(b) Ray Train, 1 worker: :func:`craft_ray.stages.train.run_train` (Ray Data shard, TorchTrainer);
 (c) Ray Train, 2 workers (DDP over gloo).
 
 The figure compared is steady-state training tokens/s (non-padding tokens per second of
@@ -36,8 +36,8 @@ FEWSHOTS = Path(os.environ.get("CRAFT_RAY_SHARED_DATA", Path(__file__).resolve()
 
 
 def _records(rows: int, fewshots: Path) -> list[dict[str, Any]]:
-    from craft_ray.fewshots import FewShotConfig, load_fewshots
-    from craft_ray.tasks import get_task
+    from craft_ray.tasks.fewshots import FewShotConfig, load_fewshots
+    from craft_ray.tasks.registry import get_task
 
     if not fewshots.is_file():
         raise FileNotFoundError(f"few-shots {fewshots} not found; pass --fewshots to a CRAFT "
@@ -51,21 +51,16 @@ def plain_loop(cfg: Any, records: list[dict[str, Any]], steps: int) -> dict[str,
     """Baseline: the same model, LoRA, optimizer and step function in this process."""
     import torch
 
-    from craft_ray.tasks import get_task
-    from craft_ray.train import (
-        build_lora_model,
-        build_optimizer,
-        collate_batch,
-        encode_example,
-        group,
-        load_tokenizer,
-        resolve_template,
-        train_step,
-    )
+    from craft_ray.models.chat import encode_example
+    from craft_ray.models.tokenizers import load_train_tokenizer
+    from craft_ray.stages.train.data import collate_batch, resolve_train_template
+    from craft_ray.stages.train.loop import group, train_step
+    from craft_ray.stages.train.lora import build_lora_model, build_optimizer
+    from craft_ray.tasks.registry import get_task
 
     torch.set_num_threads(torch_threads(cfg.cpus_per_worker or 1.0, cfg.torch_threads))
-    tok = load_tokenizer(cfg.base_model)
-    template = resolve_template(cfg, tok)
+    tok = load_train_tokenizer(cfg.base_model)
+    template = resolve_train_template(cfg, tok)
     task = get_task("bioqa")
     ex = [encode_example(tok, *task.training_pair(r), template=template) for r in records]
     b = cfg.per_device_batch_size
@@ -95,8 +90,8 @@ def run_bench_train(*, rows: int = 64, steps: int = 30, overrides: list[str] | N
     """Run (a), (b), (c) and return the figures (the CLI prints them as one JSON line)."""
     import datasets
 
-    from craft_ray.tiny import build_tiny_causal_lm
-    from craft_ray.train import TrainStageConfig, run_train
+    from craft_ray.models.tiny import build_tiny_causal_lm
+    from craft_ray.stages.train import TrainStageConfig, run_train
 
     records = _records(rows, fewshots or FEWSHOTS / "bioqa.jsonl")
     with tempfile.TemporaryDirectory(prefix="craft-bench-train-") as tmp:

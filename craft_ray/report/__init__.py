@@ -1,0 +1,1 @@
+"""Reports: the demo's HTML report and the result tables and plots."""

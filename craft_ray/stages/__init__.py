@@ -1,0 +1,1 @@
+"""The pipeline stages, one package each: config, pure logic, Ray actors, and ``run_<stage>``."""

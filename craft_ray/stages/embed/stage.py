@@ -1,0 +1,213 @@
+"""Embedding stage: corpus shards -> Ray Data -> embedding actors -> Parquet embedding store.
+
+The pipeline (lazy, one Ray Data plan per wave of shards)::
+
+    from_items(shards) -> map_batches(read_shards)        task pool, streams each file
+                       -> map_batches(Embedder)           actor pool, model loaded once/actor
+                       -> map_batches(write_parts)        task pool, idempotent part files
+
+After a wave, each finished shard's parts are merged into its data file (see
+:mod:`craft_ray.store`). Resume: shards whose data file exists are skipped, half-done shards
+are redone from scratch, so a killed run followed by a rerun gives the same store as an
+uninterrupted one: no id lost, none doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from craft_ray.models.embedder import load_sentence_transformer, resolve_model
+from craft_ray.resources import actor_cpus, torch_threads
+from craft_ray.runtime import StageDir, StageStats
+from craft_ray.stages.embed.actors import Embedder
+from craft_ray.stages.embed.config import ERROR_REASONS, EmbedConfig, EmbedStageConfig
+from craft_ray.stages.embed.shards import read_shards
+from craft_ray.store.corpus import Shard, list_shards
+from craft_ray.store.vectors import (
+    ShardInfo,
+    StoreInfo,
+    data_path,
+    export_h5,
+    finalize_shard,
+    manifest_path,
+    parts_dir,
+    write_info,
+    write_part,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def write_parts(batch: dict[str, np.ndarray], store: str) -> dict[str, np.ndarray]:
+    """Ray Data UDF: write a batch's vectors as one part per shard; return what was written."""
+    corpora, shards, counts = [], [], []
+    keys = list(zip(batch["corpus"], batch["shard"]))
+    for corpus, shard in dict.fromkeys(keys):
+        idx = np.array([i for i, k in enumerate(keys) if k == (corpus, shard)])
+        write_part(store, str(corpus), str(shard), batch["row"][idx],
+                   [str(d) for d in batch["doc_id"][idx]], batch["text_len"][idx],
+                   np.stack(batch["embedding"][idx]) if batch["embedding"].dtype == object
+                   else batch["embedding"][idx])
+        corpora.append(str(corpus))
+        shards.append(str(shard))
+        counts.append(len(idx))
+    return {"corpus": np.array(corpora, dtype=object), "shard": np.array(shards, dtype=object),
+            "num_rows": np.array(counts, dtype=np.int64)}
+
+# --- lazy dataset -------------------------------------------------------------------------
+
+
+def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
+                  stage_dir: str | Path) -> Any:
+    """The lazy Ray Data plan embedding ``shards`` into part files of ``store``.
+
+    Consuming the returned dataset (small rows: corpus, shard, num_rows per written part)
+    does the work.
+    """
+    import ray.data
+
+    items = [{"corpus": s.corpus, "path": s.path, "shard": s.shard} for s in shards]
+    corpora = {c.name: c.model_dump(mode="json") for c in cfg.corpora}
+    docs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_shards, batch_size=1, num_cpus=cfg.read_num_cpus,
+        fn_kwargs={"corpora": corpora, "store": str(store), "stage_dir": str(stage_dir),
+                   "chunk_rows": cfg.read_chunk_rows},
+    )
+    size = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
+    cpus = actor_cpus(cfg.num_cpus, size, cfg.num_gpus)
+    if isinstance(cfg.concurrency, int):
+        pool = ray.data.ActorPoolStrategy(size=cfg.concurrency)
+    else:
+        pool = ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1])
+    emb = docs.map_batches(
+        Embedder, batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
+        num_gpus=cfg.num_gpus or None, num_cpus=cpus,
+        fn_constructor_kwargs={
+            "model": cfg.model, "max_seq_length": cfg.max_seq_length, "fp16": cfg.fp16,
+            "encode_batch_size": cfg.encode_batch_size,
+            "torch_threads": torch_threads(cpus, cfg.torch_threads),
+            "trust_remote_code": cfg.trust_remote_code,
+        },
+    )
+    return emb.map_batches(write_parts, batch_size=None, batch_format="numpy",
+                           num_cpus=0.25, fn_kwargs={"store": str(store)})
+
+# --- stage runner -------------------------------------------------------------------------
+
+
+def _model_dim(cfg: EmbedConfig) -> tuple[int, int | None]:
+    from transformers import AutoConfig
+
+    path = resolve_model(cfg.model)
+    try:
+        hidden = int(AutoConfig.from_pretrained(path).hidden_size)
+    except Exception:  # an unusual architecture: load the real model once
+        model = load_sentence_transformer(cfg.model, "cpu", cfg.max_seq_length, False)
+        return int(model.get_sentence_embedding_dimension()), cfg.max_seq_length
+    return hidden, cfg.max_seq_length
+
+
+def preflight(stage_cfg: EmbedStageConfig, base_dir: str | Path | None = None) -> list[Shard]:
+    """Check the inputs before Ray starts: every corpus path exists and holds readable shards,
+    and the model is a known id or an existing folder. Returns the shards."""
+    model = resolve_model(stage_cfg.embed.model)
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
+    if looks_local and not os.path.exists(os.path.expanduser(model)):
+        raise FileNotFoundError(
+            f"embed.model {stage_cfg.embed.model!r} looks like a local path but does not exist; "
+            "give an existing folder or a sentence-transformers hub id"
+        )
+    return [s for c in stage_cfg.embed.corpora for s in list_shards(c, base_dir)]
+
+
+def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None,
+              force: bool = False) -> dict[str, Any]:
+    """Run the embedding stage (Ray must be initialised). Returns the stage's stats.
+
+    Skips work already done: a finished stage with the same config is not rerun (unless
+    ``force``); within an unfinished one, shards with a data file are kept.
+    """
+    import ray
+
+    from craft_ray.config import config_hash
+
+    cfg = stage_cfg.embed
+    stage = StageDir(stage_cfg.run_dir, "embed")
+    if not force and stage.is_complete(cfg):
+        logger.info("embed: already complete in %s (same config); skipping", stage.path)
+        return json.loads((stage.path / "stats.json").read_text())
+    store = Path(cfg.store_dir) if cfg.store_dir else stage.path / "store"
+    hash_file = stage.path / "_config_hash"
+    same_cfg = hash_file.is_file() and hash_file.read_text().strip() == config_hash(cfg)
+    if (stage.path.exists() and not same_cfg) or force:
+        if stage.path.exists():
+            logger.warning("embed: config changed (or --force); discarding %s", stage.path)
+        shutil.rmtree(stage.path, ignore_errors=True)
+        if cfg.store_dir:
+            shutil.rmtree(store, ignore_errors=True)
+    stage.begin(cfg)
+    hash_file.write_text(config_hash(cfg))
+
+    shards = [s for c in cfg.corpora for s in list_shards(c, base_dir)]
+    done = [s for s in shards if data_path(store, s.corpus, s.shard).is_file()]
+    todo = [s for s in shards if not data_path(store, s.corpus, s.shard).is_file()]
+    logger.info("embed: %d shards (%d already embedded, %d to do) -> %s",
+                len(shards), len(done), len(todo), store)
+    for s in todo:  # half-done shards start again from nothing
+        shutil.rmtree(parts_dir(store, s.corpus, s.shard), ignore_errors=True)
+        manifest_path(store, s.corpus, s.shard).unlink(missing_ok=True)
+
+    stats = StageStats("embed")
+    t_embed = time.time()
+    embedded_now = 0
+    waves = [todo[i:i + cfg.shards_per_wave] for i in range(0, len(todo), cfg.shards_per_wave)]
+    finalize = ray.remote(num_cpus=0.5)(finalize_shard)
+    for w, wave in enumerate(waves, 1):
+        logger.info("embed: wave %d/%d (%d shards)", w, len(waves), len(wave))
+        for _ in embed_dataset(wave, cfg, store, stage.path).iter_rows():
+            pass
+        embedded_now += sum(ray.get([finalize.remote(str(store), s.corpus, s.shard)
+                                     for s in wave]))
+    seconds = time.time() - t_embed
+
+    shard_infos = []
+    reasons: Counter[str] = Counter()
+    for s in shards:
+        man = json.loads(manifest_path(store, s.corpus, s.shard).read_text())
+        stats.rows_in += man["num_records"]
+        stats.rows_out += man["num_docs"]
+        reasons.update(man["rejects"])
+        shard_infos.append(ShardInfo(
+            corpus=s.corpus, shard=s.shard, num_rows=man["num_docs"],
+            file=str(data_path(store, s.corpus, s.shard).relative_to(store))))
+    stats.rejects = reasons
+    errors = sum(n for r, n in reasons.items() if r in ERROR_REASONS)
+    if stats.rows_in and errors / stats.rows_in > cfg.max_error_rate:
+        raise RuntimeError(
+            f"embed: {errors} of {stats.rows_in} records were malformed "
+            f"({errors / stats.rows_in:.1%} > max_error_rate={cfg.max_error_rate}); see "
+            f"{stage.path / 'rejects'}. Fix the input or raise embed.max_error_rate."
+        )
+    dim, max_len = _model_dim(cfg)
+    write_info(store, StoreInfo(
+        model=cfg.model, dim=dim, max_seq_length=max_len, shards=shard_infos,
+        corpora=[c.model_dump(mode="json") for c in cfg.corpora],
+        shard_paths={f"{s.corpus}/{s.shard}": s.path for s in shards}))
+    if cfg.export_h5:
+        export_h5(store, stage.path / "embeddings.h5")
+    stats.extra = {
+        "shards": len(shards), "shards_resumed": len(done), "embedded_this_run": embedded_now,
+        "embed_seconds_this_run": round(seconds, 3),
+        "docs_per_s_this_run": round(embedded_now / seconds, 3) if seconds > 0 else None,
+        "store": str(store), "model": cfg.model, "dim": dim,
+    }
+    return stage.finish(cfg, stats)

@@ -1,0 +1,288 @@
+"""Generation stage: corpus samples + few-shots -> prompts -> generator -> task samples.
+
+The pipeline (two Ray Data executions; prompts are written in between so that what was asked
+is on disk next to what came back)::
+
+    corpus_samples.parquet -> map_batches(PromptBuilder)       actor pool, tokenizer once/actor
+                           -> RUN_DIR/generate/prompts/          one row per prompt
+    prompts (kept rows)    -> backend (hf | openai | vllm)       same output columns for all
+                           -> map_batches(parse_batch)           JSON extraction + validation
+                           -> RUN_DIR/generate/generations/      one row per generation
+
+Then the driver splits the generations into ``raw.parquet`` (every generation),
+``clean.parquet`` (valid task samples, the contract of the filter stage) and
+``rejects.parquet`` (with reasons); prompts dropped before generation (too long, empty text)
+go to ``prompt_drops.parquet``.
+
+Invariants (checked before ``_SUCCESS`` is written):
+``prompts = raw + prompt drops`` and ``raw = clean + rejects``: no row is lost.
+
+Reproducibility: prompt ``j`` of document ``d`` draws its few-shots (and, for csqa, its
+question/statement variant) from ``random.Random(f"{seed}:{d}:{j}")``, so a rerun builds the
+same prompts; sampling is seeded per row where the backend allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from craft_ray.config import ConfigError
+from craft_ray.models.gguf import resolve_model_path
+from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
+from craft_ray.runtime import StageDir, StageStats, atomic_write_text, tmp_path_for
+from craft_ray.stages.generate.actors import PromptBuilder
+from craft_ray.stages.generate.config import GenerateConfig, GenerateStageConfig
+from craft_ray.stages.generate.parse import parse_batch, split_outputs
+from craft_ray.stages.generate.prompts import PromptSettings, ShotPool, make_shot_pool
+from craft_ray.tasks.base import TaskError
+from craft_ray.tasks.fewshots import FewShotError
+
+logger = logging.getLogger(__name__)
+
+
+# --- the lazy plans ---------------------------------------------------------------------
+
+
+def prompts_dataset(docs: Any, cfg: GenerateConfig, settings: PromptSettings, pool: ShotPool
+                    ) -> Any:
+    """Lazy: corpus-sample rows -> prompt rows."""
+    import ray.data
+
+    return docs.map_batches(
+        PromptBuilder, batch_size=cfg.prompt_batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.prompt_concurrency), num_cpus=1,
+        fn_constructor_kwargs={"task_spec": _task_spec(cfg), "pool": pool,
+                               "settings": settings,
+                               "tokenizer": local_ref(cfg.tokenizer_name())},
+    )
+
+
+def generations_dataset(prompts: Any, cfg: GenerateConfig) -> Any:
+    """Lazy: prompt rows (kept ones) -> backend -> parsed generation rows."""
+    from ray.data.expressions import col
+
+    kept = prompts.filter(expr=col("drop_reason") == "")  # dropped prompts are not generated
+    sampling = cfg.sampling()
+    if cfg.backend == "hf":
+        from craft_ray.backends.hf import hf_generate
+
+        gen = hf_generate(kept, local_ref(cfg.model) or cfg.model, local_ref(cfg.tokenizer),
+                          cfg.hf, sampling)
+    elif cfg.backend == "openai":
+        from craft_ray.backends.openai_compat import openai_generate
+
+        gen = openai_generate(kept, cfg.model, cfg.openai, sampling)
+    else:
+        from craft_ray.backends.vllm import vllm_generate
+
+        gen = vllm_generate(kept, local_ref(cfg.model) or cfg.model, cfg.vllm, sampling)
+    return gen.map_batches(parse_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25,
+                           fn_kwargs={"task_spec": _task_spec(cfg)})
+
+
+def _task_spec(cfg: GenerateConfig) -> Any:
+    return cfg.task if isinstance(cfg.task, str) else cfg.task.model_dump(mode="json")
+
+# --- stage runner -------------------------------------------------------------------------
+
+
+def _model_context(name: str) -> int | None:
+    """The generator's context length from its config (None when unknown)."""
+    try:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(resolve_model_path(name))
+    except Exception:  # not a local/hub model (e.g. an openai served name)
+        return None
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(c, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def prompt_budget(cfg: GenerateConfig, max_new_tokens: int) -> int | None:
+    """max_prompt_tokens, or the model's context minus max_new_tokens, or None."""
+    if cfg.max_prompt_tokens is not None:
+        return cfg.max_prompt_tokens
+    ctx = None
+    if cfg.backend == "vllm" and cfg.vllm.max_model_len:
+        ctx = cfg.vllm.max_model_len
+    if ctx is None and cfg.tokenizer_name() is not None:
+        ctx = _model_context(cfg.model if cfg.backend != "openai" else cfg.tokenizer_name())
+    if ctx is None:
+        return None
+    if ctx <= max_new_tokens:
+        raise ConfigError(
+            f"generate.max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {ctx} tokens; lower max_new_tokens"
+        )
+    return ctx - max_new_tokens
+
+
+def _input_path(stage_cfg: GenerateStageConfig) -> Path:
+    cfg = stage_cfg.generate
+    p = Path(cfg.input_path) if cfg.input_path else (
+        Path(stage_cfg.run_dir) / "retrieve" / "corpus_samples.parquet")
+    if not p.exists():
+        raise ConfigError(
+            f"corpus samples {p} do not exist: run `craft-ray retrieve` first, or set "
+            "generate.input_path to a Parquet/JSONL file with doc_id and text"
+        )
+    return p
+
+
+def _read_docs(path: Path, limit: int | None) -> Any:
+    import pyarrow.parquet as pq
+    import ray.data
+
+    if path.suffix in (".jsonl", ".json"):
+        ds = ray.data.read_json(str(path), lines=True)
+        names = ds.schema().names
+    else:
+        names = pq.read_schema(path).names if path.is_file() else None
+        ds = ray.data.read_parquet(str(path))
+        names = names or ds.schema().names
+    missing = [c for c in ("doc_id", "text") if c not in names]
+    if missing:
+        raise ConfigError(f"corpus samples {path} lack column(s) {missing} (has {names})")
+    keep = [c for c in ("doc_id", "corpus", "text", "fewshot_ids") if c in names]
+    ds = ds.select_columns(keep)
+    return ds.limit(limit) if limit else ds
+
+
+def _write_parquet(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = tmp_path_for(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict[str, Any]:
+    """Run the generation stage (Ray must be initialised). Returns the stage's stats."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    cfg = stage_cfg.generate
+    stage = StageDir(stage_cfg.run_dir, "generate")
+    if not force and stage.is_complete(cfg):
+        logger.info("generate: already complete in %s (same config); skipping", stage.path)
+        return json.loads((stage.path / "stats.json").read_text())
+
+    # Everything that can be wrong with the inputs is checked before any work starts.
+    task = cfg.task_obj()
+    try:
+        pool = make_shot_pool(task, cfg.fewshots, cfg.fewshot_text_max_chars)
+    except FewShotError as exc:
+        raise ConfigError(f"generate.fewshots: {exc}") from None
+    except TaskError as exc:
+        raise ConfigError(f"generate.task: {exc}") from None
+    if cfg.num_shots > len(pool.ids):
+        raise ConfigError(
+            f"generate.num_shots={cfg.num_shots} but {cfg.fewshots.path} holds only "
+            f"{len(pool.ids)} few-shots; lower num_shots"
+        )
+    if cfg.backend == "openai" and cfg.openai.api_key_env and not os.environ.get(
+            cfg.openai.api_key_env):
+        raise ConfigError(
+            f"generate.openai.api_key_env names {cfg.openai.api_key_env!r}, which is not set; "
+            "export it, or set api_key_env: null for a server without a key"
+        )
+    input_path = _input_path(stage_cfg)
+    max_new = cfg.max_new_tokens or task.max_new_tokens
+    load_chat_tokenizer(cfg.tokenizer_name())  # fails early on a tokenizer without chat template
+    budget = prompt_budget(cfg, max_new)
+    settings = PromptSettings(
+        task_name=task.name, num_shots=cfg.num_shots, samples_per_doc=cfg.samples_per_doc,
+        seed=cfg.seed, max_new_tokens=max_new, max_prompt_tokens=budget,
+        long_prompt=cfg.long_prompt, min_text_tokens=cfg.min_text_tokens,
+        guided_max_string_chars=cfg.guided_max_string_chars if cfg.guided_decoding else None,
+    )
+    logger.info("generate: task=%s backend=%s model=%s max_new_tokens=%d prompt budget=%s",
+                task.name, cfg.backend, cfg.model, max_new, budget)
+
+    stage.begin(cfg, clean=True)
+    stats = StageStats("generate")
+    docs = _read_docs(input_path, cfg.limit)
+
+    prompts_dir = stage.path / "prompts"
+    t0 = time.time()
+    prompts_dataset(docs, cfg, settings, pool).write_parquet(str(prompts_dir))
+    prompt_seconds = time.time() - t0
+    import ray.data
+
+    prompts = ray.data.read_parquet(str(prompts_dir))
+    prompt_cols = ["sample_id", "doc_id", "corpus", "fewshot_ids", "prompt_tokens",
+                   "drop_reason", "drop_detail"]
+    prompt_table = pds.dataset(str(prompts_dir)).to_table(columns=prompt_cols)
+    n_prompts = prompt_table.num_rows
+    drop_mask = pc.not_equal(prompt_table.column("drop_reason"), "")
+    drops = prompt_table.filter(drop_mask)
+    n_truncated = pds.dataset(str(prompts_dir)).to_table(
+        columns=["text_truncated"]).column("text_truncated").to_pylist().count(True)
+
+    gens_dir = stage.path / "generations"
+    t1 = time.time()
+    rows: list[dict[str, Any]] = []
+    if n_prompts - drops.num_rows > 0:
+        generations_dataset(prompts, cfg).write_parquet(str(gens_dir))
+        rows = pds.dataset(str(gens_dir)).to_table().to_pylist()
+    gen_seconds = time.time() - t1
+
+    out = split_outputs(rows, task)
+    raw_n, clean_n = out["raw"].num_rows, out["clean"].num_rows
+    reject_reasons = Counter(out["rejects"].column("reject_reason").to_pylist())
+    tokens_in = sum(max(0, r["tokens_in"]) for r in rows)
+    tokens_out = sum(max(0, r["tokens_out"]) for r in rows)
+    backend_errors = sum(1 for r in rows if r["error"])
+    for name, table in out.items():
+        _write_parquet(table, stage.path / f"{name}.parquet")
+    atomic_write_text(stage.path / "clean.jsonl", "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in out["clean"].to_pylist()))
+    _write_parquet(drops, stage.path / "prompt_drops.parquet")
+
+    drop_reasons = Counter(drops.column("drop_reason").to_pylist())
+    # Nothing lost: every prompt is a generation or a drop; every generation clean or reject.
+    if n_prompts != raw_n + drops.num_rows or raw_n != clean_n + sum(reject_reasons.values()):
+        raise RuntimeError(
+            f"generate: row accounting broken: prompts={n_prompts} raw={raw_n} "
+            f"drops={drops.num_rows} clean={clean_n} rejects={sum(reject_reasons.values())}"
+        )
+    stats.rows_in = n_prompts
+    stats.rows_out = clean_n
+    stats.rejects = reject_reasons + drop_reasons
+    stats.extra = {
+        "task": task.name, "backend": cfg.backend, "model": cfg.model,
+        "output_dir": str(stage.path),
+        "documents": n_prompts // cfg.samples_per_doc,
+        "prompts": n_prompts, "prompt_drops": dict(sorted(drop_reasons.items())),
+        "prompts_text_truncated": n_truncated, "prompt_budget_tokens": budget,
+        "generations": raw_n, "samples": clean_n,
+        "generation_rejects": dict(sorted(reject_reasons.items())),
+        "backend_errors": backend_errors,
+        "yield": round(clean_n / raw_n, 4) if raw_n else None,
+        "tokens_in": tokens_in, "tokens_out": tokens_out,
+        "prompt_seconds": round(prompt_seconds, 3),
+        "generation_seconds": round(gen_seconds, 3),
+        "samples_per_s": round(clean_n / gen_seconds, 4) if gen_seconds > 0 else None,
+        "tokens_out_per_s": round(tokens_out / gen_seconds, 2) if gen_seconds > 0 else None,
+        "fewshots": len(pool.ids), "fewshot_quirks": pool.quirks,
+        "max_new_tokens": max_new, "guided_decoding": cfg.guided_decoding,
+    }
+    if raw_n and backend_errors / raw_n > cfg.max_error_rate:
+        raise RuntimeError(
+            f"generate: {backend_errors} of {raw_n} generations failed in the backend "
+            f"({backend_errors / raw_n:.1%} > max_error_rate={cfg.max_error_rate}); see "
+            f"{stage.path / 'rejects.parquet'}. Fix the backend or raise "
+            "generate.max_error_rate."
+        )
+    shutil.rmtree(gens_dir, ignore_errors=True)  # raw.parquet holds the same rows
+    return stage.finish(cfg, stats)

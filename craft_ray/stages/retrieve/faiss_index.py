@@ -1,0 +1,169 @@
+"""Optional FAISS index over the store: build and search."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from craft_ray.runtime import tmp_path_for
+from craft_ray.stages.retrieve.actors import SearchResult
+from craft_ray.stages.retrieve.config import MEAN, IndexConfig, RetrieveError
+from craft_ray.stages.retrieve.ranking import Pool
+from craft_ray.stages.retrieve.scan import iter_vectors
+from craft_ray.store.vectors import StoreInfo
+
+logger = logging.getLogger(__name__)
+
+
+# --- optional FAISS index ----------------------------------------------------------------
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
+        raise RetrieveError("retrieve.index needs FAISS: pip install faiss-cpu "
+                            "(or faiss-gpu)") from exc
+    return faiss
+
+
+def index_path(store: str | Path, cfg: IndexConfig) -> Path:
+    """Where the index of ``store`` with these settings lives (changes with store.json)."""
+    import hashlib
+
+    from craft_ray.store.vectors import STORE_INFO
+
+    tag = hashlib.sha1((Path(store) / STORE_INFO).read_bytes()
+                       + cfg.model_dump_json(exclude={"nprobe", "ef_search",
+                                                       "leak_margin"}).encode()).hexdigest()
+    return Path(store) / "_faiss" / f"{cfg.kind}-{tag[:16]}.index"
+
+
+def build_faiss_index(store: str | Path, info: StoreInfo, cfg: IndexConfig) -> Path:
+    """Build (or reuse) a FAISS inner-product index over the store, shard by shard.
+
+    Index ids are store order (shards as listed in store.json, rows in file order); the doc
+    ids are written beside it (``.ids.parquet``). Both go through temporary files.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    faiss = _faiss()
+    out = index_path(store, cfg)
+    ids_out = out.with_suffix(".ids.parquet")
+    if out.is_file() and ids_out.is_file():
+        return out
+    dim = info.dim
+
+    def shard_vectors() -> Iterator[tuple[np.ndarray, pa.Table]]:
+        for sh in info.shards:
+            if not sh.num_rows:
+                continue
+            pf = pq.ParquetFile(Path(store) / sh.file)
+            meta = pf.read(columns=["doc_id", "text_len"])
+            vec = np.concatenate([v.astype(np.float32) for v in
+                                  iter_vectors(pf, str(Path(store) / sh.file), 65_536, dim,
+                                               None)])
+            yield vec, meta
+
+    if cfg.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif cfg.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.ef_construction
+    else:
+        nlist = min(cfg.nlist, max(1, info.num_rows // 39))  # FAISS wants >= 39 per list
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample, got = [], 0
+        for vec, _ in shard_vectors():
+            sample.append(vec[: cfg.train_size - got])
+            got += len(sample[-1])
+            if got >= cfg.train_size:
+                break
+        index.train(np.concatenate(sample))
+        index.make_direct_map()  # lets reconstruct() return candidates' vectors
+    tables = []
+    for vec, meta in shard_vectors():
+        index.add(vec)
+        tables.append(meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(out)
+    faiss.write_index(index, str(tmp))
+    tmp_ids = tmp_path_for(ids_out)
+    pq.write_table(pa.concat_tables(tables), tmp_ids)
+    os.replace(tmp_ids, ids_out)
+    os.replace(tmp, out)  # the index last: its presence means both files are complete
+    logger.info("retrieve: built FAISS %s index of %d vectors at %s", cfg.kind, index.ntotal,
+                out)
+    return out
+
+
+def search_faiss(store: str | Path, info: StoreInfo, cfg: IndexConfig, queries: np.ndarray,
+                 k_shot: int, k_mean: int, leakage_threshold: float | None) -> SearchResult:
+    """Per-few-shot and mean lists from a FAISS index (built on first use).
+
+    The mean list searches with the mean of the few-shot vectors: q_mean . x equals the mean
+    of the similarities, so its ranking is the mean-similarity ranking. Each candidate's
+    max/mean similarity over all few-shots is computed exactly from its reconstructed vector,
+    and the leakage guard applies to them as in the streaming search.
+    """
+    import pyarrow.parquet as pq
+
+    faiss = _faiss()
+    t0 = time.time()
+    path = build_faiss_index(store, info, cfg)
+    index = faiss.read_index(str(path))
+    if cfg.kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
+        index.make_direct_map()
+    elif cfg.kind == "hnsw":
+        index.hnsw.efSearch = cfg.ef_search
+    meta = pq.read_table(path.with_suffix(".ids.parquet"))
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    n = index.ntotal
+    hits_q, hits_i, hits_s = [], [], []
+    if k_shot:
+        s, i = index.search(q, min(n, k_shot + cfg.leak_margin))
+        hits_q.append(np.repeat(np.arange(len(q)), s.shape[1]))
+        hits_i.append(i.reshape(-1))
+        hits_s.append(s.reshape(-1))
+    if k_mean:
+        s, i = index.search(q.mean(axis=0, keepdims=True), min(n, k_mean + cfg.leak_margin))
+        hits_q.append(np.full(s.shape[1], MEAN))
+        hits_i.append(i[0])
+        hits_s.append(s[0])
+    qq, ii, ss = (np.concatenate(x) for x in (hits_q, hits_i, hits_s))
+    ok = ii >= 0  # approximate indexes pad missing hits with -1
+    qq, ii, ss = qq[ok], ii[ok], ss[ok]
+    uniq, inv = np.unique(ii, return_inverse=True)
+    vec = np.stack([index.reconstruct(int(j)) for j in uniq]) if len(uniq) else \
+        np.zeros((0, info.dim), np.float32)
+    sims = vec @ q.T  # [docs, shots]
+    max_sim = sims.max(axis=1) if len(uniq) else np.zeros(0, np.float32)
+    mean_sim = sims.mean(axis=1) if len(uniq) else np.zeros(0, np.float32)
+    leaked: list[dict[str, Any]] = []
+    keep = np.ones(len(qq), dtype=bool)
+    n_leaked = 0
+    doc_ids = np.array(meta.column("doc_id").take(uniq).to_pylist(), dtype=object)
+    if leakage_threshold is not None and len(uniq):
+        bad = max_sim >= leakage_threshold
+        n_leaked = int(bad.sum())
+        keep = ~bad[inv]
+        leaked = [{"doc_id": str(doc_ids[j]), "shot": int(sims[j].argmax()),
+                   "similarity": float(max_sim[j])} for j in np.flatnonzero(bad)]
+    from craft_ray.store.corpus import parse_doc_id
+
+    rows = np.array([parse_doc_id(str(d))[2] for d in doc_ids], dtype=np.int64)
+    pool = Pool(qq[keep].astype(np.int32), inv[keep].astype(np.int64),
+                ss[keep].astype(np.float32), doc_ids, rows,
+                meta.column("text_len").take(uniq).to_numpy().astype(np.int32),
+                max_sim.astype(np.float32), mean_sim.astype(np.float32))
+    pool = pool.reduce(k_shot, k_mean)
+    return SearchResult({"*": pool}, n, n_leaked, leaked, time.time() - t0)

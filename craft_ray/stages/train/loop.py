@@ -1,0 +1,392 @@
+"""LoRA fine-tuning on Ray Train: task dataset -> Ray Data -> TorchTrainer workers -> adapter.
+
+The recipe, top to bottom::
+
+    RUN_DIR/filter/datasets/{size}/hf        datasets.load_from_disk (driver, small)
+      -> held-out eval split, CRAFT's 25k subsample (fixed seed)
+      -> ray.data: TokenizeRows actor       Task.training_pair + chat/plain template
+      -> length statistics, max_length (fixed or a percentile), overlong rows dropped
+      -> TorchTrainer(train_loop_per_worker, datasets={"train", "eval"})
+           each worker: get_dataset_shard("train") -> dynamic-padding collate
+           -> LoRA model (DDP over gloo on CPU / NCCL on GPU, or DeepSpeed ZeRO-2/3)
+           -> train_step (loss normalised by the global number of answer tokens)
+           -> ray.train.report(metrics, checkpoint) every N steps / each epoch
+      -> RUN_DIR/train/{trial}/adapter/     PEFT format (PeftModel.from_pretrained)
+
+Invariants:
+
+* The loss of one optimizer step is the mean over every label token of the *global* batch
+  (all workers, all accumulation micro-batches), so N workers x batch b and 1 worker x N*b
+  give the same update (tested).
+* The Ray Train run is named after a hash of the settings that change the result, so a rerun
+  with the same settings resumes from its last reported checkpoint and a changed config starts
+  afresh. ``stop_after_steps`` and logging knobs are not in that hash.
+* ``_SUCCESS`` in the trial folder is written last, after the adapter folder is in place.
+* A checkpoint holds everything a resume needs: adapter, data position and optimizer state.
+  Under DeepSpeed the optimizer state is ZeRO-partitioned, so every rank reports its own
+  folder and the checkpoint is their union (Ray Train merges them under one name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from craft_ray.models.tokenizers import load_train_tokenizer
+from craft_ray.resources import torch_threads
+from craft_ray.stages.train.checkpoint import (
+    CHECKPOINT_STATE,
+    DEEPSPEED_DIR,
+    deepspeed_config,
+    load_deepspeed_state,
+    save_deepspeed_state,
+    zero_stage_of,
+)
+from craft_ray.stages.train.config import TrainConfig
+from craft_ray.stages.train.data import IGNORE_INDEX, collate_batch
+from craft_ray.stages.train.lora import (
+    build_lora_model,
+    build_optimizer,
+    lora_state_dict,
+    save_adapter,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# --- the training step (plain torch; run by each worker, tested with torch.distributed) -----
+
+
+def token_loss_sum(logits: Any, labels: Any) -> Any:
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                           shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def train_step(model: Any, micro_batches: Sequence[dict[str, Any]], optimizer: Any,
+               scheduler: Any, *, device: Any, max_grad_norm: float | None = None,
+               engine: Any = None) -> dict[str, float]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation), all ranks together.
+
+    Each micro-batch's summed token loss is divided by the number of label tokens in the
+    global batch (summed over micro-batches and ranks, one all-reduce), times the world size
+    because DDP averages gradients over ranks. The gradient is therefore that of the mean
+    token loss of the global batch, however the batch is split. With ``engine`` (DeepSpeed)
+    the engine does backward/step (no extra division by its accumulation steps: the loss is
+    already normalised) and it averages gradients over ranks like DDP; the last micro-batch
+    is marked as the accumulation boundary, so a short last group of an epoch steps too.
+    """
+    import torch
+    import torch.distributed as dist
+
+    dist_on = _dist_ready()
+    world = dist.get_world_size() if dist_on else 1
+    counts = torch.zeros(2, dtype=torch.float64)
+    for mb in micro_batches:
+        counts[0] += (mb["labels"][:, 1:] != IGNORE_INDEX).sum()
+        counts[1] += mb["attention_mask"].sum()
+    if dist_on:
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    n_label = max(float(counts[0]), 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    n_mb = len(micro_batches)
+    for i, mb in enumerate(micro_batches):
+        last = i == n_mb - 1
+        sync = contextlib.nullcontext()
+        if engine is None and not last and hasattr(model, "no_sync"):
+            sync = model.no_sync()  # DDP: all-reduce gradients once, on the last micro-batch
+        with sync:
+            out = (engine or model)(input_ids=mb["input_ids"].to(device),
+                                    attention_mask=mb["attention_mask"].to(device))
+            lsum = token_loss_sum(out.logits, mb["labels"].to(device))
+            scaled = lsum * (world / n_label)
+            if engine is not None:
+                engine.set_gradient_accumulation_boundary(last)
+                engine.backward(scaled, scale_wrt_gas=False)
+                engine.step()  # an optimizer step only at the boundary
+            else:
+                scaled.backward()
+        loss_sum += lsum.detach().double().cpu()
+    grad_norm = float("nan")
+    if engine is not None:
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else grad_norm
+    else:
+        if max_grad_norm is not None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if dist_on:
+        loss_sum = loss_sum.to(device)
+        dist.all_reduce(loss_sum)
+        loss_sum = loss_sum.cpu()
+    return {"loss": float(loss_sum) / n_label, "label_tokens": float(counts[0]),
+            "tokens": float(counts[1]), "grad_norm": grad_norm}
+
+
+def iter_micro_batches(batches: Iterable[dict[str, Any]], pad_id: int, loss_on: str
+                       ) -> Iterator[dict[str, Any]]:
+    """Ray Data numpy batches (input_ids, prompt_len) -> padded torch micro-batches."""
+    for b in batches:
+        yield collate_batch(list(b["input_ids"]), list(b["prompt_len"]), pad_id, loss_on)
+
+
+def group(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``n`` (the last may be shorter)."""
+    buf: list[Any] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _save_checkpoint(dirpath: Path, peft_model: Any, optimizer: Any, scheduler: Any,
+                     state: dict[str, Any], tokenizer: Any | None = None,
+                     state_dict: dict[str, Any] | None = None) -> None:
+    """Rank 0's part of a checkpoint: the adapter (PEFT format), data position and, without
+    DeepSpeed (``optimizer`` not None), optimizer + schedule state in ``optim.pt``."""
+    import torch
+
+    if state_dict is None:
+        state_dict = lora_state_dict(peft_model)
+    save_adapter(dirpath / "adapter", peft_model, state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dirpath / "adapter")
+    if optimizer is not None:  # DeepSpeed: in save_deepspeed_state's files instead
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None},
+                   dirpath / "optim.pt")
+    (dirpath / CHECKPOINT_STATE).write_text(json.dumps(state))
+
+
+def _evaluate(model: Any, shard: Any, cfg: TrainConfig, pad_id: int, device: Any) -> float | None:
+    """Mean token loss over this worker's eval shard, summed over all workers."""
+    import torch
+    import torch.distributed as dist
+
+    if shard is None:
+        return None
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for mb in iter_micro_batches(
+                shard.iter_batches(batch_size=cfg.per_device_batch_size, batch_format="numpy"),
+                pad_id, cfg.loss_on):
+            out = model(input_ids=mb["input_ids"].to(device),
+                        attention_mask=mb["attention_mask"].to(device))
+            tot[0] += float(token_loss_sum(out.logits, mb["labels"].to(device)))
+            tot[1] += float((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
+    model.train()
+    if _dist_ready():
+        tot = tot.to(device)
+        dist.all_reduce(tot)
+        tot = tot.cpu()
+    return float(tot[0] / tot[1]) if tot[1] > 0 else None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: LoRA fine-tune on this worker's shard of the Ray dataset.
+
+    ``config``: ``train`` (TrainConfig as JSON), ``plan`` (steps per epoch, total steps),
+    ``trial_dir`` (where rank 0 writes metrics.jsonl).
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig.model_validate(config["train"])
+    plan = config["plan"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker or 1.0, cfg.torch_threads))
+    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    device = ray.train.torch.get_device()
+    tokenizer = load_train_tokenizer(cfg.base_model)
+    pad_id = int(tokenizer.pad_token_id)
+
+    model = build_lora_model(cfg, device, on_gpu)
+    state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0}
+    ckpt = ray.train.get_checkpoint()
+    optim_state = None
+    total_steps = plan["total_steps"]
+    engine = None
+    # the checkpoint folder stays open until the DeepSpeed engine exists (it restores from it)
+    with contextlib.ExitStack() as stack:
+        ckpt_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
+        if ckpt_dir is not None:
+            state = json.loads((ckpt_dir / CHECKPOINT_STATE).read_text())
+            loaded = set_peft_model_state_dict(
+                model, load_file(ckpt_dir / "adapter" / "adapter_model.safetensors"))
+            if getattr(loaded, "unexpected_keys", None):
+                raise RuntimeError(f"checkpoint {ckpt.path} does not match the LoRA model: "
+                                   f"unexpected keys {loaded.unexpected_keys[:5]}")
+            if (ckpt_dir / "optim.pt").is_file():
+                # weights_only: never unpickle arbitrary objects from a run directory
+                optim_state = torch.load(ckpt_dir / "optim.pt", map_location="cpu",
+                                         weights_only=True)
+            logger.info("rank %d: resuming from checkpoint at step %d (epoch %d)", rank,
+                        state["global_step"], state["epoch"])
+        if cfg.deepspeed.enabled:
+            if not on_gpu:  # before deepspeed's first import: its accelerator is chosen then
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            try:
+                import deepspeed
+            except ImportError as exc:
+                raise ImportError("DeepSpeed needs: pip install 'craft-ray[deepspeed]'") from exc
+            optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+            legacy = ckpt_dir is not None and not (ckpt_dir / DEEPSPEED_DIR).is_dir()
+            if legacy and optim_state is not None and optim_state.get("scheduler") is not None:
+                scheduler.load_state_dict(optim_state["scheduler"])
+            engine, optimizer, _, scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, on_gpu))
+            net = engine
+            if legacy:  # written before checkpoints held DeepSpeed's state
+                logger.warning("checkpoint %s has no DeepSpeed state (%s/): resuming with its "
+                               "adapter weights and lr schedule, AdamW moments start from zero",
+                               ckpt.path, DEEPSPEED_DIR)
+            elif ckpt_dir is not None:
+                load_deepspeed_state(engine, ckpt_dir)
+        else:
+            if not cfg.qlora.enabled:  # a 4-bit model is placed at load time and cannot move
+                model.to(device)
+            optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+            net = model
+            if ctx.get_world_size() > 1:
+                net = ray.train.torch.prepare_model(model, move_to_device=not cfg.qlora.enabled)
+            if optim_state is not None and optim_state.get("optimizer") is not None:
+                optimizer.load_state_dict(optim_state["optimizer"])
+                if optim_state.get("scheduler") is not None:
+                    scheduler.load_state_dict(optim_state["scheduler"])
+    net.train()
+
+    metrics_path = Path(config["trial_dir"]) / "metrics.jsonl"
+    if rank == 0:
+        _trim_metrics(metrics_path, state["global_step"])
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None
+    step = state["global_step"]
+    stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
+    tokens_done, step_seconds, last_loss = 0.0, 0.0, float("nan")
+    first_step_s: float | None = None
+
+    def report(metrics: dict[str, Any], nxt: tuple[int, int], save: bool) -> None:
+        """ray.train.report on every rank; with ``save`` rank 0 attaches a checkpoint."""
+        if not save:
+            ray.train.report(metrics)
+            return
+        # every rank: under ZeRO-3 gathering the LoRA weights is a collective
+        weights = lora_state_dict(model, zero_stage_of(engine))
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_obj = None
+            if engine is not None:
+                # every rank writes its ZeRO shard to its own folder and reports it: Ray Train
+                # merges the folders of all ranks into one checkpoint (same directory name)
+                save_deepspeed_state(engine, Path(tmp))
+                ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
+            if rank == 0:
+                _save_checkpoint(Path(tmp), model, optimizer if engine is None else None,
+                                 scheduler, {"epoch": nxt[0], "batch_in_epoch": nxt[1],
+                                             "global_step": metrics["step"]}, tokenizer,
+                                 state_dict=weights)
+                ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt_obj)
+
+    # (epoch, batch) of the next optimizer step: what a checkpoint must resume from
+    pos = (state["epoch"], state["batch_in_epoch"])
+    for epoch in range(state["epoch"], cfg.epochs):
+        if step >= stop_at:
+            break
+        skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+        batches = train_shard.iter_batches(
+            batch_size=cfg.per_device_batch_size, batch_format="numpy",
+            local_shuffle_buffer_size=min(cfg.shuffle_buffer_rows,
+                                          max(plan["rows_per_worker"], 1)),
+            local_shuffle_seed=cfg.seed * 1000 + epoch)
+        groups = group(iter_micro_batches(batches, pad_id, cfg.loss_on), cfg.grad_accum)
+        t_last = time.perf_counter()
+        for gi, mbs in enumerate(groups):
+            if gi < skip:
+                t_last = time.perf_counter()
+                continue  # trained before the checkpoint we resumed from
+            out = train_step(net, mbs, optimizer, scheduler, device=device,
+                             max_grad_norm=cfg.max_grad_norm, engine=engine)
+            # wall time of the step including fetching and collating its batches
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            step += 1
+            end_of_epoch = gi + 1 == plan["steps_per_epoch"]
+            pos = (epoch + 1, 0) if end_of_epoch else (epoch, gi + 1)
+            last_loss = out["loss"]
+            if first_step_s is None:
+                first_step_s = dt  # warm-up step: left out of the steady-state rate
+            else:
+                tokens_done += out["tokens"]
+                step_seconds += dt
+            lr = float(scheduler.get_last_lr()[0]) if scheduler is not None else cfg.learning_rate
+            row = {"step": step, "epoch": epoch + (gi + 1) / plan["steps_per_epoch"],
+                   "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+                   "tokens": out["tokens"], "tokens_per_s": out["tokens"] / dt, "step_s": dt}
+            if rank == 0 and (step % cfg.log_every_steps == 0 or step == stop_at):
+                with metrics_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({**row, "time": time.time()}) + "\n")
+            if step >= stop_at:
+                break  # the final report below checkpoints
+            ckpt_now = end_of_epoch or (cfg.checkpoint_every_steps is not None
+                                        and step % cfg.checkpoint_every_steps == 0)
+            if ckpt_now or step % cfg.report_every_steps == 0:
+                report(row, pos, ckpt_now)
+                t_last = time.perf_counter()  # reporting/checkpointing is not a step
+    eval_loss = _evaluate(net, eval_shard, cfg, pad_id, device)
+    final = {"step": step, "loss": last_loss, "final": True,
+             "tokens_per_s": tokens_done / step_seconds if step_seconds > 0 else float("nan"),
+             "train_tokens": tokens_done, "train_seconds": step_seconds}
+    if eval_loss is not None:
+        final["eval_loss"] = eval_loss
+    if rank == 0:
+        with metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**final, "time": time.time()}) + "\n")
+    report(final, pos, True)
+
+
+def _trim_metrics(path: Path, keep_upto_step: int) -> None:
+    """On resume, drop metrics lines of steps after the checkpoint (they are redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not row.get("final") and row.get("step", 0) <= keep_upto_step:
+            keep.append(line)
+    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""The corpus readers and the embedding store."""
