@@ -142,6 +142,7 @@ def demo(
 
     from craft_ray.demo import (
         DEMO_CONFIG,
+        demo_samples,
         demo_with_run_dir,
         prepare_demo_models,
         project_root,
@@ -154,10 +155,9 @@ def demo(
 
     def body() -> dict[str, Any]:
         cfg = _load(PipelineConfig, Path(DEMO_CONFIG), set_, None)
-        typer.echo("NOTE: the demo's generator is a tiny random-init model built here: its "
-                   "samples are schema-valid but meaningless; they only exercise the "
-                   "pipeline. For a real model change `generate.model` (see "
-                   "configs/medqa.yaml).", err=True)
+        typer.echo(f"NOTE: generator, LoRA base and evaluated model: {cfg.generate.model} "
+                   "(a 135M model: simple questions; for a bigger one change `generate.model`, "
+                   "see configs/medqa.yaml).", err=True)
         prepare_demo_models(cfg.generate.model, cfg.train.base_model)
         cfg = _load(PipelineConfig, Path(DEMO_CONFIG), set_, None)  # now the models exist
         cfg = demo_with_run_dir(cfg)
@@ -175,6 +175,11 @@ def demo(
         if (run_dir / name).is_dir():
             typer.echo(f"  {name:<9} {run_dir / name}", err=True)
     typer.echo(f"  report    {results['report']}", err=True)
+    samples = demo_samples(run_dir)
+    if samples:
+        typer.echo("\nThree generated samples beside their source document:", err=True)
+    for s in samples:
+        typer.echo(f"\n[{s['title']}]  ({s['doc_id']})\n{s['sample']}", err=True)
     _print_stats(results)
 
 
