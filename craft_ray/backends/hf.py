@@ -19,7 +19,7 @@ from pydantic import Field
 
 from craft_ray.backends import ERR_ENGINE, batch_rows, error_row, merge_outputs, row_seed
 from craft_ray.config import StrictModel
-from craft_ray.resources import actor_cpus, torch_threads
+from craft_ray.resources import actor_resources, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class HFBackendConfig(StrictModel):
     concurrency: int = Field(default=1, ge=1, le=1024, description="Generator actors.")
     num_cpus: float | None = Field(
         default=None, gt=0, le=512,
-        description="CPUs per actor (default: an equal share of the cluster's CPUs minus 0.5 "
-        "left to the stage's own tasks; 1 with a GPU). Torch threads follow (rounded up).")
+        description="CPUs per actor (default: an equal share of the cluster's CPUs minus 1 "
+        "left to the stage's read tasks; 1 with a GPU). Torch threads: the share of all cores.")
     num_gpus: float = Field(default=0.0, ge=0, le=8, description="GPUs per actor.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=512, description="Torch threads per actor (default: num_cpus)."
@@ -192,8 +192,9 @@ def hf_generate(ds: Any, model: str, tokenizer: str | None, cfg: HFBackendConfig
     """Lazy: ``ds`` (prompt rows) -> the same rows plus the generation columns."""
     import ray.data
 
-    cfg = cfg.model_copy(update={"num_cpus": actor_cpus(cfg.num_cpus, cfg.concurrency,
-                                                        cfg.num_gpus)})
+    cpus, threads = actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,
+                                    cfg.torch_threads)
+    cfg = cfg.model_copy(update={"num_cpus": cpus, "torch_threads": threads})
     return ds.map_batches(
         HFGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

@@ -43,7 +43,7 @@ class EmbedConfig(StrictModel):
     num_cpus: float | None = Field(
         default=None, gt=0,
         description="CPUs per embedding actor (default: an equal share of the cluster's CPUs "
-        "minus 0.5 left to the reader tasks; 1 with a GPU).")
+        "minus 1 left to the reader tasks; 1 with a GPU).")
     torch_threads: int | None = Field(
         default=None, ge=1,
         description="Torch intra-op threads per actor (default: the actor's num_cpus).",

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from craft_ray.models.embedder import load_sentence_transformer, resolve_model
-from craft_ray.resources import actor_cpus, torch_threads
+from craft_ray.resources import actor_resources
 from craft_ray.runtime import StageDir, StageStats
 from craft_ray.stages.embed.actors import Embedder
 from craft_ray.stages.embed.config import ERROR_REASONS, EmbedConfig, EmbedStageConfig
@@ -83,7 +83,7 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
                    "chunk_rows": cfg.read_chunk_rows},
     )
     size = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
-    cpus = actor_cpus(cfg.num_cpus, size, cfg.num_gpus)
+    cpus, threads = actor_resources(cfg.num_cpus, size, cfg.num_gpus, cfg.torch_threads)
     if isinstance(cfg.concurrency, int):
         pool = ray.data.ActorPoolStrategy(size=cfg.concurrency)
     else:
@@ -94,7 +94,7 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
         fn_constructor_kwargs={
             "model": cfg.model, "max_seq_length": cfg.max_seq_length, "fp16": cfg.fp16,
             "encode_batch_size": cfg.encode_batch_size,
-            "torch_threads": torch_threads(cpus, cfg.torch_threads),
+            "torch_threads": threads,
             "trust_remote_code": cfg.trust_remote_code,
         },
     )

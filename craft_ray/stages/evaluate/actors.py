@@ -9,7 +9,7 @@ import numpy as np
 from craft_ray.evalsets.base import LETTERS
 from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.hf import load_hf_model
-from craft_ray.resources import actor_cpus, torch_threads
+from craft_ray.resources import actor_resources
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import (
     sampling_of,
@@ -152,7 +152,8 @@ def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
     """``ds`` through a pool of hf actors that each load ``model`` (+ adapter) once."""
     import ray.data
 
-    cpus = actor_cpus(cfg.num_cpus, cfg.concurrency, cfg.num_gpus)
+    cpus, threads = actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,
+                                    cfg.torch_threads)
     return ds.map_batches(
         actor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -161,7 +162,7 @@ def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
             "model": model.model, "adapter": model.adapter,
             "merge_adapter": model.merge_adapter, "dtype": cfg.dtype,
             "num_gpus": cfg.num_gpus,
-            "torch_threads": torch_threads(cpus, cfg.torch_threads),
+            "torch_threads": threads,
             **extra,
         })
 

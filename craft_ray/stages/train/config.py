@@ -151,8 +151,8 @@ class TrainConfig(StrictModel):
     use_gpu: bool = Field(default=False, description="One GPU per worker.")
     cpus_per_worker: float | None = Field(
         default=None, gt=0, le=1024,
-        description="CPUs per worker (default: an equal share of the cluster's CPUs minus 0.5 "
-        "left to the data tasks; 1 with a GPU). Torch threads follow (rounded up).")
+        description="CPUs per worker (default: an equal share of the cluster's CPUs minus 1 "
+        "left to the data tasks; 1 with a GPU). Torch threads: the share of all cores.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024,
         description="Torch threads per worker (default: cpus_per_worker).")
