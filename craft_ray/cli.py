@@ -15,11 +15,28 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from craft_ray.config import ConfigError, load_config
 
+GLOBAL_FLAGS = ("--verbose", "-v", "--json")
+
+
+class _GlobalFlagsFirst(TyperGroup):
+    """``craft-ray demo --verbose`` works like ``craft-ray --verbose demo``: the global flags
+    are moved in front of the subcommand before parsing."""
+
+    def main(self, args: Any = None, *a: Any, **kw: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        end = argv.index("--") if "--" in argv else len(argv)
+        flags = [x for x in argv[:end] if x in GLOBAL_FLAGS]
+        rest = [x for x in argv[:end] if x not in GLOBAL_FLAGS] + argv[end:]
+        return super().main(flags + rest, *a, **kw)
+
+
 app = typer.Typer(
     help="CRAFT on Ray: few-shots + corpora -> task datasets -> LoRA adapters -> evaluation.",
+    cls=_GlobalFlagsFirst,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -27,10 +44,16 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: ratios against a named baseline, measured in one run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+config_app = typer.Typer(help="Configs that explain themselves: every key, its default and "
+                         "meaning; validate a file without running anything.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 logger = logging.getLogger("craft_ray")
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path, typer.Option(
+    "--config", "-c", help="YAML config file. Every key with its default and meaning: "
+    "`craft-ray config show STAGE`; check a file: `craft-ray config validate FILE`.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Dotted override, e.g. --set embed.batch_size=512 "
@@ -46,29 +69,54 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if 
 T = TypeVar("T")
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+class _State:
+    """The global flags of this invocation."""
+
+    verbose = False
+    json = False
+    run_dir: str | None = None  # of the config last loaded (where summary.json goes)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from craft_ray.evalsets import EvalSetError
     from craft_ray.runtime import ClusterUnreachableError
     from craft_ray.store.corpus import CorpusError
     from craft_ray.store.vectors import StoreError
+    from craft_ray.tasks import TaskError
+    from craft_ray.tasks.fewshots import FewShotError
 
-    return (ConfigError, CorpusError, StoreError, ClusterUnreachableError, FileNotFoundError)
+    return (ConfigError, CorpusError, StoreError, ClusterUnreachableError, FileNotFoundError,
+            FewShotError, EvalSetError, TaskError)
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """The user error behind ``exc``: itself, or the cause a Ray task/actor error wraps."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, _user_errors()):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__  # RayTaskError keeps .cause
+        seen += 1
+    return None
 
 
 def _run(fn: Callable[[], T]) -> T:
-    """Run a command body; a user error is one clear line on stderr and exit code 2."""
+    """Run a command body; a user error is its message on stderr and exit code 2, any other
+    error one line (exit 1) with its traceback in RUN_DIR/error.log; tracebacks on the
+    terminal with --verbose."""
     try:
         return fn()
-    except _user_errors() as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except Exception as exc:
+        if _State.verbose or isinstance(exc, typer.Exit):
+            raise
+        user = _user_error_in(exc)
+        if user is not None:
+            typer.echo(f"error: {user}", err=True)
+            raise typer.Exit(2) from None
+        from craft_ray.console import error_line
+
+        typer.echo(error_line(exc, _State.run_dir), err=True)
+        raise typer.Exit(1) from None
 
 
 def _load(model: type[Any], config: Path, overrides: list[str] | None, address: str | None
@@ -76,19 +124,49 @@ def _load(model: type[Any], config: Path, overrides: list[str] | None, address: 
     sets = list(overrides or [])
     if address:
         sets.append(f"ray.address={address}")
-    return load_config(model, config, sets, absolute_paths=True)
+    cfg = load_config(model, config, sets, absolute_paths=True)
+    _State.run_dir = getattr(cfg, "run_dir", None)
+    return cfg
 
 
-def _print_stats(stats: dict[str, Any]) -> None:
-    typer.echo(json.dumps(stats, sort_keys=True))
+def _print_stats(stats: dict[str, Any], run_dir: str | None = None,
+                 report: str | None = None) -> None:
+    """Write RUN_DIR/summary.json, show the stage table (stderr); JSON on stdout with --json.
+
+    ``stats``: one stage's stats (with a ``stage`` key) or ``{stage: stats}`` of a pipeline.
+    """
+    from craft_ray import console
+
+    run_dir = run_dir or _State.run_dir
+    by_stage = {stats["stage"]: stats} if isinstance(stats.get("stage"), str) else stats
+    if run_dir is not None:
+        console.write_summary(run_dir, by_stage)
+        console.print_summary(by_stage, run_dir, report)
+    if _State.json:
+        typer.echo(json.dumps(stats, sort_keys=True, default=str))
+
+
+def _on_stage(name: str) -> None:
+    from craft_ray.console import ProgressLine
+
+    ProgressLine.begin(name)
 
 
 @app.callback()
 def main(
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Libraries' own logs, worker output and full tracebacks "
+        "(may be given after the subcommand too).")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Also print the run's summary as JSON on stdout (it is always written "
+        "to RUN_DIR/summary.json).")] = False,
+    log_level: Annotated[str, typer.Option(help="Level of craft_ray's own logs.")] = "INFO",
 ) -> None:
     """CRAFT on Ray."""
-    _setup_logging(log_level)
+    from craft_ray import console
+
+    _State.verbose, _State.json = verbose, json_out
+    console.configure(verbose, log_level)
 
 
 @app.command()
@@ -102,6 +180,7 @@ def embed(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
         cfg = _load(EmbedStageConfig, config, set_, address)
         preflight(cfg)
         init_ray(cfg.ray)
+        _on_stage("embed")
         return run_embed(cfg, force=force)
 
     stats = _run(body)
@@ -119,16 +198,19 @@ def run(
 ) -> None:
     """Run the whole pipeline from one YAML (stages whose section is present), with resume."""
     from craft_ray.pipeline import PipelineConfig, plan, run_pipeline
+    from craft_ray.report.html import build_report
     from craft_ray.runtime import init_ray
 
     def body() -> dict[str, Any]:
         cfg = _load(PipelineConfig, config, set_, address)
         plan(cfg, from_stage)  # validates --from before Ray starts
         init_ray(cfg.ray)
-        return run_pipeline(cfg, from_stage)
+        results = run_pipeline(cfg, from_stage, on_stage=_on_stage)
+        results["report"] = str(build_report(cfg.run_dir).resolve())
+        return results
 
     results = _run(body)
-    _print_stats(results)
+    _print_stats(results, report=results["report"])
 
 
 @app.command()
@@ -138,49 +220,81 @@ def demo(
     = None,
 ) -> None:
     """The offline demo: the whole pipeline on this machine (bundled data, tiny models)."""
-    import os
-
     from craft_ray.demo import (
-        DEMO_CONFIG,
         demo_samples,
         demo_with_run_dir,
+        load_demo_config,
         prepare_demo_models,
-        project_root,
     )
-    from craft_ray.pipeline import PipelineConfig, plan, run_pipeline
+    from craft_ray.pipeline import plan, run_pipeline
     from craft_ray.report.html import build_report
     from craft_ray.runtime import init_ray
 
-    os.chdir(project_root())  # the demo config's paths are relative to the checkout
-
     def body() -> dict[str, Any]:
-        cfg = _load(PipelineConfig, Path(DEMO_CONFIG), set_, None)
+        # The bundled config and data, outputs under ./runs/demo (see load_demo_config).
+        cfg = load_demo_config(set_ or [])
         typer.echo(f"NOTE: generator, LoRA base and evaluated model: {cfg.generate.model} "
                    "(a 135M model: simple questions; for a bigger one change `generate.model`, "
                    "see configs/medqa.yaml).", err=True)
         prepare_demo_models(cfg.generate.model, cfg.train.base_model)
-        cfg = _load(PipelineConfig, Path(DEMO_CONFIG), set_, None)  # now the models exist
+        cfg = load_demo_config(set_ or [])  # now the models exist
         cfg = demo_with_run_dir(cfg)
         plan(cfg, from_stage)
         init_ray(cfg.ray)
-        results = run_pipeline(cfg, from_stage)
+        _State.run_dir = cfg.run_dir
+        results = run_pipeline(cfg, from_stage, on_stage=_on_stage)
         results["report"] = str(build_report(cfg.run_dir).resolve())
         results["run_dir"] = str(Path(cfg.run_dir).resolve())
         return results
 
     results = _run(body)
-    run_dir = Path(results["run_dir"])
-    typer.echo("\nDemo finished. Where everything went:", err=True)
-    for name in ["embed", "retrieve", "generate", "filter", "train", "sweep", "evaluate"]:
-        if (run_dir / name).is_dir():
-            typer.echo(f"  {name:<9} {run_dir / name}", err=True)
-    typer.echo(f"  report    {results['report']}", err=True)
-    samples = demo_samples(run_dir)
+    typer.echo("Demo finished.", err=True)
+    _print_stats(results, results["run_dir"], results["report"])
+    samples = demo_samples(results["run_dir"])
     if samples:
         typer.echo("\nThree generated samples beside their source document:", err=True)
     for s in samples:
         typer.echo(f"\n[{s['title']}]  ({s['doc_id']})\n{s['sample']}", err=True)
-    _print_stats(results)
+
+
+@app.command()
+def init(
+    name: Annotated[str, typer.Argument(help="Name of the new task (letters, digits, _ - .).")],
+) -> None:
+    """Start a new task here: NAME.yaml (a custom-task starter config), NAME.fewshots.jsonl
+    and NAME.eval.jsonl (a held-out evaluation set)."""
+    from craft_ray.bundled import init_task
+
+    written = _run(lambda: init_task(name))
+    for p in written:
+        typer.echo(f"wrote {p}", err=True)
+    typer.echo(f"next: edit them, then `craft-ray config validate {written[0].name}` and "
+               f"`craft-ray run --config {written[0].name}` (guide: docs/guide.md)", err=True)
+
+
+@config_app.command("show")
+def config_show(
+    stage: Annotated[str | None, typer.Argument(
+        help="common, embed, retrieve, generate, filter, train, sweep, evaluate, judge, "
+        "eval-retrieval or mine-negatives (default: all).")] = None,
+) -> None:
+    """Print every key of a stage's config (nested ones too) with its type, default and
+    meaning."""
+    from craft_ray.config.doc import show
+
+    typer.echo(_run(lambda: show(stage)))
+
+
+@config_app.command("validate")
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="Whole-pipeline or stage YAML.")],
+    set_: SetOpt = None,
+) -> None:
+    """Check a config file (and overrides) without running anything; exit 2 on an error."""
+    from craft_ray.config.doc import validate_file
+
+    stages = _run(lambda: validate_file(file, set_ or []))
+    typer.echo(f"{file}: valid; stages it runs: {', '.join(stages) or 'none'}")
 
 
 @app.command()
@@ -230,6 +344,7 @@ def generate(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
     def body() -> dict[str, Any]:
         cfg = _load(GenerateStageConfig, config, set_, address)
         init_ray(cfg.ray)
+        _on_stage("generate")
         return run_generate(cfg, force=force)
 
     stats = _run(body)
@@ -255,6 +370,7 @@ def retrieve(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
         done = not force and StageDir(cfg.run_dir, "retrieve").is_complete(cfg.retrieve)
         prep = None if done else prepare_retrieve(cfg)  # every check before Ray starts
         init_ray(cfg.ray)
+        _on_stage("retrieve")
         return run_retrieve(cfg, force=force, prepared=prep)
 
     try:
@@ -320,10 +436,12 @@ def train(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
     def body() -> dict[str, Any]:
         cfg = _load(TrainStageConfig, config, set_, address)
         init_ray(cfg.ray)
+        _on_stage("train")
         return run_train(cfg, force=force)
 
     stats = _run(body)
     typer.echo(f"adapter: {stats['adapter']}", err=True)
+    _print_stats(stats)
 
 
 @app.command()
@@ -338,6 +456,7 @@ def evaluate(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
     def body() -> dict[str, Any]:
         cfg = _load(EvaluateStageConfig, config, set_, address)
         init_ray(cfg.ray)
+        _on_stage("evaluate")
         try:
             return run_evaluate(cfg, force=force)
         except EvalSetError as exc:
@@ -373,6 +492,7 @@ def sweep(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None) ->
     def body() -> dict[str, Any]:
         cfg = _load(SweepStageConfig, config, set_, address)
         init_ray(cfg.ray)
+        _on_stage("sweep")
         return run_sweep(cfg)
 
     stats = _run(body)
@@ -464,6 +584,52 @@ def mine_negatives(
     typer.echo(json.dumps(result))
 
 
+# --- train-retriever (issue 18) -----------------------------------------------------------
+
+
+@app.command("train-retriever")
+def train_retriever(
+    out: Annotated[Path, typer.Option(help="Output folder: the sentence-transformers model "
+                                      "(+ metrics.json).")],
+    data: Annotated[Path | None, typer.Option(help="BEIR folder or LLM-Embedder jsonl.")]
+    = None,
+    split: Annotated[str | None, typer.Option(help="BEIR qrels split to train on (default "
+                                              "train).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+    = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Fine-tune a sentence-transformers retriever (in-batch + hard negatives, optional LM
+    distillation) on Ray Train; before/after nDCG@10, MRR@10, Recall@100."""
+    from craft_ray.retrieval.evaluation import format_table
+    from craft_ray.runtime import init_ray
+    from craft_ray.stages.train_retriever import RetrieverDataError, TrainRetrieverConfig
+    from craft_ray.stages.train_retriever import run_train_retriever as run_tr
+
+    def body() -> dict[str, Any]:
+        sets = [f"out={out}"] + ([f"data={data}"] if data else []) + \
+            ([f"split={split}"] if split else []) + list(set_ or [])
+        cfg = _load(TrainRetrieverConfig, config, sets, address)
+        init_ray(cfg.ray)
+        return run_tr(cfg, force=force)
+
+    try:
+        stats = _run(body)
+    except RetrieverDataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for name in ("before", "after"):
+        if stats.get(name):
+            typer.echo(f"{name}:\n{format_table(stats[name], [10, 100])}", err=True)
+    typer.echo(f"model: {stats['model']}", err=True)
+    _print_stats(stats)
+
+
+# --- end train-retriever ------------------------------------------------------------------
+
+
 @app.command()
 def judge(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
           force: ForceOpt = False) -> None:
@@ -474,6 +640,7 @@ def judge(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = None,
     def body() -> dict[str, Any]:
         cfg = _load(JudgeStageConfig, config, set_, address)
         init_ray(cfg.ray)
+        _on_stage("judge")
         return run_judge(cfg, force=force)
 
     stats = _run(body)
@@ -491,6 +658,7 @@ def filter_cmd(config: ConfigOpt, set_: SetOpt = None, address: AddressOpt = Non
     def body() -> dict[str, Any]:
         cfg = _load(FilterStageConfig, config, set_, address)
         init_ray(cfg.ray)
+        _on_stage("filter")
         return run_filter(cfg, force=force)
 
     stats = _run(body)

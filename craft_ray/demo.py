@@ -11,17 +11,32 @@ see ``configs/medqa.yaml``. A model path that does not exist yet (e.g.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import craft_ray
+from craft_ray.bundled import DEMO_CONFIG, bundled_path, resolve_bundled_paths
+from craft_ray.config import (
+    absolutize_paths,
+    apply_overrides,
+    read_yaml,
+    validate,
+)
 
-DEMO_CONFIG = "configs/demo.yaml"
 
+def load_demo_config(overrides: Sequence[str] = ()) -> Any:
+    """The bundled ``configs/demo.yaml`` plus overrides, validated.
 
-def project_root() -> Path:
-    """The source checkout holding ``configs/`` and ``data/`` (the demo runs from there)."""
-    return Path(craft_ray.__file__).resolve().parents[1]
+    Its ``data/...`` paths point at the bundled data (wherever the package is installed);
+    every other relative path (``run_dir``, the models and adapters under ``runs/demo``) is
+    taken from the working directory, so the demo writes ``./runs/demo`` where it is run.
+    """
+    from craft_ray.pipeline import PipelineConfig
+
+    path = bundled_path(DEMO_CONFIG)
+    data = apply_overrides(read_yaml(path), overrides)
+    data = absolutize_paths(resolve_bundled_paths(data))
+    return validate(PipelineConfig, data, str(path))
 
 
 def prepare_demo_models(generator: str, base_model: str) -> list[Path]:
@@ -74,7 +89,7 @@ def demo_with_run_dir(cfg: Any) -> Any:
     ``configs/demo.yaml`` names ``runs/demo/train/...``; with ``--set run_dir=...`` the adapter
     is trained elsewhere, so adapter paths under the default run directory follow it.
     """
-    default = str((project_root() / "runs" / "demo").resolve())
+    default = str((Path.cwd() / "runs" / "demo").resolve())
     run_dir = str(Path(cfg.run_dir).resolve())
     if cfg.evaluate is None or run_dir == default:
         return cfg
@@ -82,7 +97,7 @@ def demo_with_run_dir(cfg: Any) -> Any:
     for spec in data["evaluate"]["models"]:
         adapter = spec.get("adapter")
         if adapter:
-            a = str(Path(adapter) if Path(adapter).is_absolute() else project_root() / adapter)
+            a = str(Path(adapter) if Path(adapter).is_absolute() else Path.cwd() / adapter)
             if a.startswith(default + "/"):
                 spec["adapter"] = run_dir + a[len(default):]
     return type(cfg).model_validate(data)

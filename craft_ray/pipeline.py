@@ -176,8 +176,12 @@ def plan(cfg: PipelineConfig, from_stage: str | None = None) -> list[tuple[Stage
     return out
 
 
-def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> dict[str, Any]:
-    """Run every configured stage in order (Ray must be initialised). Returns stats per stage."""
+def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None,
+                 on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every configured stage in order (Ray must be initialised). Returns stats per stage.
+
+    ``on_stage(name)`` is called as each stage starts (the console names its progress).
+    """
     results: dict[str, Any] = {}
     for st, scfg, decision in plan(cfg, from_stage):
         if decision == "skip":
@@ -185,5 +189,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None) -> dict[str
             results[st.name] = {"skipped": True}
             continue
         logger.info("%s: %s", st.name, decision)
+        if on_stage is not None:
+            on_stage(st.name)
         results[st.name] = st.runner(scfg, decision.startswith("rerun"))
     return results

@@ -107,3 +107,25 @@ def batch_rows(batch: Any, columns: tuple[str, ...]) -> list[dict[str, Any]]:
     """The given columns of a pyarrow batch as one dict per row."""
     cols = {c: batch.column(c).to_pylist() for c in columns}
     return [{c: cols[c][i] for c in columns} for i in range(batch.num_rows)]
+
+
+def run_backend(ds: Any, backend: str, model: str, settings: Any, sampling: dict[str, Any],
+                tokenizer: str | None = None) -> Any:
+    """Lazy: prompt rows -> the chosen backend -> output rows (the one backend dispatch).
+
+    ``settings`` is the backend's own config section (``hf``, ``openai`` or ``vllm``);
+    ``tokenizer`` is used by ``hf`` only (the others tokenise with the served model).
+    """
+    if backend == "hf":
+        from craft_ray.backends.hf import hf_generate
+
+        return hf_generate(ds, model, tokenizer, settings, sampling)
+    if backend == "openai":
+        from craft_ray.backends.openai_compat import openai_generate
+
+        return openai_generate(ds, model, settings, sampling)
+    if backend == "vllm":
+        from craft_ray.backends.vllm import vllm_generate
+
+        return vllm_generate(ds, model, settings, sampling)
+    raise ValueError(f"unknown generation backend {backend!r}; expected hf, openai or vllm")

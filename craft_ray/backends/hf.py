@@ -19,6 +19,7 @@ from pydantic import Field
 
 from craft_ray.backends import ERR_ENGINE, batch_rows, error_row, merge_outputs, row_seed
 from craft_ray.config import StrictModel
+from craft_ray.models.hf import generate_new_tokens
 from craft_ray.resources import actor_resources, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -103,12 +104,7 @@ class HFGenerator:
 
         ids = [list(r["prompt_token_ids"]) if len(r["prompt_token_ids"]) else
                self.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-        width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
-        # Left padding: every prompt ends at the same position, generation starts after it.
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids],
-                            device=self.device)
         max_new = max(int(r["max_new_tokens"]) for r in rows)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": pad}
         temp = float(self.sampling["temperature"])
@@ -126,9 +122,7 @@ class HFGenerator:
             kwargs["logits_processor"] = [LogitsProcessor([self._grammar(r["schema"])
                                                            for r in rows])]
         torch.manual_seed(row_seed(int(self.sampling["seed"]), str(rows[0]["sample_id"])))
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
-        gen = out[:, width:].tolist()
+        gen = generate_new_tokens(self.model, self.tokenizer, ids, self.device, **kwargs)
         results = []
         for r, x, g in zip(rows, ids, gen):
             limit = int(r["max_new_tokens"])

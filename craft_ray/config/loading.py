@@ -111,7 +111,9 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (typo?); see the stage's config model for the allowed keys"
+            section = str(err["loc"][0]) if len(err["loc"]) > 1 else ""
+            msg = ("unknown key (typo?); `craft-ray config show"
+                   f"{' ' + section if section in STAGE_SECTIONS else ''}` lists the allowed keys")
         got = err.get("input")
         got_s = "" if err["type"] == "extra_forbidden" else f" (got {got!r})"
         if len(got_s) > 120:

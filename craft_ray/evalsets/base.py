@@ -9,11 +9,12 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from craft_ray.config import StrictModel
+from craft_ray.evalsets.custom import CustomEvalFields
 
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 
 EvalSetName = Literal["commonsenseqa", "medqa", "scienceqa_bio", "medmcqa", "csqa2",
-                      "cnn_dailymail", "recipenlg"]
+                      "cnn_dailymail", "recipenlg", "custom"]
 
 # Generative sets and the CRAFT task whose records they hold.
 GENERATIVE_SETS = {"cnn_dailymail": "summarization", "recipenlg": "recipegen"}
@@ -134,8 +135,17 @@ class EvalSetConfig(StrictModel):
         "'How can I cook {title}? List the ingredients and the steps.').",
     )
 
+    fields: CustomEvalFields | None = Field(
+        default=None,
+        description="name=custom only: how the columns of your file (path: .jsonl, .json, "
+        ".parquet or .csv) map onto a multiple-choice or generative item.",
+    )
+
     @model_validator(mode="after")
     def _needs_path(self) -> EvalSetConfig:
+        if (self.name == "custom") != (self.fields is not None):
+            raise ValueError("a custom eval set needs `fields` (the column mapping), and only "
+                             "a custom set takes it")
         if self.name in LOCAL_ONLY and not self.path:
             raise ValueError(
                 f"eval set {self.name!r} is read from a local file: set path "
@@ -157,11 +167,16 @@ class EvalSetConfig(StrictModel):
     @property
     def kind(self) -> Literal["multiple_choice", "generative"]:
         """multiple_choice (accuracy) or generative (ROUGE-L, judge win rate)."""
+        if self.fields is not None:
+            return self.fields.kind
         return "generative" if self.name in GENERATIVE_SETS else "multiple_choice"
 
     @property
     def task(self) -> str | None:
-        """The CRAFT task whose records a generative set holds (None for MC sets)."""
+        """The CRAFT task whose records a generative set holds (None for MC sets); a custom
+        set's task may be a custom-task mapping."""
+        if self.fields is not None:
+            return self.fields.task  # type: ignore[return-value]
         return GENERATIVE_SETS.get(self.name)
 
 
@@ -170,6 +185,7 @@ LOCAL_ONLY = {
     "medqa": "../shared/data/eval/medqa/US/4_options/phrases_no_exclude_test.jsonl",
     # the hub's recipe_nlg needs a manual download, so the release file is read directly
     "recipenlg": "/data/recipenlg/RecipeNLG_dataset.csv",
+    "custom": "my_eval.jsonl",
 }
 
 # (hub id, split) CRAFT's run_eval.py used for each hub set.

@@ -70,7 +70,7 @@ from craft_ray.evalsets.base import (
     EvalSetError,
     RowError,
 )
-from craft_ray.evalsets.parsers import PARSERS, _row_filter
+from craft_ray.evalsets.parsers import PARSERS, row_filter
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +146,18 @@ def _raw(obj: dict[str, Any] | None, line: str) -> str:
 
 
 def parse_rows(name: str, rows: Iterable[tuple[int, dict[str, Any] | None, str]],
-               source: str, instruction: str | None = None
+               source: str, instruction: str | None = None,
+               parser: Callable[..., Any] | None = None
                ) -> tuple[list[Any], list[EvalReject]]:
     """Parse ``(row, obj, raw)`` triples with the set's parser; bad rows become rejects.
 
     Items are :class:`EvalItem` for multiple-choice sets, :class:`GenItem` for generative ones
-    (``instruction`` is their instruction / template).
+    (``instruction`` is their instruction / template). ``parser``: a custom set's own.
     """
-    parser: Callable[..., Any] = PARSERS[name]
+    parser = parser or PARSERS[name]
     if name in GENERATIVE_SETS:
         parser = functools.partial(parser, instruction=instruction)
-    keep = _row_filter(name)
+    keep = row_filter(name)
     items: list[Any] = []
     rejects: list[EvalReject] = []
     seen: set[str] = set()
@@ -221,7 +222,12 @@ def load_eval_set(cfg: EvalSetConfig, base_dir: str | Path | None = None
         all_rows = list(rows)
         size, seed = CRAFT_SUBSET[cfg.name]
         rows = iter([all_rows[i] for i in craft_subset_rows(len(all_rows), size, seed)])
-    items, rejects = parse_rows(cfg.name, rows, source, cfg.instruction)
+    custom = None
+    if cfg.fields is not None:
+        from craft_ray.evalsets.custom_rows import custom_parser
+
+        custom = custom_parser(cfg.fields)
+    items, rejects = parse_rows(cfg.name, rows, source, cfg.instruction, custom)
     if cfg.shuffle_seed is not None:
         random.Random(cfg.shuffle_seed).shuffle(items)
     if cfg.limit is not None:

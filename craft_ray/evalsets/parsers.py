@@ -198,7 +198,7 @@ PARSERS: dict[str, Callable[..., EvalItem | GenItem]] = {
 }
 
 
-def _row_filter(name: str) -> Callable[[dict[str, Any]], bool] | None:
+def row_filter(name: str) -> Callable[[dict[str, Any]], bool] | None:
     if name == "scienceqa_bio":  # CRAFT's bioqa: ScienceQA test, biology only
         return lambda obj: obj.get("topic") == "biology"
     return None

@@ -1,10 +1,31 @@
-"""Chat templates: which template a tokenizer gets, and the prompt/completion encoding training and
-evaluation share.
+"""Chat templates: rendering (one place for every stage), which template a tokenizer gets, and
+the prompt/completion encoding training and evaluation share.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+
+def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The [system?, user] messages of one prompt."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The tokenizer's chat template over ``messages``, ending with the generation prompt."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    """(chat-templated text, its token ids): the one chat-template rendering of every stage.
+
+    The template already holds the special tokens (BOS...), so none are added again.
+    """
+    text = chat_text(tokenizer, messages)
+    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def resolve_template(template: str, tokenizer: Any) -> str:
@@ -27,11 +48,7 @@ def encode_example(tokenizer: Any, prompt: str, completion: str, *, template: st
     first ``prompt_len`` ids are what the model is given at inference, the rest is the answer.
     """
     if template == "chat":
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-        messages.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
-        prompt_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        _, prompt_ids = render_chat(tokenizer, chat_messages(prompt, system_prompt))
     else:
         prompt_ids = list(tokenizer(plain_template.format(prompt=prompt),
                                     add_special_tokens=False)["input_ids"])

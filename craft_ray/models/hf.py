@@ -63,3 +63,18 @@ def _check_mergeable(net: Any, adapter: str) -> None:
 def has_tokenizer(path: str) -> bool:
     p = Path(path)
     return (p / "tokenizer_config.json").is_file()
+
+
+def generate_new_tokens(model: Any, tok: Any, ids: list[list[int]], device: Any,
+                        **generate_kwargs: Any) -> list[list[int]]:
+    """The HF generate loop of every stage: left-pad the prompts (so generation starts at the
+    same position for all), ``model.generate``, and each row's new tokens (EOS and padding
+    after it included; callers trim)."""
+    import torch
+
+    from craft_ray.models.tokenizers import pad_token_ids
+
+    inp, att = pad_token_ids(tok, ids, "left", device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=inp, attention_mask=att, **generate_kwargs)
+    return out[:, inp.shape[1]:].tolist()

@@ -47,3 +47,29 @@ def load_train_tokenizer(path: str) -> Any:
             raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def ensure_pad_token(tok: Any) -> int:
+    """The tokenizer's pad id, set to EOS (or id 0) when it has none; returns the pad id.
+
+    Padded positions are masked out of attention (and of the loss in training), so which id
+    fills them does not change any result.
+    """
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else \
+            tok.convert_ids_to_tokens(0)
+    return int(tok.pad_token_id)
+
+
+def pad_token_ids(tok: Any, ids: list[list[int]], side: str, device: Any = "cpu"
+                  ) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) torch tensors: ``ids`` padded by the tokenizer itself.
+
+    ``side="left"`` for generation (every prompt ends at the same position, so generation
+    starts after it); ``side="right"`` for scoring (positions stay 0..len-1, as in training).
+    """
+    from transformers.data.data_collator import pad_without_fast_tokenizer_warning
+
+    batch = pad_without_fast_tokenizer_warning(tok, {"input_ids": ids}, padding="longest",
+                                               padding_side=side, return_tensors="pt")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)

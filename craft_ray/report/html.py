@@ -9,11 +9,11 @@ inlined as data URIs, so the file can be mailed or archived alone.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +37,93 @@ th{background:#f2f4f8} td.num{text-align:right;font-variant-numeric:tabular-nums
 """
 
 
-def _esc(x: Any) -> str:
-    return html.escape(str(x))
+TEMPLATE = """<!doctype html><html><head><meta charset='utf-8'>
+<title>craft_ray run {{ name }}</title><style>{{ css | safe }}</style></head><body>
+<h1>craft_ray run report</h1><p class='muted'>{{ path }}</p>
+{%- macro table(b) -%}
+<table><tr>{% for h in b.headers %}<th>{{ h }}</th>{% endfor %}</tr>
+{%- for r in b.rows %}<tr>
+{%- for c in r -%}
+{%- if c is status -%}
+<td><span class="{{ c.css_class }}">{{ c.word }}</span></td>
+{%- elif c is numeric -%}<td class="num">{{ c | fmt }}</td>
+{%- else -%}<td>{{ c }}</td>{%- endif -%}
+{%- endfor %}</tr>{% endfor %}</table>
+{%- endmacro -%}
+{%- macro block(b) -%}
+{%- if b.kind == "table" -%}{{ table(b) }}
+{%- elif b.kind == "image" -%}<img alt="{{ b.alt }}" src="{{ b.src }}">
+{%- elif b.kind == "grid" -%}<div class='grid'>
+{%- for i in b.images %}{{ block(i) }}{% endfor %}</div>
+{%- elif b.kind == "heading" -%}<h3>{{ b.text }}</h3>
+{%- else -%}<p class='muted'>{{ b.text }}</p>{%- endif -%}
+{%- endmacro -%}
+{% for s in sections %}<h2>{{ s.title }}</h2>{% for b in s.blocks %}{{ block(b) }}{% endfor %}
+{% endfor %}</body></html>
+"""
+
+Block = dict[str, Any]
 
 
-def _fmt(x: Any) -> str:
+@dataclass(frozen=True)
+class Status:
+    """A stage's completion, shown as a coloured word in the overview table."""
+
+    done: bool
+
+    @property
+    def word(self) -> str:
+        return "complete" if self.done else "incomplete"
+
+    @property
+    def css_class(self) -> str:
+        return "ok" if self.done else "no"
+
+
+def _fmt(x: float | int) -> str:
+    """Numbers as the report shows them: 3 decimals for floats (none past 1,000), grouped ints."""
     if isinstance(x, float):
         return f"{x:,.3f}" if abs(x) < 1000 else f"{x:,.0f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return _esc(x)
+    return f"{x:,}"
 
 
-def _table(headers: list[str], rows: Iterable[list[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-    body = []
-    for r in rows:
-        cells = "".join(
-            f'<td class="num">{_fmt(c)}</td>' if isinstance(c, int | float) else f"<td>{c}</td>"
-            for c in r)
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+def _table(headers: list[str], rows: Iterable[list[Any]]) -> Block:
+    """A table block: numbers right-aligned and formatted, everything else escaped text."""
+    return {"kind": "table", "headers": headers, "rows": [list(r) for r in rows]}
 
 
-def _png(fig: Any) -> str:
+def _muted(text: str) -> list[Block]:
+    return [{"kind": "muted", "text": text}]
+
+
+def _image(src: str, alt: str = "figure") -> Block:
+    return {"kind": "image", "src": src, "alt": alt}
+
+
+def _png(fig: Any) -> Block:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return ('<img alt="figure" src="data:image/png;base64,'
-            + base64.b64encode(buf.getvalue()).decode() + '">')
+    return _image(_data_uri(buf.getvalue()))
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def render_page(name: str, path: str, sections: list[tuple[str, list[Block]]]) -> str:
+    """The whole page from section blocks, through jinja2 with autoescape on."""
+    from jinja2 import Environment
+
+    env = Environment(autoescape=True)
+    env.tests["status"] = lambda x: isinstance(x, Status)
+    env.tests["numeric"] = lambda x: isinstance(x, int | float)
+    env.filters["fmt"] = _fmt
+    return env.from_string(TEMPLATE).render(
+        name=name, path=path, css=CSS,
+        sections=[{"title": t, "blocks": b} for t, b in sections])
 
 
 def _fig(w: float = 6, h: float = 3.2) -> tuple[Any, Any]:
@@ -100,7 +156,7 @@ def _read_parquet(p: Path, columns: list[str] | None = None) -> Any:
         return None
 
 
-def _stages_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+def _stages_section(run: Path) -> tuple[list[Block], dict[str, dict[str, Any]]]:
     stats: dict[str, dict[str, Any]] = {}
     rows = []
     entries: list[tuple[str, Path]] = []
@@ -118,47 +174,46 @@ def _stages_section(run: Path) -> tuple[str, dict[str, dict[str, Any]]]:
         stats[name] = st
         done = (d / SUCCESS).is_file()
         rows.append([
-            _esc(name),
-            '<span class="ok">complete</span>' if done else '<span class="no">incomplete</span>',
+            name, Status(done),
             st.get("rows_in", ""), st.get("rows_out", ""), st.get("rejects_total", ""),
             st.get("seconds", ""), st.get("rows_per_s", ""),
         ])
     if not rows:
-        return "<p class='muted'>No stage has run in this directory yet.</p>", stats
-    return _table(["stage", "status", "rows in", "rows out", "rejects", "seconds", "rows/s"],
-                  rows), stats
+        return _muted("No stage has run in this directory yet."), stats
+    return [_table(["stage", "status", "rows in", "rows out", "rejects", "seconds", "rows/s"],
+                   rows)], stats
 
 
-def _rejects_section(stats: dict[str, dict[str, Any]]) -> str:
+def _rejects_section(stats: dict[str, dict[str, Any]]) -> list[Block]:
     rows = []
     for stage, st in stats.items():
         for reason, n in sorted((st.get("rejects") or {}).items(), key=lambda kv: -kv[1]):
             if n:
-                rows.append([_esc(stage), _esc(reason), n])
+                rows.append([stage, reason, n])
     if not rows:
-        return "<p class='muted'>No rejects recorded.</p>"
-    return _table(["stage", "reason", "rows"], rows)
+        return _muted("No rejects recorded.")
+    return [_table(["stage", "reason", "rows"], rows)]
 
 
-def _retrieval_section(run: Path) -> str:
+def _retrieval_section(run: Path) -> list[Block]:
     t = _read_parquet(run / "retrieve" / "corpus_samples.parquet", ["corpus", "score"])
     if t is None or t.num_rows == 0:
-        return "<p class='muted'>Retrieval has not run.</p>"
+        return _muted("Retrieval has not run.")
     from collections import Counter
 
     mix = Counter(t.column("corpus").to_pylist())
     total = sum(mix.values())
     table = _table(["corpus", "documents", "share"],
-                   [[_esc(c), n, f"{n / total:.1%}"] for c, n in mix.most_common()])
+                   [[c, n, f"{n / total:.1%}"] for c, n in mix.most_common()])
     fig, ax = _fig()
     ax.hist(t.column("score").to_pylist(), bins=40, color="#3b6fd4")
     ax.set_xlabel("cosine similarity to the few-shots")
     ax.set_ylabel("documents")
     ax.set_title("Retrieval scores")
-    return table + _png(fig)
+    return [table, _png(fig)]
 
 
-def _lengths_section(run: Path) -> str:
+def _lengths_section(run: Path) -> list[Block]:
     parts = []
     sources = [("generated clean samples", run / "generate" / "clean.parquet"),
                ("corpus samples (documents)", run / "retrieve" / "corpus_samples.parquet")]
@@ -182,14 +237,15 @@ def _lengths_section(run: Path) -> str:
             if t is not None:
                 fs = sum(t.column("is_few_shot").to_pylist()) if "is_few_shot" in \
                     t.column_names else 0
-                sizes.append([_esc(d.name), t.num_rows, fs])
-    out = f"<div class='grid'>{''.join(parts)}</div>" if parts else ""
+                sizes.append([d.name, t.num_rows, fs])
+    out: list[Block] = [{"kind": "grid", "images": parts}] if parts else []
     if sizes:
-        out += "<h3>Final datasets</h3>" + _table(["size", "rows", "of which few-shots"], sizes)
-    return out or "<p class='muted'>No generated samples yet.</p>"
+        out += [{"kind": "heading", "text": "Final datasets"},
+                _table(["size", "rows", "of which few-shots"], sizes)]
+    return out or _muted("No generated samples yet.")
 
 
-def _loss_section(run: Path) -> str:
+def _loss_section(run: Path) -> list[Block]:
     curves: list[tuple[str, list[float], list[float]]] = []
     for p in sorted(list(run.glob("train/**/metrics.jsonl")) +
                     list(run.glob("sweep/**/metrics.jsonl"))):
@@ -205,20 +261,20 @@ def _loss_section(run: Path) -> str:
         if losses:
             curves.append((str(p.parent.relative_to(run)), steps, losses))
     if not curves:
-        return "<p class='muted'>No training run yet.</p>"
+        return _muted("No training run yet.")
     fig, ax = _fig(7, 3.6)
     for label, steps, losses in curves[:24]:
         ax.plot(steps, losses, label=label, linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=7, loc="upper right")
-    return _png(fig)
+    return [_png(fig)]
 
 
-def _eval_section(run: Path) -> str:
+def _eval_section(run: Path) -> list[Block]:
     d = run / "evaluate"
     if not d.is_dir():
-        return "<p class='muted'>No evaluation yet.</p>"
+        return _muted("No evaluation yet.")
     rows = []
     for p in sorted(d.rglob("results*.json")):
         res = _read_json(p) or {}
@@ -226,19 +282,20 @@ def _eval_section(run: Path) -> str:
         if metric is None and isinstance(res, dict):
             metric = next((m for m in ("accuracy", "win_rate", "rougeL_f1") if m in res), None)
         if metric is not None and metric in res:
-            rows.append([_esc(p.parent.relative_to(d) if p.parent != d else p.stem),
-                         _esc(res.get("model", res.get("name", ""))),
-                         _esc(res.get("eval_set", res.get("dataset", ""))),
-                         _esc(metric), res[metric], res.get("n", "")])
-    out = _table(["run", "model", "eval set", "metric", "value", "n"], rows) if rows else ""
-    for png in sorted(d.rglob("*.png")):
-        out += ('<img alt="evaluation plot" src="data:image/png;base64,'
-                + base64.b64encode(png.read_bytes()).decode() + '">')
-    return out or "<p class='muted'>No evaluation results yet.</p>"
+            rows.append([str(p.parent.relative_to(d) if p.parent != d else p.stem),
+                         str(res.get("model", res.get("name", ""))),
+                         str(res.get("eval_set", res.get("dataset", ""))),
+                         str(metric), res[metric], res.get("n", "")])
+    out = [_table(["run", "model", "eval set", "metric", "value", "n"], rows)] if rows else []
+    out += [_image(_data_uri(png.read_bytes()), "evaluation plot")
+            for png in sorted(d.rglob("*.png"))]
+    return out or _muted("No evaluation results yet.")
 
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` from whatever stages have run; returns its path."""
+    from craft_ray.report.examples import reject_examples_section, samples_section
+
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
@@ -246,16 +303,14 @@ def build_report(run_dir: str | Path) -> Path:
     sections = [
         ("Stages and throughput", overview),
         ("Corpus mix and retrieval scores", _retrieval_section(run)),
+        ("Samples beside their source documents", samples_section(run)),
         ("Rejects by reason", _rejects_section(stats)),
+        ("One example of each reject reason", reject_examples_section(run)),
         ("Sample lengths", _lengths_section(run)),
         ("Training loss", _loss_section(run)),
         ("Evaluation", _eval_section(run)),
     ]
-    body = "".join(f"<h2>{_esc(t)}</h2>{c}" for t, c in sections)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>craft_ray run "
-            f"{_esc(run.name)}</title><style>{CSS}</style></head><body>"
-            f"<h1>craft_ray run report</h1><p class='muted'>{_esc(run.resolve())}</p>"
-            f"{body}</body></html>")
+    page = render_page(run.name, str(run.resolve()), sections)
     out = run / "report.html"
     atomic_write_text(out, page)
     return out

@@ -4,11 +4,11 @@ A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.j
 (``_id``, ``text``) and ``qrels/{split}.tsv`` (``query-id``, ``corpus-id``, ``score``; a header
 line). Documents are embedded as ``title + " " + text`` (as BEIR's sentence-transformers
 wrapper does) by the embed stage into an embedding store; queries are embedded in float32;
-the store is searched with the retrieval stage's exact top-k; metrics follow BEIR /
-pytrec_eval: nDCG@k with linear graded gains and a log2 discount (trec_eval's ``ndcg_cut``),
-Recall@k over documents with relevance > 0, MRR@k = 1 / rank of the first relevant document
-(BEIR's ``mrr``). Scores are means over the queries that have qrels in the split. As BEIR does
-by default, a retrieved document whose id equals the query id is dropped.
+the store is searched with the retrieval stage's exact top-k; metrics, computed by ranx, follow
+BEIR / pytrec_eval: nDCG@k with linear graded gains and a log2 discount (trec_eval's
+``ndcg_cut``), Recall@k over documents with relevance > 0, MRR@k = 1 / rank of the first
+relevant document (BEIR's ``mrr``). Scores are means over the queries that have qrels in the
+split. As BEIR does by default, a retrieved document whose id equals the query id is dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,40 +134,58 @@ def load_beir(data: str | Path, split: str = "test") -> Beir:
 # --- metrics (pure) -----------------------------------------------------------------------
 
 
+METRICS = ("ndcg", "mrr", "recall")
+
+
+def _ranx_metrics(qrels: dict[str, dict[str, int]], run: dict[str, Sequence[str]],
+                  cutoffs: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-query nDCG@k, MRR@k, Recall@k from ranx, one array per metric over ``qrels``.
+
+    ranx takes scored runs: the i-th of n ranked documents gets score n - i, so ranx's order
+    is exactly the given one (a repeated document keeps its first rank). A query of ``qrels``
+    missing from ``run`` is kept with an empty ranking (``make_comparable``) and scores 0.
+    """
+    import warnings
+
+    from ranx import Qrels, Run, evaluate
+
+    names = [f"{m}@{k}" for m in METRICS for k in cutoffs]
+    scored: dict[str, dict[str, float]] = {}
+    for q in qrels:
+        ranked = run.get(q, [])
+        scores: dict[str, float] = {}
+        for i, d in enumerate(ranked):
+            scores.setdefault(d, float(len(ranked) - i))
+        scored[q] = scores
+    if not any(scored.values()):  # ranx cannot build a Run with no document at all
+        return {name: np.zeros(len(qrels)) for name in names}
+    with warnings.catch_warnings():  # numba's first-compile chatter
+        warnings.simplefilter("ignore")
+        out = evaluate(Qrels({q: dict(r) for q, r in qrels.items()}), Run(scored), names,
+                       return_mean=False, make_comparable=True)
+    # ranx returns the bare array when asked for a single metric
+    return out if isinstance(out, dict) else {names[0]: out}
+
+
 def query_metrics(rels: dict[str, int], ranked: Sequence[str], cutoffs: Sequence[int]
                   ) -> dict[str, float]:
-    """nDCG@k, MRR@k, Recall@k of one ranked list (trec_eval / BEIR definitions)."""
-    gains = [max(0, rels.get(d, 0)) for d in ranked]
-    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)
-    n_rel = len(ideal)
-    first = next((i for i, g in enumerate(gains, 1) if g > 0), None)
-    out = {}
-    for k in cutoffs:
-        dcg = sum(g / math.log2(i + 1) for i, g in enumerate(gains[:k], 1) if g)
-        idcg = sum(g / math.log2(i + 1) for i, g in enumerate(ideal[:k], 1))
-        out[f"ndcg@{k}"] = dcg / idcg if idcg > 0 else 0.0
-        out[f"mrr@{k}"] = 1.0 / first if first is not None and first <= k else 0.0
-        out[f"recall@{k}"] = sum(1 for g in gains[:k] if g > 0) / n_rel if n_rel else 0.0
-    return out
+    """nDCG@k, MRR@k, Recall@k of one ranked list (trec_eval / BEIR definitions, via ranx)."""
+    per_query = _ranx_metrics({"q": rels}, {"q": ranked}, cutoffs)
+    return {name: float(v[0]) for name, v in per_query.items()}
 
 
 def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, Sequence[str]],
                  cutoffs: Sequence[int] = CUTOFFS) -> dict[str, float]:
     """Mean metrics over the queries of ``qrels`` (a query missing from ``run`` scores 0)."""
-    keys = [f"{m}@{k}" for m in ("ndcg", "mrr", "recall") for k in cutoffs]
-    total = dict.fromkeys(keys, 0.0)
-    for q, rels in qrels.items():
-        for key, v in query_metrics(rels, run.get(q, []), cutoffs).items():
-            total[key] += v
-    n = len(qrels)
-    return {k: round(v / n, 5) for k, v in total.items()}
+    per_query = _ranx_metrics(qrels, run, cutoffs)
+    return {name: round(float(np.mean(v)), 5) for name, v in per_query.items()}
 
 
 def format_table(metrics: dict[str, float], cutoffs: Sequence[int]) -> str:
     """Metrics as a small text table: one row per metric, one column per cutoff."""
     head = "metric  " + "".join(f"{'@' + str(k):>10}" for k in cutoffs)
     lines = [head]
-    for m in ("ndcg", "mrr", "recall"):
+    for m in METRICS:
         lines.append(f"{m:<8}" + "".join(f"{metrics[f'{m}@{k}']:>10.4f}" for k in cutoffs))
     return "\n".join(lines)
 

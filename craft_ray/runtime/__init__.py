@@ -7,6 +7,7 @@ from craft_ray.runtime.cluster import (
     quiet_ray_data,
 )
 from craft_ray.runtime.files import (
+    atomic_path,
     atomic_write_json,
     atomic_write_text,
     tmp_path_for,
@@ -18,6 +19,7 @@ from craft_ray.runtime.stagedir import (
 )
 
 __all__ = [
+    "atomic_path",
     "ClusterUnreachableError",
     "SUCCESS",
     "StageDir",

@@ -53,8 +53,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return
+    from craft_ray import console
+
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"log_to_driver": cfg.log_to_driver}
+    kwargs: dict[str, Any] = console.ray_init_kwargs(cfg.log_to_driver)
     if address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
         logger.info("starting an embedded local Ray")
@@ -78,6 +80,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 "--address/RAY_ADDRESS to run on an embedded local Ray."
             ) from exc
         raise
+    console.after_ray_init()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from craft_ray.config import StrictModel
-from craft_ray.runtime import atomic_write_json, tmp_path_for
+from craft_ray.runtime import atomic_path, atomic_write_json, tmp_path_for
 
 STORE_INFO = "store.json"
 
@@ -126,9 +126,8 @@ def write_part(store: str | Path, corpus: str, shard: str, rows: np.ndarray, doc
         "embedding": embedding_array(vectors),
     })
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(out)
-    write_store_table(table, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        write_store_table(table, tmp)
     return out
 
 
@@ -165,9 +164,8 @@ def finalize_shard(store: str | Path, corpus: str, shard: str) -> int:
         )
     out = data_path(store, corpus, shard)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(out)
-    write_store_table(table, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        write_store_table(table, tmp)
     shutil.rmtree(pdir, ignore_errors=True)
     return table.num_rows
 

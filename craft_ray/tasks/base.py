@@ -295,21 +295,21 @@ class Task:
 # --- field helpers ---------------------------------------------------------------------------
 
 
-def _require(obj: Mapping[str, Any], key: str) -> Any:
+def require_field(obj: Mapping[str, Any], key: str) -> Any:
     if key not in obj or obj[key] is None:
         raise TaskValidationError(f"Missing field '{key}'.")
     return obj[key]
 
 
-def _string(obj: Mapping[str, Any], key: str) -> str:
-    val = _require(obj, key)
+def string_field(obj: Mapping[str, Any], key: str) -> str:
+    val = require_field(obj, key)
     if not isinstance(val, str):
         raise TaskValidationError(f"Field '{key}' is not a string.")
     return val.strip()
 
 
-def _string_list(obj: Mapping[str, Any], key: str, not_list_msg: str) -> list[str]:
-    val = _require(obj, key)
+def string_list_field(obj: Mapping[str, Any], key: str, not_list_msg: str) -> list[str]:
+    val = require_field(obj, key)
     if not isinstance(val, list):
         raise TaskValidationError(not_list_msg)
     if not all(isinstance(v, str) for v in val):
@@ -317,7 +317,7 @@ def _string_list(obj: Mapping[str, Any], key: str, not_list_msg: str) -> list[st
     return [v.strip() for v in val if v.strip()]
 
 
-def _schema_object(properties: dict[str, Any]) -> dict[str, Any]:
+def schema_object(properties: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": properties,

@@ -20,10 +20,10 @@ from craft_ray.tasks.base import (
     Task,
     TaskError,
     TaskValidationError,
-    _require,
-    _schema_object,
-    _string,
-    _string_list,
+    require_field,
+    schema_object,
+    string_field,
+    string_list_field,
 )
 from craft_ray.tasks.fewshots import FewShot
 from craft_ray.tasks.quality import (
@@ -130,9 +130,9 @@ class MultipleChoiceTask(Task):
         if not isinstance(obj, Mapping):
             raise TaskValidationError("Answer is not a JSON object.")
         key = next((k for k in self.question_keys if k in obj), self.question_keys[0])
-        question = _string(obj, key)
-        options = _string_list(obj, "options", "Options not in list format.")
-        answer_raw = _require(obj, "answer")
+        question = string_field(obj, key)
+        options = string_list_field(obj, "options", "Options not in list format.")
+        answer_raw = require_field(obj, "answer")
         if len(question) < self.min_question_chars:
             raise TaskValidationError(self.short_question_msg)
         if len(options) != self.n_options:
@@ -201,7 +201,7 @@ class RecipeTask(Task):
         self.system_prompt = SYSTEM_PROMPTS["recipegen"]
         self.max_new_tokens = CRAFT_MAX_NEW_TOKENS["recipegen"]
         item = {"type": "string", "minLength": 1}
-        self.variants = [PromptVariant("default", RECIPEGEN_INSTRUCTION, _schema_object({
+        self.variants = [PromptVariant("default", RECIPEGEN_INSTRUCTION, schema_object({
             "instruction": {"type": "string", "minLength": min_instruction_chars},
             "ingredients": {"type": "array", "items": item, "minItems": min_items},
             "steps": {"type": "array", "items": item, "minItems": min_items},
@@ -210,9 +210,9 @@ class RecipeTask(Task):
     def validate(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(obj, Mapping):
             raise TaskValidationError("Answer is not a JSON object.")
-        instruction = _string(obj, "instruction")
-        ingredients = _string_list(obj, "ingredients", "Ingredients not in list format.")
-        steps = _string_list(obj, "steps", "Steps not in list format.")
+        instruction = string_field(obj, "instruction")
+        ingredients = string_list_field(obj, "ingredients", "Ingredients not in list format.")
+        steps = string_list_field(obj, "steps", "Steps not in list format.")
         if len(instruction) < self.min_instruction_chars:
             raise TaskValidationError("No instruction found / below 15 characters.")
         if len(ingredients) < self.min_items:
@@ -283,7 +283,7 @@ class SummarizationTask(Task):
         self.min_text_chars = min_text_chars
         self.system_prompt = SYSTEM_PROMPTS["summarization"]
         self.max_new_tokens = CRAFT_MAX_NEW_TOKENS["summarization"]
-        self.variants = [PromptVariant("default", SUMMARIZATION_INSTRUCTION, _schema_object({
+        self.variants = [PromptVariant("default", SUMMARIZATION_INSTRUCTION, schema_object({
             "instruction": {"type": "string", "minLength": min_instruction_chars},
             "summary": {"type": "string", "minLength": min_summary_chars},
             "long_but_clean_text": {"type": "string", "minLength": min_text_chars},
@@ -292,9 +292,9 @@ class SummarizationTask(Task):
     def validate(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(obj, Mapping):
             raise TaskValidationError("Answer is not a JSON object.")
-        instruction = _string(obj, "instruction")
-        summary = _string(obj, "summary")
-        text = _string(obj, "long_but_clean_text")
+        instruction = string_field(obj, "instruction")
+        summary = string_field(obj, "summary")
+        text = string_field(obj, "long_but_clean_text")
         if len(instruction) < self.min_instruction_chars:
             raise TaskValidationError("Instruction shorter than 15 characters.")
         if len(summary) < self.min_summary_chars:
@@ -353,7 +353,7 @@ def _mc_schema(n: int, question_key: str, fixed: list[str] | None) -> dict[str, 
             ],
             "items": False, "minItems": n, "maxItems": n,
         }
-    return _schema_object({
+    return schema_object({
         # 16+ characters ending as a sentence ends: a question cannot stop mid-way
         question_key: {"type": "string", "pattern": "^\\S.{14,}[?.!:]$"},
         "options": options,

@@ -16,9 +16,9 @@ from craft_ray.tasks.base import (
     Task,
     TaskError,
     TaskValidationError,
-    _schema_object,
-    _string,
-    _string_list,
+    schema_object,
+    string_field,
+    string_list_field,
 )
 from craft_ray.tasks.fewshots import FewShot
 
@@ -146,7 +146,7 @@ class CustomTask(Task):
             self._validator = None
             self.record_fields = names
             self._list_fields = {f.name for f in cfg.fields if f.type == "list"}
-            schema = _schema_object({f.name: self._field_schema(f) for f in cfg.fields})
+            schema = schema_object({f.name: self._field_schema(f) for f in cfg.fields})
         if cfg.options_field is not None and cfg.options_field not in self._list_fields:
             raise TaskError(
                 f"task {cfg.name!r}: options_field {cfg.options_field!r} is not a list field "
@@ -193,7 +193,7 @@ class CustomTask(Task):
         out: dict[str, Any] = {}
         for f in self.cfg.fields:
             if f.type == "list":
-                items = _string_list(obj, f.name, f"Field '{f.name}' not in list format.")
+                items = string_list_field(obj, f.name, f"Field '{f.name}' not in list format.")
                 if len(items) < f.min_items:
                     raise TaskValidationError(
                         f"Field '{f.name}' has fewer than {f.min_items} items."
@@ -204,7 +204,7 @@ class CustomTask(Task):
                     )
                 out[f.name] = items
             else:
-                val = _string(obj, f.name)
+                val = string_field(obj, f.name)
                 if f.enum is not None and val not in f.enum:
                     raise TaskValidationError(f"Field '{f.name}' is not one of {f.enum}.")
                 if len(val) < f.min_chars:

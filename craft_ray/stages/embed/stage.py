@@ -129,23 +129,10 @@ def preflight(stage_cfg: EmbedStageConfig, base_dir: str | Path | None = None) -
     return [s for c in stage_cfg.embed.corpora for s in list_shards(c, base_dir)]
 
 
-def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None,
-              force: bool = False) -> dict[str, Any]:
-    """Run the embedding stage (Ray must be initialised). Returns the stage's stats.
-
-    Skips work already done: a finished stage with the same config is not rerun (unless
-    ``force``); within an unfinished one, shards with a data file are kept.
-    """
-    import ray
-
+def _reset_if_changed(cfg: EmbedConfig, stage: StageDir, store: Path, force: bool) -> None:
+    """A changed config (or ``force``) discards the stage folder and a separate store."""
     from craft_ray.config import config_hash
 
-    cfg = stage_cfg.embed
-    stage = StageDir(stage_cfg.run_dir, "embed")
-    if not force and stage.is_complete(cfg):
-        logger.info("embed: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
-    store = Path(cfg.store_dir) if cfg.store_dir else stage.path / "store"
     hash_file = stage.path / "_config_hash"
     same_cfg = hash_file.is_file() and hash_file.read_text().strip() == config_hash(cfg)
     if (stage.path.exists() and not same_cfg) or force:
@@ -156,6 +143,54 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
             shutil.rmtree(store, ignore_errors=True)
     stage.begin(cfg)
     hash_file.write_text(config_hash(cfg))
+
+
+def _embed_waves(todo: list[Shard], cfg: EmbedConfig, store: Path, stage: StageDir) -> int:
+    """Embed shards a wave at a time, each finalised into the store; documents embedded."""
+    import ray
+
+    embedded_now = 0
+    waves = [todo[i:i + cfg.shards_per_wave] for i in range(0, len(todo), cfg.shards_per_wave)]
+    finalize = ray.remote(num_cpus=0.5)(finalize_shard)
+    for w, wave in enumerate(waves, 1):
+        logger.info("embed: wave %d/%d (%d shards)", w, len(waves), len(wave))
+        for _ in embed_dataset(wave, cfg, store, stage.path).iter_rows():
+            pass
+        embedded_now += sum(ray.get([finalize.remote(str(store), s.corpus, s.shard)
+                                     for s in wave]))
+    return embedded_now
+
+
+def _collect_manifests(shards: list[Shard], store: Path, stats: StageStats) -> list[ShardInfo]:
+    """Rows in/out and rejects of every shard (from its manifest) into stats; shard infos."""
+    shard_infos = []
+    reasons: Counter[str] = Counter()
+    for s in shards:
+        man = json.loads(manifest_path(store, s.corpus, s.shard).read_text())
+        stats.rows_in += man["num_records"]
+        stats.rows_out += man["num_docs"]
+        reasons.update(man["rejects"])
+        shard_infos.append(ShardInfo(
+            corpus=s.corpus, shard=s.shard, num_rows=man["num_docs"],
+            file=str(data_path(store, s.corpus, s.shard).relative_to(store))))
+    stats.rejects = reasons
+    return shard_infos
+
+
+def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None,
+              force: bool = False) -> dict[str, Any]:
+    """Run the embedding stage (Ray must be initialised). Returns the stage's stats.
+
+    Skips work already done: a finished stage with the same config is not rerun (unless
+    ``force``); within an unfinished one, shards with a data file are kept.
+    """
+    cfg = stage_cfg.embed
+    stage = StageDir(stage_cfg.run_dir, "embed")
+    if not force and stage.is_complete(cfg):
+        logger.info("embed: already complete in %s (same config); skipping", stage.path)
+        return json.loads((stage.path / "stats.json").read_text())
+    store = Path(cfg.store_dir) if cfg.store_dir else stage.path / "store"
+    _reset_if_changed(cfg, stage, store, force)
 
     shards = [s for c in cfg.corpora for s in list_shards(c, base_dir)]
     done = [s for s in shards if data_path(store, s.corpus, s.shard).is_file()]
@@ -168,29 +203,10 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
 
     stats = StageStats("embed")
     t_embed = time.time()
-    embedded_now = 0
-    waves = [todo[i:i + cfg.shards_per_wave] for i in range(0, len(todo), cfg.shards_per_wave)]
-    finalize = ray.remote(num_cpus=0.5)(finalize_shard)
-    for w, wave in enumerate(waves, 1):
-        logger.info("embed: wave %d/%d (%d shards)", w, len(waves), len(wave))
-        for _ in embed_dataset(wave, cfg, store, stage.path).iter_rows():
-            pass
-        embedded_now += sum(ray.get([finalize.remote(str(store), s.corpus, s.shard)
-                                     for s in wave]))
+    embedded_now = _embed_waves(todo, cfg, store, stage)
     seconds = time.time() - t_embed
-
-    shard_infos = []
-    reasons: Counter[str] = Counter()
-    for s in shards:
-        man = json.loads(manifest_path(store, s.corpus, s.shard).read_text())
-        stats.rows_in += man["num_records"]
-        stats.rows_out += man["num_docs"]
-        reasons.update(man["rejects"])
-        shard_infos.append(ShardInfo(
-            corpus=s.corpus, shard=s.shard, num_rows=man["num_docs"],
-            file=str(data_path(store, s.corpus, s.shard).relative_to(store))))
-    stats.rejects = reasons
-    errors = sum(n for r, n in reasons.items() if r in ERROR_REASONS)
+    shard_infos = _collect_manifests(shards, store, stats)
+    errors = sum(n for r, n in stats.rejects.items() if r in ERROR_REASONS)
     if stats.rows_in and errors / stats.rows_in > cfg.max_error_rate:
         raise RuntimeError(
             f"embed: {errors} of {stats.rows_in} records were malformed "

@@ -8,7 +8,8 @@ import numpy as np
 
 from craft_ray.evalsets.base import LETTERS
 from craft_ray.models.gguf import resolve_model_path
-from craft_ray.models.hf import load_hf_model
+from craft_ray.models.hf import generate_new_tokens, load_hf_model
+from craft_ray.models.tokenizers import ensure_pad_token, pad_token_ids
 from craft_ray.resources import actor_resources
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import (
@@ -47,20 +48,13 @@ class HFLetterScorer:
         """Next-token log-probs [N, V] after each prompt (given as token ids)."""
         import torch
 
-        pad = self.tok.pad_token_id
-        if pad is None:
-            pad = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
+        ensure_pad_token(self.tok)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding per pass
         out: list[np.ndarray | None] = [None] * len(ids)
         for s in range(0, len(order), self.forward_batch_size):
             chunk = order[s:s + self.forward_batch_size]
-            width = max(len(ids[i]) for i in chunk)
             # Right padding + explicit last index: positions stay 0..len-1 as in training.
-            inp = torch.full((len(chunk), width), pad, dtype=torch.long)
-            att = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                inp[r, : len(ids[i])] = torch.tensor(ids[i])
-                att[r, : len(ids[i])] = 1
+            inp, att = pad_token_ids(self.tok, [ids[i] for i in chunk], "right")
             with torch.no_grad():
                 logits = self.model(input_ids=inp.to(self.device),
                                     attention_mask=att.to(self.device)).logits
@@ -96,8 +90,7 @@ class HFTextGenerator:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tok.eos_token_id is not None:
             self.eos_ids.add(self.tok.eos_token_id)
-        pad = self.tok.pad_token_id
-        self.pad = pad if pad is not None else (self.tok.eos_token_id or 0)
+        self.pad = ensure_pad_token(self.tok)
 
     def generate(self, ids: list[list[int]], max_new: list[int], keys: list[str]
                  ) -> list[tuple[str, int, str]]:
@@ -110,12 +103,6 @@ class HFTextGenerator:
         out: list[tuple[str, int, str] | None] = [None] * len(ids)
         for s in range(0, len(order), self.generate_batch_size):
             chunk = order[s:s + self.generate_batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            # Left padding: all prompts end at the same position; generation starts after it.
-            inp = torch.tensor([[self.pad] * (width - len(ids[i])) + ids[i] for i in chunk],
-                               device=self.device)
-            att = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i])
-                                for i in chunk], device=self.device)
             kwargs: dict[str, Any] = {"max_new_tokens": max(max_new[i] for i in chunk),
                                       "pad_token_id": self.pad}
             if self.sampling["temperature"] > 0:
@@ -126,10 +113,10 @@ class HFTextGenerator:
                 torch.manual_seed(row_seed(int(self.sampling["seed"]), keys[chunk[0]]))
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with torch.inference_mode():
-                gen = self.model.generate(input_ids=inp, attention_mask=att, **kwargs)
+            gen = generate_new_tokens(self.model, self.tok, [ids[i] for i in chunk],
+                                      self.device, **kwargs)
             for r, i in enumerate(chunk):
-                toks, stopped = trim_at_eos(gen[r, width:].tolist(), self.eos_ids, max_new[i])
+                toks, stopped = trim_at_eos(gen[r], self.eos_ids, max_new[i])
                 out[i] = (self.tok.decode(toks, skip_special_tokens=True).strip(),
                           len(toks) + int(stopped), "stop" if stopped else "length")
         return out  # type: ignore[return-value]
@@ -147,7 +134,7 @@ class HFTextGenerator:
         return out
 
 
-def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
+def map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
                    extra: dict[str, Any]) -> Any:
     """``ds`` through a pool of hf actors that each load ``model`` (+ adapter) once."""
     import ray.data
@@ -167,7 +154,7 @@ def _map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
         })
 
 
-def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]]
+def generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]]
                    ) -> list[dict[str, Any]]:
     """Answers of ``model`` to the prompt rows (columns: prediction, tokens_out, finish_reason,
     prompt_tokens added)."""
@@ -176,7 +163,7 @@ def _generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, A
     sampling = sampling_of(cfg.generation)
     ds = ray.data.from_items(rows)
     if cfg.backend == "hf":
-        return _map_hf_actors(ds, cfg, model, HFTextGenerator, {
+        return map_hf_actors(ds, cfg, model, HFTextGenerator, {
             "generate_batch_size": cfg.generation.generate_batch_size,
             "sampling": sampling}).take_all()
     from functools import partial

@@ -84,7 +84,7 @@ def resolve_models(cfg: EvaluateConfig, run_dir: str | Path) -> list[ModelSpec]:
     return models
 
 
-def _check_models(cfg: EvaluateConfig, models: Sequence[ModelSpec] | None = None) -> None:
+def check_models(cfg: EvaluateConfig, models: Sequence[ModelSpec] | None = None) -> None:
     from craft_ray.config import ConfigError
 
     for m in (cfg.models if models is None else models):

@@ -53,7 +53,7 @@ def render_prompts(texts: Sequence[str], tokenizer: Any, template: str,
     user] with the generation prompt; plain = ``plain_template`` with BOS. The strings are kept
     for the per-item outputs.
     """
-    from craft_ray.models.chat import encode_example
+    from craft_ray.models.chat import chat_messages, chat_text, encode_example
 
     template = resolve_template(template, tokenizer)
     rendered: list[str] = []
@@ -64,11 +64,7 @@ def render_prompts(texts: Sequence[str], tokenizer: Any, template: str,
                                         plain_template=plain_template,
                                         system_prompt=system_prompt)
         if template == "chat":
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt
-                        else [])
-            messages.append({"role": "user", "content": t})
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
+            text = chat_text(tokenizer, chat_messages(t, system_prompt))
         else:
             text = plain_template.format(prompt=t)
         rendered.append(text)
@@ -85,7 +81,7 @@ def load_task(name: str | None) -> Any | None:
     return get_task(name)
 
 
-def _generative_task(cfg: EvaluateConfig, es: EvalSetConfig) -> Any:
+def generative_task(cfg: EvaluateConfig, es: EvalSetConfig) -> Any:
     """The task formatting a generative set: the set's CRAFT task (``evaluate.task``, when it
     names a generative task, must be that one)."""
     from craft_ray.config import ConfigError
@@ -126,7 +122,7 @@ def fit_generative_prompts(texts: Sequence[str], tokenizer: Any, max_tokens: int
     return prompts, ids, cut
 
 
-def _prompt_rows(model: ModelSpec, name: str, prompts: list[str], ids: list[list[int]],
+def prompt_rows(model: ModelSpec, name: str, prompts: list[str], ids: list[list[int]],
                  cfg: EvaluateConfig, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for p, x, e in zip(prompts, ids, extra):

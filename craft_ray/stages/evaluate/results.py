@@ -18,7 +18,7 @@ from craft_ray.stages.evaluate.scoring import NEG_INF, letter_token_ids, wilson_
 from craft_ray.stages.judge import JudgeModelConfig
 
 
-def _pair_hash(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig) -> str:
+def pair_hash(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig) -> str:
     class _Key(StrictModel):
         model: ModelSpec
         eval_set: EvalSetConfig
@@ -55,7 +55,7 @@ def summarise(rows: list[dict[str, Any]], level: float) -> dict[str, Any]:
     }
 
 
-def _write_predictions(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_predictions(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -78,7 +78,7 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def _clean_row(r: dict[str, Any]) -> dict[str, Any]:
+def clean_row(r: dict[str, Any]) -> dict[str, Any]:
     """One per-item output row with plain Python values; None for absent letters' scores."""
     letters = [str(x) for x in r["letters"]]
     scores = {}
@@ -97,7 +97,7 @@ def _clean_row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _gen_pair_hash(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig,
+def gen_pair_hash(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig,
                    max_new_tokens: int) -> str:
     class _Key(StrictModel):
         model: ModelSpec
@@ -122,11 +122,11 @@ def _gen_pair_hash(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig,
                             judge_template=cfg.judge_template if judged else None))
 
 
-def _letter_ids(tok: Any, cfg: EvaluateConfig) -> dict[str, list[int]]:
+def letter_ids_of(tok: Any, cfg: EvaluateConfig) -> dict[str, list[int]]:
     return letter_token_ids(tok, LETTERS, cfg.letter_prefixes)
 
 
-def _result_head(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig, name: str,
+def result_head(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig, name: str,
                  key: str) -> dict[str, Any]:
     return {"model": model.name, "base_model": model.model, "adapter": model.adapter,
             "group": model.series, "size": model.size, "seed": model.seed,
@@ -134,7 +134,7 @@ def _result_head(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig, name:
             "task": es.task or cfg.task, "pair_hash": key}
 
 
-def _clean_gen_row(r: dict[str, Any]) -> dict[str, Any]:
+def clean_gen_row(r: dict[str, Any]) -> dict[str, Any]:
     """One generated item with plain Python values (scores are added later)."""
     return {"id": str(r["id"]), "eval_set": str(r["eval_set"]), "model": str(r["model_name"]),
             "instruction": str(r["instruction"]), "prompt": str(r["prompt"]),

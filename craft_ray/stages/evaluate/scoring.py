@@ -115,17 +115,13 @@ def predict_letter(scores: Mapping[str, float], letters: Sequence[str]) -> str |
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (0, 0 when n == 0)."""
+    """Wilson score interval of a binomial proportion k/n (0, 0 when n == 0), from scipy."""
     if n == 0:
         return 0.0, 0.0
-    from statistics import NormalDist
+    from scipy.stats import binomtest
 
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def score_columns(scores: list[dict[str, float]], letters_col: Sequence[Any]
@@ -167,16 +163,17 @@ def sampling_of(gen: GenerationConfig) -> dict[str, Any]:
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): normal-approximation CI of a mean (sample std), clipped to [0, 1]."""
-    from statistics import NormalDist
-
     n = len(values)
     if n == 0:
         return 0.0, 0.0, 0.0
     mean = float(np.mean(values))
-    if n == 1:
+    sem = float(np.std(values, ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    if sem == 0.0:  # scipy's normal needs a positive scale; no spread, no interval
         return mean, mean, mean
-    half = NormalDist().inv_cdf(0.5 + level / 2) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
+    from scipy.stats import norm
+
+    low, high = norm.interval(level, loc=mean, scale=sem)
+    return mean, max(0.0, float(low)), min(1.0, float(high))
 
 
 def summarise_generative(rows: list[dict[str, Any]], level: float,

@@ -54,26 +54,26 @@ from craft_ray.evalsets.loading import load_eval_set
 from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.hf import has_tokenizer
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
-from craft_ray.stages.evaluate.actors import HFLetterScorer, _generate_rows, _map_hf_actors
-from craft_ray.stages.evaluate.candidates import _check_models, resolve_models
+from craft_ray.stages.evaluate.actors import HFLetterScorer, generate_rows, map_hf_actors
+from craft_ray.stages.evaluate.candidates import check_models, resolve_models
 from craft_ray.stages.evaluate.config import EvaluateConfig, EvaluateStageConfig, ModelSpec
 from craft_ray.stages.evaluate.prompts import (
-    _generative_task,
-    _prompt_rows,
     fit_generative_prompts,
+    generative_task,
     load_task,
+    prompt_rows,
     render_prompts,
     task_prompt,
 )
 from craft_ray.stages.evaluate.results import (
-    _clean_gen_row,
-    _clean_row,
-    _gen_pair_hash,
-    _letter_ids,
-    _pair_hash,
-    _result_head,
-    _write_predictions,
+    clean_gen_row,
+    clean_row,
+    gen_pair_hash,
+    letter_ids_of,
+    pair_hash,
+    result_head,
     summarise,
+    write_predictions,
     write_summary,
 )
 from craft_ray.stages.evaluate.scoring import summarise_generative
@@ -96,7 +96,7 @@ def _score_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]
 
     ds = ray.data.from_items(rows)
     if cfg.backend == "hf":
-        scored = _map_hf_actors(ds, cfg, model, HFLetterScorer, {
+        scored = map_hf_actors(ds, cfg, model, HFLetterScorer, {
             "letter_ids": letter_ids, "forward_batch_size": cfg.forward_batch_size,
             "max_prompt_tokens": cfg.max_prompt_tokens})
     else:
@@ -116,7 +116,94 @@ def _score_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]
             postprocess=partial(vllm_scores, letter_ids=letter_ids),
         )
         scored = processor(ds)
-    return [_clean_row(r) for r in scored.take_all()]
+    return [clean_row(r) for r in scored.take_all()]
+
+
+def _load_sets(cfg: EvaluateConfig, base_dir: str | Path | None
+               ) -> dict[str, tuple[Any, list[Any], list[Any], Any]]:
+    """Every set loaded first: a missing file or an unreachable hub stops before any model
+    loads. ``{display name: (set config, items, rejects, generative task or None)}``."""
+    loaded = {}
+    for es in cfg.sets:
+        items, rejects = load_eval_set(es, base_dir)
+        gtask = generative_task(cfg, es) if es.kind == "generative" else None
+        loaded[es.display_name] = (es, items, rejects, gtask)
+    return loaded
+
+
+def _model_rows(cfg: EvaluateConfig, model: ModelSpec, tok: Any, task: Any,
+                loaded: dict[str, tuple[Any, list[Any], list[Any], Any]], out: Path,
+                force: bool, results: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Prompt rows of one model over every set it has not done yet (done pairs are appended
+    to ``results``): ``mc_rows``, ``mc_sets``, ``gen_rows``, ``gen_sets``."""
+    todo: dict[str, list[Any]] = {"mc_rows": [], "mc_sets": [], "gen_rows": [], "gen_sets": []}
+    for name, (es, items, _r, gtask) in loaded.items():
+        max_new = (cfg.generation.max_new_tokens or gtask.max_new_tokens) if gtask else 0
+        key = (gen_pair_hash(cfg, model, es, max_new) if gtask
+               else pair_hash(cfg, model, es))
+        res_path = out / model.name / name / "results.json"
+        if not force and res_path.is_file() and \
+                json.loads(res_path.read_text()).get("pair_hash") == key:
+            logger.info("evaluate: %s on %s already done; keeping it", model.name, name)
+            results.append(json.loads(res_path.read_text()))
+            continue
+        if gtask is None:
+            prompts, ids = render_prompts([task_prompt(it, task) for it in items], tok,
+                                          cfg.template, cfg.plain_template,
+                                          cfg.system_prompt)
+            todo["mc_sets"].append((name, es, key))
+            todo["mc_rows"] += prompt_rows(model, name, prompts, ids, cfg, [
+                {"id": it.id, "letters": "".join(it.letters), "gold": it.gold}
+                for it in items])
+        else:
+            pairs = [gtask.training_pair(it.record) for it in items]
+            prompts, ids, cut = fit_generative_prompts(
+                [p for p, _ in pairs], tok, cfg.max_prompt_tokens, cfg.template,
+                cfg.plain_template, cfg.system_prompt)
+            todo["gen_sets"].append((name, es, key))
+            todo["gen_rows"] += prompt_rows(model, name, prompts, ids, cfg, [
+                {"id": it.id, "instruction": p, "reference": ref, "max_new_tokens": max_new,
+                 "truncated": c}
+                for it, (p, ref), c in zip(items, pairs, cut)])
+    return todo
+
+
+def _score_model(cfg: EvaluateConfig, model: ModelSpec, tok: Any, todo: dict[str, list[Any]],
+                 out: Path, stats: StageStats) -> list[dict[str, Any]]:
+    """Multiple-choice sets of one model scored, written per pair; their results."""
+    logger.info("evaluate: scoring %s (%s%s) on %d items with %s", model.name,
+                model.model, f" + {model.adapter}" if model.adapter else "",
+                len(todo["mc_rows"]), cfg.backend)
+    scored = _score_rows(cfg, model, todo["mc_rows"], letter_ids_of(tok, cfg))
+    stats.rows_out += len(scored)
+    results = []
+    for name, es, key in todo["mc_sets"]:
+        rows = sorted((r for r in scored if r["eval_set"] == name), key=lambda r: r["id"])
+        pair_dir = out / model.name / name
+        write_predictions(pair_dir, rows)
+        res = {**result_head(cfg, model, es, name, key), **summarise(rows, cfg.ci_level)}
+        atomic_write_json(pair_dir / "results.json", res)
+        logger.info("evaluate: %s on %s: accuracy %.4f (n=%d, %.0f%% CI %.4f-%.4f)",
+                    model.name, name, res["accuracy"], res["n"], 100 * cfg.ci_level,
+                    res["ci_low"], res["ci_high"])
+        results.append(res)
+    return results
+
+
+def _answer_model(cfg: EvaluateConfig, model: ModelSpec, todo: dict[str, list[Any]],
+                  stats: StageStats) -> list[dict[str, Any]]:
+    """Generative sets of one model answered; pairs waiting for ROUGE-L / the judge."""
+    logger.info("evaluate: %s (%s%s) answers %d generative items with %s",
+                model.name, model.model, f" + {model.adapter}" if model.adapter
+                else "", len(todo["gen_rows"]), cfg.backend)
+    answered = generate_rows(cfg, model, todo["gen_rows"])
+    stats.rows_out += len(answered)
+    pending = []
+    for name, es, key in todo["gen_sets"]:
+        rows = sorted((clean_gen_row(r) for r in answered if r["eval_set"] == name),
+                      key=lambda r: r["id"])
+        pending.append({"model": model, "name": name, "es": es, "key": key, "rows": rows})
+    return pending
 
 
 def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
@@ -133,6 +220,8 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     """
     from transformers import AutoTokenizer
 
+    from craft_ray.report.plots import metric_of
+
     cfg = stage_cfg.evaluate
     root = stage_root(stage_cfg)
     stage = StageDir(root.parent, root.name)
@@ -146,13 +235,8 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
         logger.info("evaluate: the sweep has other trials than last time; updating")
     task = load_task(cfg.task) if cfg.task and any(
         es.kind == "multiple_choice" for es in cfg.sets) else None
-    # Load every set first: a missing file or an unreachable hub stops before any model loads.
-    loaded = {}
-    for es in cfg.sets:
-        items, rejects = load_eval_set(es, base_dir)
-        gtask = _generative_task(cfg, es) if es.kind == "generative" else None
-        loaded[es.display_name] = (es, items, rejects, gtask)
-    _check_models(cfg, models)
+    loaded = _load_sets(cfg, base_dir)
+    check_models(cfg, models)
     stage.begin(cfg)
     stats = StageStats("evaluate")
     for name, (_es, items, rejects, _t) in loaded.items():
@@ -166,72 +250,14 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     for model in models:
         tok = AutoTokenizer.from_pretrained(model.adapter if model.adapter and has_tokenizer(
             model.adapter) else resolve_model_path(model.model))
-        mc_rows: list[dict[str, Any]] = []
-        gen_rows: list[dict[str, Any]] = []
-        mc_sets, gen_sets = [], []
-        for name, (es, items, _r, gtask) in loaded.items():
-            pair_dir = stage.path / model.name / name
-            max_new = (cfg.generation.max_new_tokens or gtask.max_new_tokens) if gtask else 0
-            key = (_gen_pair_hash(cfg, model, es, max_new) if gtask
-                   else _pair_hash(cfg, model, es))
-            res_path = pair_dir / "results.json"
-            if not force and res_path.is_file() and \
-                    json.loads(res_path.read_text()).get("pair_hash") == key:
-                logger.info("evaluate: %s on %s already done; keeping it", model.name, name)
-                results.append(json.loads(res_path.read_text()))
-                continue
-            if gtask is None:
-                prompts, ids = render_prompts([task_prompt(it, task) for it in items], tok,
-                                              cfg.template, cfg.plain_template,
-                                              cfg.system_prompt)
-                mc_sets.append((name, es, key))
-                mc_rows += _prompt_rows(model, name, prompts, ids, cfg, [
-                    {"id": it.id, "letters": "".join(it.letters), "gold": it.gold}
-                    for it in items])
-            else:
-                pairs = [gtask.training_pair(it.record) for it in items]
-                prompts, ids, cut = fit_generative_prompts(
-                    [p for p, _ in pairs], tok, cfg.max_prompt_tokens, cfg.template,
-                    cfg.plain_template, cfg.system_prompt)
-                gen_sets.append((name, es, key))
-                gen_rows += _prompt_rows(model, name, prompts, ids, cfg, [
-                    {"id": it.id, "instruction": p, "reference": ref, "max_new_tokens": max_new,
-                     "truncated": c}
-                    for it, (p, ref), c in zip(items, pairs, cut)])
-        if mc_rows:
-            logger.info("evaluate: scoring %s (%s%s) on %d items with %s", model.name,
-                        model.model, f" + {model.adapter}" if model.adapter else "",
-                        len(mc_rows), cfg.backend)
-            scored = _score_rows(cfg, model, mc_rows, _letter_ids(tok, cfg))
-            stats.rows_out += len(scored)
-            for name, es, key in mc_sets:
-                rows = sorted((r for r in scored if r["eval_set"] == name),
-                              key=lambda r: r["id"])
-                pair_dir = stage.path / model.name / name
-                _write_predictions(pair_dir, rows)
-                res = {**_result_head(cfg, model, es, name, key),
-                       **summarise(rows, cfg.ci_level)}
-                atomic_write_json(pair_dir / "results.json", res)
-                logger.info("evaluate: %s on %s: accuracy %.4f (n=%d, %.0f%% CI %.4f-%.4f)",
-                            model.name, name, res["accuracy"], res["n"], 100 * cfg.ci_level,
-                            res["ci_low"], res["ci_high"])
-                results.append(res)
-        if gen_rows:
-            logger.info("evaluate: %s (%s%s) answers %d generative items with %s",
-                        model.name, model.model, f" + {model.adapter}" if model.adapter
-                        else "", len(gen_rows), cfg.backend)
-            answered = _generate_rows(cfg, model, gen_rows)
-            stats.rows_out += len(answered)
-            for name, es, key in gen_sets:
-                rows = sorted((_clean_gen_row(r) for r in answered if r["eval_set"] == name),
-                              key=lambda r: r["id"])
-                pending.append({"model": model, "name": name, "es": es, "key": key,
-                                "rows": rows})
+        todo = _model_rows(cfg, model, tok, task, loaded, stage.path, force, results)
+        if todo["mc_rows"]:
+            results += _score_model(cfg, model, tok, todo, stage.path, stats)
+        if todo["gen_rows"]:
+            pending += _answer_model(cfg, model, todo, stats)
 
     results += _finish_generative(cfg, stage.path, pending, judge_generate)
     write_summary(stage.path, results, plot=cfg.plot)
-    from craft_ray.report.plots import metric_of
-
     stats.extra["results"] = [{"model": r["model"], "eval_set": r["eval_set"],
                                "metric": metric_of(r)[0], "value": metric_of(r)[1],
                                "n": r["n"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
@@ -272,8 +298,8 @@ def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, A
     for p, summary in zip(pending, judged):
         model, name = p["model"], p["name"]
         pair_dir = out / model.name / name
-        _write_predictions(pair_dir, p["rows"])
-        res = {**_result_head(cfg, model, p["es"], name, p["key"]),
+        write_predictions(pair_dir, p["rows"])
+        res = {**result_head(cfg, model, p["es"], name, p["key"]),
                **summarise_generative(p["rows"], cfg.ci_level, summary)}
         if summary is not None:
             res["judge_model"] = cfg.judge.model if cfg.judge else "custom"

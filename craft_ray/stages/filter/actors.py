@@ -8,13 +8,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from craft_ray.backends import run_backend
+from craft_ray.models.chat import render_chat
 from craft_ray.stages.filter.config import QualityJudgeConfig
 from craft_ray.stages.filter.quality import (
-    _read_doc_texts,
     judge_criteria,
     judge_parse_batch,
     judge_schema,
     quality_judge_prompt,
+    read_doc_texts,
     resolve_judge,
 )
 
@@ -27,7 +29,7 @@ class JudgePromptBuilder:
                  is_multiple_choice: bool, max_doc_chars: int, max_new_tokens: int) -> None:
         from craft_ray.models.tokenizers import load_chat_tokenizer
 
-        self.docs = _read_doc_texts(docs)
+        self.docs = read_doc_texts(docs)
         self.tokenizer = load_chat_tokenizer(tokenizer) if tokenizer else None
         self.task_name = task_name
         self.is_mc = is_multiple_choice
@@ -44,15 +46,13 @@ class JudgePromptBuilder:
             doc = self.docs.get(str(doc_id))
             missing.append(doc is None)
             content = quality_judge_prompt(self.task_name, str(text), doc or "", self.is_mc,
-                                   self.max_doc_chars)
+                                           self.max_doc_chars)
             m = [{"role": "user", "content": content}]
             msgs.append(json.dumps(m, ensure_ascii=False))
             if self.tokenizer is not None:
-                rendered = self.tokenizer.apply_chat_template(m, tokenize=False,
-                                                              add_generation_prompt=True)
+                rendered, rendered_ids = render_chat(self.tokenizer, m)
                 prompts.append(rendered)
-                ids.append(list(self.tokenizer(rendered, add_special_tokens=False)
-                                ["input_ids"]))
+                ids.append(rendered_ids)
             else:
                 prompts.append("")
                 ids.append([])
@@ -84,18 +84,8 @@ def judge_dataset(ds: Any, cfg: QualityJudgeConfig, run_dir: Path, task: Any) ->
                                "max_new_tokens": cfg.max_new_tokens})
     sampling = {"temperature": cfg.temperature, "top_p": 1.0, "top_k": -1, "seed": cfg.seed,
                 "guided": cfg.guided_decoding}
-    if r["backend"] == "hf":
-        from craft_ray.backends.hf import hf_generate
-
-        gen = hf_generate(prompts, r["model"], r["tokenizer"], r["settings"], sampling)
-    elif r["backend"] == "openai":
-        from craft_ray.backends.openai_compat import openai_generate
-
-        gen = openai_generate(prompts, r["model"], r["settings"], sampling)
-    else:
-        from craft_ray.backends.vllm import vllm_generate
-
-        gen = vllm_generate(prompts, r["model"], r["settings"], sampling)
+    gen = run_backend(prompts, r["backend"], r["model"], r["settings"], sampling,
+                      tokenizer=r["tokenizer"])
     return gen.map_batches(judge_parse_batch, batch_format="pyarrow", batch_size=256,
                            num_cpus=0.25, fn_kwargs={"criteria": criteria,
                                                      "min_scores": dict(cfg.min_scores)})

@@ -184,7 +184,7 @@ class FilterStageConfig(StrictModel):
 # --- input resolution ---------------------------------------------------------------------
 
 
-def _stage_config(run_dir: Path, stage: str) -> dict[str, Any]:
+def read_stage_config(run_dir: Path, stage: str) -> dict[str, Any]:
     p = run_dir / stage / "config.yaml"
     if not p.is_file():
         return {}

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from craft_ray.stages.filter.config import DecontaminationConfig, DecontamSetConfig, FilterError
-from craft_ray.stages.filter.dedup import _shingles_batch
-from craft_ray.stages.filter.rows import _open_rows, _with_reasons
+from craft_ray.stages.filter.dedup import shingles_batch
+from craft_ray.stages.filter.rows import open_rows, with_reasons
 
 # --- few-shot leakage (plain functions) ---------------------------------------------------
 
@@ -36,7 +36,7 @@ def leakage_scores(texts: Sequence[str], fewshot_texts: Sequence[str]
 def leakage_batch(table: Any, fewshot_texts: list[str], fewshot_ids: list[str],
                   threshold: float) -> Any:
     """Ray Data UDF (pyarrow): mark rows whose best few-shot ratio >= threshold."""
-    open_ = _open_rows(table)
+    open_ = open_rows(table)
     texts = [str(t) for t, o in zip(table.column("sample_text").to_pylist(), open_) if o]
     score, best = leakage_scores(texts, fewshot_texts)
     it = iter(zip(score, best))
@@ -47,7 +47,7 @@ def leakage_batch(table: Any, fewshot_texts: list[str], fewshot_ids: list[str],
         reasons.append("fewshot_leakage" if hit else None)
         details.append(f"token_set_ratio {s:.1f} with few-shot {fewshot_ids[b]}" if hit
                        else None)
-    return _with_reasons(table, "fewshot_leakage", reasons, details)
+    return with_reasons(table, "fewshot_leakage", reasons, details)
 
 # --- decontamination (plain functions) ----------------------------------------------------
 
@@ -92,7 +92,7 @@ class NgramIndex:
     """Sorted n-gram hashes of an eval set with the item each came from (for membership)."""
 
     def __init__(self, texts: Sequence[str], n: int) -> None:
-        hashes, counts = _shingles_batch(list(texts), n)
+        hashes, counts = shingles_batch(list(texts), n)
         items = np.repeat(np.arange(len(texts)), counts)
         # Texts shorter than n words give one whole-text shingle; drop those, they are not
         # n-grams and would only match an identical short sample.
@@ -108,7 +108,7 @@ class NgramIndex:
         """For each text, the eval items (sorted, at most ``max_items``) sharing an n-gram."""
         if not len(texts):
             return []
-        hashes, counts = _shingles_batch(list(texts), self.n)
+        hashes, counts = shingles_batch(list(texts), self.n)
         out: list[list[int]] = []
         pos = 0
         for t, c in zip(texts, counts):
@@ -149,7 +149,7 @@ def decontam_batch(table: Any, indexes: Any, drop_n: int, drop: bool,
     import ray
 
     idx = ray.get(indexes) if isinstance(indexes, ray.ObjectRef) else indexes
-    open_ = _open_rows(table)
+    open_ = open_rows(table)
     texts = [str(t) for t, o in zip(table.column("sample_text").to_pylist(), open_) if o]
     per_row: list[dict[str, list[int]]] = [{} for _ in texts]
     for (name, n), index in idx.items():
@@ -172,10 +172,10 @@ def decontam_batch(table: Any, indexes: Any, drop_n: int, drop: bool,
 
     table = table.append_column("_decontam", pa.array(
         [None if r is None else json.dumps(r) for r in rows], pa.string()))
-    return _with_reasons(table, "decontamination", reasons, details)
+    return with_reasons(table, "decontamination", reasons, details)
 
 
-def _decontam_step(ds: Any, cfg: DecontaminationConfig, eval_texts: dict[str, list[str]],
+def decontam_step(ds: Any, cfg: DecontaminationConfig, eval_texts: dict[str, list[str]],
                    report: dict[str, Any]) -> Any:
     import ray
 

@@ -12,14 +12,16 @@ that spreads over a cluster:
    samples always share a group, so two identical samples are never both kept (a hash
    collision can only drop more, never keep a duplicate).
 2. **Fuzzy** (:func:`minhash_signatures`, :func:`lsh_band_keys`): word n-gram shingles of the
-   normalised text, hashed with a stable hash (not Python's salted ``hash``), then ``bands x
-   rows`` MinHash values per sample computed vectorised in NumPy per batch. Each band's values
+   normalised text, hashed with a stable hash (not Python's salted ``hash``) vectorised in NumPy
+   per batch, then ``bands x rows`` MinHash values per sample from datasketch. Each band's values
    hash to one 64-bit bucket key; rows are exploded to ``(bucket, sample_id)`` and grouped by
    bucket. Samples sharing any bucket are candidate duplicates (standard LSH; the S-curve
    threshold is about ``(1/bands) ** (1/rows)``, 0.61 Jaccard for the default 20 x 6). Because
-   members of a bucket are a clique of candidates, a star of edges to the bucket's smallest
-   id gives the same connected components as all pairs: at most ``bands`` edges per sample.
-   Shuffle volume is ``n * bands`` small rows (an int64 key and an id), never the signatures.
+   members of a bucket are a clique of candidates, a star of edges to the bucket's smallest id
+   gives the same connected components as all pairs: at most ``bands`` edges per sample. Shuffle
+   volume is ``n * bands`` small rows (an int64 key and an id), never the signatures. The banding
+   is ours, not datasketch's ``MinHashLSH``: that is one in-process index, while bucket keys as
+   int64 columns let a Ray ``groupby`` spread the buckets over a cluster.
 3. **Semantic** (:func:`semantic_edges`): L2-normalised sentence embeddings (the embed stage's
    model); pairs with cosine >= threshold are duplicates. For large n the embeddings are first
    split by k-means into clusters (SemDeDup's trick) and compared pairwise only inside a cluster
@@ -172,7 +174,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _shingles_batch(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def shingles_batch(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """Word n-gram hashes of many texts at once: (flat uint64 hashes, shingles per text).
 
     Tokens of the normalised text are hashed with CRC32 (stable across processes, unlike
@@ -199,44 +201,36 @@ def _shingles_batch(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.nd
 
 def shingle_hashes(text: str, ngram: int) -> np.ndarray:
     """Sorted unique stable uint64 hashes of the word n-grams of one text."""
-    return np.unique(_shingles_batch([text], ngram)[0])
+    return np.unique(shingles_batch([text], ngram)[0])
 
 
-def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.RandomState(seed)
-    # Multiply-shift hashing (Dietzfelbinger): odd 64-bit a, any 64-bit b; no modulo needed.
-    a = rng.randint(0, np.iinfo(np.int64).max, size=num_perm, dtype=np.int64).astype(np.uint64)
-    b = rng.randint(0, np.iinfo(np.int64).max, size=num_perm, dtype=np.int64).astype(np.uint64)
-    return (a << np.uint64(1)) | np.uint64(1), b
+def _shingle_value(x: int) -> int:
+    """datasketch's hash function here: shingles arrive already hashed to 32 bits."""
+    return x
 
 
-def minhash_signatures(texts: Sequence[str], num_perm: int, ngram: int, seed: int = 1,
-                       chunk_shingles: int = 65_536) -> np.ndarray:
-    """MinHash signatures ``uint32 [len(texts), num_perm]``.
+def minhash_signatures(texts: Sequence[str], num_perm: int, ngram: int, seed: int = 1
+                       ) -> np.ndarray:
+    """MinHash signatures ``uint32 [len(texts), num_perm]``, computed by datasketch.
 
-    Each permutation is a multiply-shift hash ``(a*x + b) mod 2**64 >> 32`` of the shingle's
-    32-bit hash ``x`` (2-universal, no modulo, so one vectorised multiply-add per value).
-
-    Deterministic for the same (texts, num_perm, ngram, seed). The fraction of equal
-    positions of two signatures estimates the Jaccard similarity of their shingle sets.
+    Shingles are hashed once, vectorised over the batch (:func:`shingles_batch`, top 32 bits
+    of the stable 64-bit hash); datasketch's ``MinHash.bulk`` (scheme ``affine32``: a
+    MurmurHash3 pre-mix, then ``a*h + b mod 2**32`` per permutation) takes the minimum per
+    permutation. Deterministic for the same (texts, num_perm, ngram, seed). The fraction of
+    equal positions of two signatures estimates the Jaccard similarity of their shingle sets.
     """
-    a, b = _permutations(num_perm, seed)
+    from datasketch import MinHash
+
     sigs = np.empty((len(texts), num_perm), dtype=np.uint32)
     if not len(texts):
         return sigs
-    flat_all, lens = _shingles_batch(texts, ngram)
-    flat_all = flat_all >> np.uint64(32)
-    bounds = np.concatenate(([0], np.cumsum(lens)))
-    start = 0
-    while start < len(texts):  # chunks bound the [shingles, num_perm] matrix
-        stop = int(np.searchsorted(bounds, bounds[start] + chunk_shingles, side="right")) - 1
-        stop = min(max(stop, start + 1), len(texts))
-        flat = flat_all[bounds[start]:bounds[stop]]
-        with np.errstate(over="ignore"):
-            hv = (flat[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)
-        offsets = bounds[start:stop] - bounds[start]
-        sigs[start:stop] = np.minimum.reduceat(hv, offsets, axis=0).astype(np.uint32)
-        start = stop
+    flat, lens = shingles_batch(texts, ngram)
+    flat = (flat >> np.uint64(32)).tolist()
+    bounds = np.concatenate(([0], np.cumsum(lens))).tolist()
+    per_text = (flat[bounds[i]:bounds[i + 1]] for i in range(len(texts)))
+    for i, m in enumerate(MinHash.generator(per_text, num_perm=num_perm, seed=seed,
+                                            hashfunc=_shingle_value)):
+        sigs[i] = m.hashvalues
     return sigs
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from craft_ray.stages.filter.config import FilterConfig, _stage_config
+from craft_ray.stages.filter.config import FilterConfig, read_stage_config
 from craft_ray.stages.filter.decontam import NgramIndex, overlap_summary
 from craft_ray.stages.filter.rows import PROVENANCE_COLUMNS, priority_batch
 
@@ -129,7 +129,7 @@ def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig
 
 
 def _yaml_section(run_dir: Path, stage: str, key: str) -> str | None:
-    data = _stage_config(run_dir, stage)
+    data = read_stage_config(run_dir, stage)
     if not data:
         return None
     section = data.get(key, data)

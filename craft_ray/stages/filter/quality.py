@@ -16,9 +16,9 @@ from craft_ray.stages.filter.config import (
     JUDGE_CRITERIA_QA,
     FilterError,
     QualityJudgeConfig,
-    _stage_config,
+    read_stage_config,
 )
-from craft_ray.stages.filter.rows import _with_reasons
+from craft_ray.stages.filter.rows import with_reasons
 
 # --- LLM judge (plain functions) -----------------------------------------------------------
 
@@ -116,7 +116,7 @@ def resolve_judge(cfg: QualityJudgeConfig, run_dir: Path) -> dict[str, Any]:
     Unset fields come from the generate stage's resolved config in the run directory, so by
     default the judge runs on the same backend and model as the generator.
     """
-    data = _stage_config(run_dir, "generate")  # the generate section, written by StageDir
+    data = read_stage_config(run_dir, "generate")  # the generate section, written by StageDir
     gen = data.get("generate", data) or {}
     backend = cfg.backend or gen.get("backend")
     model = cfg.model or gen.get("model")
@@ -151,7 +151,7 @@ def judge_schema(criteria: Sequence[str]) -> dict[str, Any]:
             "required": list(criteria), "additionalProperties": False}
 
 
-def _read_doc_texts(path: str) -> dict[str, str]:
+def read_doc_texts(path: str) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     if path.endswith((".jsonl", ".json")):
@@ -195,4 +195,4 @@ def judge_parse_batch(table: Any, criteria: list[str], min_scores: dict[str, int
     for c in criteria:
         table = table.append_column(f"judge_{c}", pa.array(
             [s[c] if s else None for s in scores], pa.int64()))
-    return _with_reasons(table, "judge", reasons, details)
+    return with_reasons(table, "judge", reasons, details)

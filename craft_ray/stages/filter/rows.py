@@ -14,7 +14,7 @@ PROVENANCE_COLUMNS = ("sample_id", "task", "doc_id", "corpus", "fewshot_ids")
 # --- batch helpers ------------------------------------------------------------------------
 
 
-def _with_reasons(table: Any, step: str, reasons: list[str | None],
+def with_reasons(table: Any, step: str, reasons: list[str | None],
                   details: list[str | None]) -> Any:
     """Set the reject columns of the rows this step rejects; earlier rejections stay."""
     import pyarrow as pa
@@ -34,7 +34,7 @@ def _with_reasons(table: Any, step: str, reasons: list[str | None],
     return table
 
 
-def _open_rows(table: Any) -> list[bool]:
+def open_rows(table: Any) -> list[bool]:
     """Which rows no earlier step rejected."""
     if "reject_reason" not in table.column_names:
         return [True] * table.num_rows
@@ -49,7 +49,7 @@ def mark_drops_batch(table: Any, drops: Any, step: str, reason: str) -> Any:
     ids = [str(x) for x in table.column("sample_id").to_pylist()]
     reasons = [reason if i in d else None for i in ids]
     details = [f"duplicate of {d[i]}" if i in d else None for i in ids]
-    return _with_reasons(table, step, reasons, details)
+    return with_reasons(table, step, reasons, details)
 
 
 def priority_batch(table: Any, seed: int) -> Any:
@@ -66,7 +66,7 @@ def priority_batch(table: Any, seed: int) -> Any:
 def init_rejects_batch(table: Any) -> Any:
     """Ray Data UDF (pyarrow): add empty ``reject_step/reason/detail`` columns."""
     n = table.num_rows
-    return _with_reasons(table, "", [None] * n, [None] * n)
+    return with_reasons(table, "", [None] * n, [None] * n)
 
 
 def _keep_rows(table: Any, rejected: bool) -> Any:
@@ -86,7 +86,7 @@ def rejected_of(ds: Any) -> Any:
     return ds.map_batches(_keep_rows, batch_format="pyarrow", fn_kwargs={"rejected": True})
 
 
-def _mark_dedup(ds: Any, find: Callable[[Any], dict[str, str]], step: str, reason: str) -> Any:
+def mark_dedup(ds: Any, find: Callable[[Any], dict[str, str]], step: str, reason: str) -> Any:
     import ray
 
     drops = find(survivors_of(ds))

@@ -39,6 +39,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,9 @@ from craft_ray.stages.filter.config import (
     FilterConfig,
     FilterError,
     FilterStageConfig,
-    _stage_config,
+    read_stage_config,
 )
-from craft_ray.stages.filter.decontam import _decontam_step, leakage_batch, load_decontam_set
+from craft_ray.stages.filter.decontam import decontam_step, leakage_batch, load_decontam_set
 from craft_ray.stages.filter.dedup_dataset import (
     exact_duplicates_dataset,
     fuzzy_duplicates_dataset,
@@ -60,8 +61,8 @@ from craft_ray.stages.filter.output import build_datasets
 from craft_ray.stages.filter.quality import judge_criteria, resolve_judge
 from craft_ray.stages.filter.rows import (
     REJECT_COLUMNS,
-    _mark_dedup,
     init_rejects_batch,
+    mark_dedup,
     rejected_of,
     step_counts,
     survivors_of,
@@ -86,7 +87,7 @@ def resolve_task(cfg: FilterConfig, run_dir: str | Path, input_path: Path) -> An
 
     spec: Any = cfg.task
     if spec is None:
-        spec = _stage_config(Path(run_dir), "generate").get("task")
+        spec = read_stage_config(Path(run_dir), "generate").get("task")
     if spec is None:
         import pyarrow.parquet as pq
 
@@ -105,7 +106,7 @@ def resolve_fewshots(cfg: FilterConfig, run_dir: str | Path) -> FewShotConfig | 
     """The few-shot config from the filter section, else the generate stage's."""
     if cfg.fewshots is not None:
         return cfg.fewshots
-    gen = _stage_config(Path(run_dir), "generate")
+    gen = read_stage_config(Path(run_dir), "generate")
     raw = gen.get("fewshots")
     if isinstance(raw, dict):
         return FewShotConfig.model_validate(raw)
@@ -130,23 +131,21 @@ def check_input_columns(path: Path, record_fields: Sequence[str]) -> list[str]:
     return cols
 
 
-def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str, Any]:
-    """Run the filter stage (Ray must be initialised); returns the stage's stats.
+@dataclass
+class _Inputs:
+    """Everything run_filter checks before any work: input, task, few-shots, eval sets."""
 
-    Everything that can be checked (input columns, task, few-shots, eval sets, sizes against
-    the number of few-shots) is checked before any work starts. Rows are marked in place by
-    each step (``reject_step`` etc.); a step only looks at rows no earlier step rejected.
-    """
-    import ray.data
+    path: Path
+    task: Any
+    columns: list[str]
+    shots: list[Any]
+    fs_records: list[dict[str, Any]]
+    fs_texts: list[str]
+    eval_texts: dict[str, list[str]]
 
-    cfg = stage_cfg.filter
-    run_dir = Path(stage_cfg.run_dir)
-    stage = StageDir(run_dir, "filter")
-    if not force and stage.is_complete(cfg):
-        logger.info("filter: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
 
-    # --- checks before work ---
+def _check_inputs(cfg: FilterConfig, run_dir: Path) -> _Inputs:
+    """Input columns, task, few-shots, eval sets and sizes, checked before any work starts."""
     from craft_ray.tasks.base import TaskError
     from craft_ray.tasks.fewshots import FewShotError
 
@@ -181,15 +180,12 @@ def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str
                            "skipping it")
     if cfg.judge.enabled:
         resolve_judge(cfg.judge, run_dir)
+    return _Inputs(input_path, task, cols, shots, fs_records, fs_texts, eval_texts)
 
-    stage.begin(cfg, clean=True)
-    stats = StageStats("filter")
-    ds = ray.data.read_parquet(str(input_path)).map_batches(
-        init_rejects_batch, batch_format="pyarrow").materialize()
-    stats.rows_in = ds.count()
-    logger.info("filter: %d clean samples of task %s from %s", stats.rows_in, task.name,
-                input_path)
 
+def _mark_rejects(ds: Any, cfg: FilterConfig, inp: _Inputs, decontam_report: dict[str, Any]
+                  ) -> tuple[Any, list[str], dict[str, float]]:
+    """Every step before the judge marks its rejects in place; (dataset, steps run, seconds)."""
     d = cfg.dedup
     order: list[str] = []
     seconds: dict[str, float] = {}
@@ -204,32 +200,52 @@ def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str
         return out
 
     if d.exact.enabled:
-        ds = timed("exact_dedup", lambda x: _mark_dedup(
+        ds = timed("exact_dedup", lambda x: mark_dedup(
             x, lambda y: exact_duplicates_dataset(y, d.shuffle_partitions),
             "exact_dedup", "exact_duplicate"), ds, materialize=False)
-    if cfg.leakage.enabled and fs_texts:
+    if cfg.leakage.enabled and inp.fs_texts:
         ds = timed("fewshot_leakage", lambda x: x.map_batches(
             leakage_batch, batch_size=cfg.leakage.batch_size, batch_format="pyarrow",
-            fn_kwargs={"fewshot_texts": fs_texts, "fewshot_ids": [s.id for s in shots],
+            fn_kwargs={"fewshot_texts": inp.fs_texts, "fewshot_ids": [s.id for s in inp.shots],
                        "threshold": cfg.leakage.threshold}), ds, materialize=False)
-    decontam_report: dict[str, Any] = {"enabled": bool(eval_texts)}
-    if eval_texts:
-        ds = timed("decontamination", lambda x: _decontam_step(
-            x, cfg.decontamination, eval_texts, decontam_report), ds, materialize=False)
+    if inp.eval_texts:
+        ds = timed("decontamination", lambda x: decontam_step(
+            x, cfg.decontamination, inp.eval_texts, decontam_report), ds, materialize=False)
     else:
         ds = ds.materialize()
     if d.fuzzy.enabled:
-        ds = timed("fuzzy_dedup", lambda x: _mark_dedup(
+        ds = timed("fuzzy_dedup", lambda x: mark_dedup(
             x, lambda y: fuzzy_duplicates_dataset(y, d.fuzzy, d.shuffle_partitions),
             "fuzzy_dedup", "near_duplicate"), ds, materialize=False)
     if d.semantic.enabled:
-        ds = timed("semantic_dedup", lambda x: _mark_dedup(
+        ds = timed("semantic_dedup", lambda x: mark_dedup(
             x, lambda y: semantic_duplicates_dataset(y, d.semantic, d.shuffle_partitions),
             "semantic_dedup", "semantic_duplicate"), ds, materialize=False)
     if "_decontam" in ds.columns():
         ds = ds.drop_columns(["_decontam"])
-    ds = ds.materialize()
+    return ds.materialize(), order, seconds
 
+
+def _judge_step(survivors: Any, cfg: FilterConfig, run_dir: Path, task: Any, stage: StageDir,
+                stats: StageStats, steps: list[dict[str, Any]]) -> Any:
+    """The judge, last and costliest: it sees only the survivors; its rejects (with their
+    scores) go to their own folder. Returns the survivors of the judge."""
+    t0 = time.time()
+    judged = judge_dataset(survivors, cfg.judge, run_dir, task).materialize()
+    jstep = step_counts(judged, judged.count(), ["judge"])[0]
+    jstep["seconds"] = round(time.time() - t0, 3)
+    stats.rejects.update(jstep["reasons"])
+    steps.append(jstep)
+    logger.info("filter/judge: %d -> %d (%d dropped)", jstep["rows_in"],
+                jstep["rows_out"], jstep["dropped"])
+    if jstep["dropped"]:
+        rejected_of(judged).write_parquet(str(stage.path / "judge_rejects"))
+    return survivors_of(judged)
+
+
+def _count_steps(ds: Any, stats: StageStats, order: list[str], seconds: dict[str, float],
+                 stage: StageDir) -> list[dict[str, Any]]:
+    """Rows in/out and reasons per step (into stats); the rejects written beside."""
     steps = step_counts(ds, stats.rows_in, order)
     for st in steps:
         st["seconds"] = seconds.get(st["step"])
@@ -238,34 +254,22 @@ def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str
                     st["rows_out"], st["dropped"])
     if sum(st["dropped"] for st in steps):
         rejected_of(ds).write_parquet(str(stage.path / "rejects"))
-    survivors = survivors_of(ds)
-    if cfg.judge.enabled:
-        # The judge is the last and costliest step: it sees only the survivors, and its
-        # rejects (with their scores) go to their own folder.
-        t0 = time.time()
-        judged = judge_dataset(survivors, cfg.judge, run_dir, task).materialize()
-        jstep = step_counts(judged, judged.count(), ["judge"])[0]
-        jstep["seconds"] = round(time.time() - t0, 3)
-        stats.rejects.update(jstep["reasons"])
-        steps.append(jstep)
-        logger.info("filter/judge: %d -> %d (%d dropped)", jstep["rows_in"],
-                    jstep["rows_out"], jstep["dropped"])
-        if jstep["dropped"]:
-            rejected_of(judged).write_parquet(str(stage.path / "judge_rejects"))
-        survivors = survivors_of(judged)
-    survivors = survivors.drop_columns(list(REJECT_COLUMNS)).materialize()
-    survivors.write_parquet(str(stage.path / "survivors"))
-    stats.rows_out = survivors.count()
+    return steps
 
-    built, skipped = build_datasets(survivors, task, shots, fs_records, cfg, stage.path,
-                                    run_dir, steps, eval_texts,
-                                    _survivor_schema(input_path, task, cfg))
+
+def _write_datasets(survivors: Any, inp: _Inputs, cfg: FilterConfig, stage: StageDir,
+                    run_dir: Path, steps: list[dict[str, Any]], stats: StageStats,
+                    decontam_report: dict[str, Any]) -> None:
+    """The sized datasets, the decontamination report and the stage's extra stats."""
+    built, skipped = build_datasets(survivors, inp.task, inp.shots, inp.fs_records, cfg,
+                                    stage.path, run_dir, steps, inp.eval_texts,
+                                    _survivor_schema(inp.path, inp.task, cfg))
     decontam_report["datasets"] = {name: info.get("decontamination", {})
                                    for name, info in built.items()}
     atomic_write_json(stage.path / "decontamination.json", decontam_report)
     stats.extra = {
-        "task": task.name, "input": str(input_path), "input_columns": cols,
-        "fewshots": len(shots), "steps": steps,
+        "task": inp.task.name, "input": str(inp.path), "input_columns": inp.columns,
+        "fewshots": len(inp.shots), "steps": steps,
         "steps_seconds_note": "per-row steps (leakage, decontamination marks) run fused into "
                               "the next global step, so their time is counted there",
         "datasets": {k: {kk: vv for kk, vv in v.items() if kk != "decontamination"}
@@ -275,6 +279,42 @@ def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str
     }
     if skipped:
         logger.warning("filter: %s", too_few_message(skipped, built))
+
+
+def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str, Any]:
+    """Run the filter stage (Ray must be initialised); returns the stage's stats.
+
+    Everything that can be checked (input columns, task, few-shots, eval sets, sizes against
+    the number of few-shots) is checked before any work starts. Rows are marked in place by
+    each step (``reject_step`` etc.); a step only looks at rows no earlier step rejected.
+    """
+    import ray.data
+
+    cfg = stage_cfg.filter
+    run_dir = Path(stage_cfg.run_dir)
+    stage = StageDir(run_dir, "filter")
+    if not force and stage.is_complete(cfg):
+        logger.info("filter: already complete in %s (same config); skipping", stage.path)
+        return json.loads((stage.path / "stats.json").read_text())
+    inp = _check_inputs(cfg, run_dir)
+
+    stage.begin(cfg, clean=True)
+    stats = StageStats("filter")
+    ds = ray.data.read_parquet(str(inp.path)).map_batches(
+        init_rejects_batch, batch_format="pyarrow").materialize()
+    stats.rows_in = ds.count()
+    logger.info("filter: %d clean samples of task %s from %s", stats.rows_in, inp.task.name,
+                inp.path)
+    decontam_report: dict[str, Any] = {"enabled": bool(inp.eval_texts)}
+    ds, order, seconds = _mark_rejects(ds, cfg, inp, decontam_report)
+    steps = _count_steps(ds, stats, order, seconds, stage)
+    survivors = survivors_of(ds)
+    if cfg.judge.enabled:
+        survivors = _judge_step(survivors, cfg, run_dir, inp.task, stage, stats, steps)
+    survivors = survivors.drop_columns(list(REJECT_COLUMNS)).materialize()
+    survivors.write_parquet(str(stage.path / "survivors"))
+    stats.rows_out = survivors.count()
+    _write_datasets(survivors, inp, cfg, stage, run_dir, steps, stats, decontam_report)
     return stage.finish(cfg, stats)
 
 

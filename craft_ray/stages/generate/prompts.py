@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from craft_ray.models.chat import render_chat
 from craft_ray.stages.generate.parse import DROP_EMPTY, DROP_NO_ROOM, DROP_TOO_LONG
 from craft_ray.tasks.base import Task
 from craft_ray.tasks.fewshots import FewShotConfig, load_fewshots
@@ -98,13 +99,6 @@ class PromptSettings:
     guided_max_string_chars: int | None
 
 
-def _render(tokenizer: Any, msgs: list[dict[str, str]]) -> tuple[str, list[int]]:
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    # The template already holds the special tokens (BOS...): none are added again.
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text, list(ids)
-
-
 def build_prompt_rows(docs: list[dict[str, Any]], task: Task, pool: ShotPool,
                       st: PromptSettings, tokenizer: Any | None) -> list[dict[str, Any]]:
     """Prompt rows (see :data:`PROMPT_COLUMNS`) for a list of corpus-sample rows.
@@ -138,7 +132,7 @@ def build_prompt_rows(docs: list[dict[str, Any]], task: Task, pool: ShotPool,
                 continue
             msgs = build_messages(task, pool, variant, idx, text)
             if tokenizer is not None:
-                prompt, ids = _render(tokenizer, msgs)
+                prompt, ids = render_chat(tokenizer, msgs)
                 budget = st.max_prompt_tokens
                 if budget is not None and len(ids) > budget:
                     if st.long_prompt == "drop":
@@ -173,7 +167,7 @@ def _fit_text(tokenizer: Any, task: Task, pool: ShotPool, variant: str, idx: lis
             return DROP_NO_ROOM
         cut = tokenizer.decode(doc_ids[:keep], skip_special_tokens=True)
         msgs = build_messages(task, pool, variant, idx, cut)
-        prompt, ids = _render(tokenizer, msgs)
+        prompt, ids = render_chat(tokenizer, msgs)
         if len(ids) <= budget:
             return msgs, prompt, ids
         over = len(ids) - budget

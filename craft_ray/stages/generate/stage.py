@@ -30,13 +30,15 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from craft_ray.backends import run_backend
 from craft_ray.config import ConfigError
 from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
-from craft_ray.runtime import StageDir, StageStats, atomic_write_text, tmp_path_for
+from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_text
 from craft_ray.stages.generate.actors import PromptBuilder
 from craft_ray.stages.generate.config import GenerateConfig, GenerateStageConfig
 from craft_ray.stages.generate.parse import parse_batch, split_outputs
@@ -70,19 +72,9 @@ def generations_dataset(prompts: Any, cfg: GenerateConfig) -> Any:
 
     kept = prompts.filter(expr=col("drop_reason") == "")  # dropped prompts are not generated
     sampling = cfg.sampling()
-    if cfg.backend == "hf":
-        from craft_ray.backends.hf import hf_generate
-
-        gen = hf_generate(kept, local_ref(cfg.model) or cfg.model, local_ref(cfg.tokenizer),
-                          cfg.hf, sampling)
-    elif cfg.backend == "openai":
-        from craft_ray.backends.openai_compat import openai_generate
-
-        gen = openai_generate(kept, cfg.model, cfg.openai, sampling)
-    else:
-        from craft_ray.backends.vllm import vllm_generate
-
-        gen = vllm_generate(kept, local_ref(cfg.model) or cfg.model, cfg.vllm, sampling)
+    model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model) or cfg.model
+    gen = run_backend(kept, cfg.backend, model, getattr(cfg, cfg.backend), sampling,
+                      tokenizer=local_ref(cfg.tokenizer))
     return gen.map_batches(parse_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.25,
                            fn_kwargs={"task_spec": _task_spec(cfg)})
 
@@ -161,23 +153,25 @@ def _read_docs(path: Path, limit: int | None) -> Any:
 def _write_parquet(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = tmp_path_for(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
-def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict[str, Any]:
-    """Run the generation stage (Ray must be initialised). Returns the stage's stats."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pds
+@dataclass
+class _Plan:
+    """What run_generate checked before any work: task, few-shots, input, token budgets."""
 
+    task: Any
+    pool: ShotPool
+    input_path: Path
+    max_new: int
+    budget: Any
+    settings: PromptSettings
+
+
+def _plan(stage_cfg: GenerateStageConfig) -> _Plan:
+    """Everything that can be wrong with the inputs, checked before any work starts."""
     cfg = stage_cfg.generate
-    stage = StageDir(stage_cfg.run_dir, "generate")
-    if not force and stage.is_complete(cfg):
-        logger.info("generate: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
-
-    # Everything that can be wrong with the inputs is checked before any work starts.
     task = cfg.task_obj()
     try:
         pool = make_shot_pool(task, cfg.fewshots, cfg.fewshot_text_max_chars)
@@ -206,28 +200,79 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
         long_prompt=cfg.long_prompt, min_text_tokens=cfg.min_text_tokens,
         guided_max_string_chars=cfg.guided_max_string_chars if cfg.guided_decoding else None,
     )
-    logger.info("generate: task=%s backend=%s model=%s max_new_tokens=%d prompt budget=%s",
-                task.name, cfg.backend, cfg.model, max_new, budget)
+    return _Plan(task, pool, input_path, max_new, budget, settings)
 
-    stage.begin(cfg, clean=True)
-    stats = StageStats("generate")
-    docs = _read_docs(input_path, cfg.limit)
 
-    prompts_dir = stage.path / "prompts"
-    t0 = time.time()
-    prompts_dataset(docs, cfg, settings, pool).write_parquet(str(prompts_dir))
-    prompt_seconds = time.time() - t0
+def _write_prompts(docs: Any, cfg: GenerateConfig, plan: _Plan, prompts_dir: Path
+                   ) -> tuple[Any, Any, int, int, float]:
+    """Prompts to Parquet; (prompts dataset, dropped prompts table, prompts, prompts whose
+    text was truncated, seconds)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
     import ray.data
 
+    t0 = time.time()
+    prompts_dataset(docs, cfg, plan.settings, plan.pool).write_parquet(str(prompts_dir))
+    prompt_seconds = time.time() - t0
     prompts = ray.data.read_parquet(str(prompts_dir))
     prompt_cols = ["sample_id", "doc_id", "corpus", "fewshot_ids", "prompt_tokens",
                    "drop_reason", "drop_detail"]
     prompt_table = pds.dataset(str(prompts_dir)).to_table(columns=prompt_cols)
-    n_prompts = prompt_table.num_rows
-    drop_mask = pc.not_equal(prompt_table.column("drop_reason"), "")
-    drops = prompt_table.filter(drop_mask)
+    drops = prompt_table.filter(pc.not_equal(prompt_table.column("drop_reason"), ""))
     n_truncated = pds.dataset(str(prompts_dir)).to_table(
         columns=["text_truncated"]).column("text_truncated").to_pylist().count(True)
+    return prompts, drops, prompt_table.num_rows, n_truncated, prompt_seconds
+
+
+def _write_outputs(stage: StageDir, out: dict[str, Any], drops: Any) -> None:
+    """raw/clean/rejects Parquet, clean.jsonl and the prompt drops, each written atomically."""
+    for name, table in out.items():
+        _write_parquet(table, stage.path / f"{name}.parquet")
+    atomic_write_text(stage.path / "clean.jsonl", "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in out["clean"].to_pylist()))
+    _write_parquet(drops, stage.path / "prompt_drops.parquet")
+
+
+def _check_accounting(n_prompts: int, raw_n: int, n_drops: int, clean_n: int,
+                      n_rejects: int) -> None:
+    """Nothing lost: every prompt is a generation or a drop; every generation clean or reject."""
+    if n_prompts != raw_n + n_drops or raw_n != clean_n + n_rejects:
+        raise RuntimeError(
+            f"generate: row accounting broken: prompts={n_prompts} raw={raw_n} "
+            f"drops={n_drops} clean={clean_n} rejects={n_rejects}"
+        )
+
+
+def _check_error_rate(cfg: GenerateConfig, backend_errors: int, raw_n: int,
+                      stage: StageDir) -> None:
+    if raw_n and backend_errors / raw_n > cfg.max_error_rate:
+        raise RuntimeError(
+            f"generate: {backend_errors} of {raw_n} generations failed in the backend "
+            f"({backend_errors / raw_n:.1%} > max_error_rate={cfg.max_error_rate}); see "
+            f"{stage.path / 'rejects.parquet'}. Fix the backend or raise "
+            "generate.max_error_rate."
+        )
+
+
+def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict[str, Any]:
+    """Run the generation stage (Ray must be initialised). Returns the stage's stats."""
+    import pyarrow.dataset as pds
+
+    cfg = stage_cfg.generate
+    stage = StageDir(stage_cfg.run_dir, "generate")
+    if not force and stage.is_complete(cfg):
+        logger.info("generate: already complete in %s (same config); skipping", stage.path)
+        return json.loads((stage.path / "stats.json").read_text())
+    plan = _plan(stage_cfg)
+    task = plan.task
+    logger.info("generate: task=%s backend=%s model=%s max_new_tokens=%d prompt budget=%s",
+                task.name, cfg.backend, cfg.model, plan.max_new, plan.budget)
+
+    stage.begin(cfg, clean=True)
+    stats = StageStats("generate")
+    docs = _read_docs(plan.input_path, cfg.limit)
+    prompts, drops, n_prompts, n_truncated, prompt_seconds = _write_prompts(
+        docs, cfg, plan, stage.path / "prompts")
 
     gens_dir = stage.path / "generations"
     t1 = time.time()
@@ -243,19 +288,9 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
     tokens_in = sum(max(0, r["tokens_in"]) for r in rows)
     tokens_out = sum(max(0, r["tokens_out"]) for r in rows)
     backend_errors = sum(1 for r in rows if r["error"])
-    for name, table in out.items():
-        _write_parquet(table, stage.path / f"{name}.parquet")
-    atomic_write_text(stage.path / "clean.jsonl", "".join(
-        json.dumps(r, ensure_ascii=False) + "\n" for r in out["clean"].to_pylist()))
-    _write_parquet(drops, stage.path / "prompt_drops.parquet")
-
+    _write_outputs(stage, out, drops)
     drop_reasons = Counter(drops.column("drop_reason").to_pylist())
-    # Nothing lost: every prompt is a generation or a drop; every generation clean or reject.
-    if n_prompts != raw_n + drops.num_rows or raw_n != clean_n + sum(reject_reasons.values()):
-        raise RuntimeError(
-            f"generate: row accounting broken: prompts={n_prompts} raw={raw_n} "
-            f"drops={drops.num_rows} clean={clean_n} rejects={sum(reject_reasons.values())}"
-        )
+    _check_accounting(n_prompts, raw_n, drops.num_rows, clean_n, sum(reject_reasons.values()))
     stats.rows_in = n_prompts
     stats.rows_out = clean_n
     stats.rejects = reject_reasons + drop_reasons
@@ -264,7 +299,7 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
         "output_dir": str(stage.path),
         "documents": n_prompts // cfg.samples_per_doc,
         "prompts": n_prompts, "prompt_drops": dict(sorted(drop_reasons.items())),
-        "prompts_text_truncated": n_truncated, "prompt_budget_tokens": budget,
+        "prompts_text_truncated": n_truncated, "prompt_budget_tokens": plan.budget,
         "generations": raw_n, "samples": clean_n,
         "generation_rejects": dict(sorted(reject_reasons.items())),
         "backend_errors": backend_errors,
@@ -274,15 +309,9 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
         "generation_seconds": round(gen_seconds, 3),
         "samples_per_s": round(clean_n / gen_seconds, 4) if gen_seconds > 0 else None,
         "tokens_out_per_s": round(tokens_out / gen_seconds, 2) if gen_seconds > 0 else None,
-        "fewshots": len(pool.ids), "fewshot_quirks": pool.quirks,
-        "max_new_tokens": max_new, "guided_decoding": cfg.guided_decoding,
+        "fewshots": len(plan.pool.ids), "fewshot_quirks": plan.pool.quirks,
+        "max_new_tokens": plan.max_new, "guided_decoding": cfg.guided_decoding,
     }
-    if raw_n and backend_errors / raw_n > cfg.max_error_rate:
-        raise RuntimeError(
-            f"generate: {backend_errors} of {raw_n} generations failed in the backend "
-            f"({backend_errors / raw_n:.1%} > max_error_rate={cfg.max_error_rate}); see "
-            f"{stage.path / 'rejects.parquet'}. Fix the backend or raise "
-            "generate.max_error_rate."
-        )
+    _check_error_rate(cfg, backend_errors, raw_n, stage)
     shutil.rmtree(gens_dir, ignore_errors=True)  # raw.parquet holds the same rows
     return stage.finish(cfg, stats)

@@ -19,7 +19,9 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from craft_ray.models.gguf import resolve_model_path
+from craft_ray.backends import run_backend
+from craft_ray.models.chat import chat_messages, render_chat
+from craft_ray.models.tokenizers import local_ref
 from craft_ray.stages.judge.config import JudgeConfig, JudgeModelConfig, JudgeStageConfig
 from craft_ray.stages.judge.pairwise import judge_outputs
 
@@ -29,12 +31,9 @@ def judge_rows(prompts: Sequence[str], cfg: JudgeModelConfig, tokenizer: Any | N
     """Prompt rows in the generation backends' input columns (see craft_ray.backends)."""
     rows = []
     for i, p in enumerate(prompts):
-        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt
-                    else []) + [{"role": "user", "content": p}]
+        messages = chat_messages(p, cfg.system_prompt)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            text, ids = render_chat(tokenizer, messages)
         elif tokenizer is not None:
             text = p
             ids = list(tokenizer(text)["input_ids"])
@@ -56,24 +55,13 @@ def backend_generate(cfg: JudgeModelConfig, seed: int = 0) -> Callable[[list[str
         from transformers import AutoTokenizer
 
         tok_name = cfg.tokenizer or (None if cfg.backend == "openai" else cfg.model)
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(tok_name)) if tok_name else None
+        tok = AutoTokenizer.from_pretrained(local_ref(tok_name)) if tok_name else None
         ds = ray.data.from_items(judge_rows(prompts, cfg, tok))
         sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": seed,
                     "guided": False}
-        model = cfg.model if cfg.backend == "openai" else resolve_model_path(cfg.model)
-        if cfg.backend == "hf":
-            from craft_ray.backends.hf import hf_generate
-
-            tok_path = resolve_model_path(cfg.tokenizer) if cfg.tokenizer else None
-            out = hf_generate(ds, model, tok_path, cfg.hf, sampling)
-        elif cfg.backend == "openai":
-            from craft_ray.backends.openai_compat import openai_generate
-
-            out = openai_generate(ds, cfg.model, cfg.openai, sampling)
-        else:
-            from craft_ray.backends.vllm import vllm_generate
-
-            out = vllm_generate(ds, model, cfg.vllm, sampling)
+        model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model)
+        out = run_backend(ds, cfg.backend, model, getattr(cfg, cfg.backend), sampling,
+                          tokenizer=local_ref(cfg.tokenizer))
         got = {str(r["sample_id"]): str(r.get("text") or "") for r in out.take_all()}
         return [got.get(f"judge-{i:08d}", "") for i in range(len(prompts))]
 

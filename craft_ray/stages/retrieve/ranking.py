@@ -208,7 +208,7 @@ class Floors:
             self.top[i] = np.partition(np.concatenate([top, pad], axis=1), m, axis=1)[:, m:]
 
 
-def _block_entries(s: np.ndarray, lo: int, ks: np.ndarray, floors: np.ndarray | None,
+def block_entries(s: np.ndarray, lo: int, ks: np.ndarray, floors: np.ndarray | None,
                    exclude: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Entries of one block of lists: ``(list, row, score)`` for every row scoring >= its

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from craft_ray.runtime import tmp_path_for
+from craft_ray.runtime import atomic_path, tmp_path_for
 from craft_ray.stages.retrieve.config import MEAN
-from craft_ray.stages.retrieve.ranking import Floors, Pool, _block_entries
+from craft_ray.stages.retrieve.ranking import Floors, Pool, block_entries
 from craft_ray.store.vectors import StoreError
 
 # Rows converted from float16 at a time on CPU: 4,096 x 384 float32 is 6 MiB, cache-sized.
@@ -77,9 +77,9 @@ def score_chunk(sims_fn: Any, num_shots: int, n: int, offset: int, k_shot: int, 
         if need_leak:
             kept.append((lo, s))  # kept until the leakage mask is known
         else:
-            parts.append(_block_entries(s, lo, ks[lo:hi], floors))
+            parts.append(block_entries(s, lo, ks[lo:hi], floors))
     for lo, blk in kept:
-        parts.append(_block_entries(blk, lo, ks[lo:lo + blk.shape[1]], floors,
+        parts.append(block_entries(blk, lo, ks[lo:lo + blk.shape[1]], floors,
                                     leak if leak.any() else None))
     q = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
     pos = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -177,10 +177,8 @@ def read_meta(pf: Any, path: str, cache_dir: str | None, positions: np.ndarray
     if files:
         for c, f in files.items():
             col = table.column(c).to_numpy(zero_copy_only=False)
-            tmp = tmp_path_for(f)
-            with open(tmp, "wb") as fh:
+            with atomic_path(f) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, col.astype(str) if c == "doc_id" else col)
-            os.replace(tmp, f)
     meta = table.take(positions)
     return (meta.column("doc_id").to_numpy(zero_copy_only=False),
             meta.column("row").to_numpy(), meta.column("text_len").to_numpy())

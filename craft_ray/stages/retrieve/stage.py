@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import StageDir, StageStats, tmp_path_for
+from craft_ray.runtime import StageDir, StageStats, atomic_path
 from craft_ray.stages.retrieve.actors import SearchResult, StoreSearcher
 from craft_ray.stages.retrieve.config import RetrieveConfig, RetrieveError, RetrieveStageConfig
 from craft_ray.stages.retrieve.faiss_index import search_faiss
@@ -252,33 +251,9 @@ def prepare_retrieve(stage_cfg: RetrieveStageConfig, *, base_dir: str | Path | N
     return Prepared(store, info, shots, model, budgets, np.asarray(queries, np.float32))
 
 
-def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
-                 base_dir: str | Path | None = None,
-                 prepared: Prepared | None = None) -> dict[str, Any]:
-    """Run the retrieval stage (Ray must be initialised). Returns the stage's stats.
-
-    Every check runs (in :func:`prepare_retrieve`) before any similarity is computed.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cfg = stage_cfg.retrieve
-    stage = StageDir(stage_cfg.run_dir, "retrieve")
-    if not force and stage.is_complete(cfg):
-        logger.info("retrieve: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
-    prep = prepared or prepare_retrieve(stage_cfg, base_dir=base_dir)
-    store, info, shots, model = prep.store, prep.info, prep.shots, prep.model
-    stage.begin(cfg)
-    stats = StageStats("retrieve")
-    logger.info("retrieve: %d few-shots, mode=%s, k=%d over %d documents in %s",
-                len(shots), cfg.mode, cfg.k, info.num_rows, store)
-
-    res, chosen, budgets, rescans = search_and_select(prep, cfg)
-    if res.n_leaked:
-        logger.warning("retrieve: leakage guard removed %d documents with similarity >= %s "
-                       "to a few-shot", res.n_leaked, cfg.leakage_threshold)
-
+def _selected_rows(chosen: dict[str, list[Any]], res: Any, shots: list[Any]
+                   ) -> list[dict[str, Any]]:
+    """One row per selected document, with the few-shots it was picked for and its ranks."""
     rows: list[dict[str, Any]] = []
     for group, picks in sorted(chosen.items()):
         pool = res.pools.get(group, Pool())
@@ -290,7 +265,12 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
                          "selected_by": c.selected_by,
                          "mean_score": float(pool.mean_sim[c.u]), "mean_rank": c.mean_rank,
                          "_row": int(pool.row[c.u]), "_len": int(pool.text_len[c.u])})
+    return rows
 
+
+def _with_texts(rows: list[dict[str, Any]], info: Any, cfg: RetrieveConfig, stats: StageStats
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+    """(rows with their texts, best first; rejects with reasons; fetch start time)."""
     from craft_ray.store.corpus import parse_doc_id
 
     wanted = []
@@ -313,26 +293,58 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
         r["text"], r["metadata"] = got["text"], got["metadata"]
         good.append(r)
     good.sort(key=lambda r: (-r["score"], r["doc_id"]))
+    return good, rejects, t_fetch
+
+
+def _write_outputs(out_dir: Path, good: list[dict[str, Any]], rejects: list[dict[str, Any]],
+                   leak_rows: list[dict[str, Any]], write_jsonl: bool) -> None:
+    """corpus_samples.parquet (+ .jsonl), leakage.parquet and rejects.parquet, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     schema = _samples_schema()
     table = pa.Table.from_pylist(good, schema=schema)
-    out = stage.path / "corpus_samples.parquet"
-    tmp = tmp_path_for(out)
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
-    if cfg.write_jsonl:
-        tmpj = tmp_path_for(stage.path / "corpus_samples.jsonl")
-        with open(tmpj, "w", encoding="utf-8") as fh:
+    with atomic_path(out_dir / "corpus_samples.parquet") as tmp:
+        pq.write_table(table, tmp)
+    if write_jsonl:
+        with atomic_path(out_dir / "corpus_samples.jsonl") as tmpj, \
+                open(tmpj, "w", encoding="utf-8") as fh:
             for r in good:
                 fh.write(json.dumps({k: r[k] for k in schema.names}, ensure_ascii=False) + "\n")
-        os.replace(tmpj, stage.path / "corpus_samples.jsonl")
-    leak_rows = [{"doc_id": d["doc_id"], "fewshot_id": shots[d["shot"]].id,
-                  "similarity": d["similarity"]} for d in res.leaked]
-    _write_small_parquet(stage.path / "leakage.parquet", leak_rows,
+    _write_small_parquet(out_dir / "leakage.parquet", leak_rows,
                          [("doc_id", pa.string()), ("fewshot_id", pa.string()),
                           ("similarity", pa.float64())])
-    _write_small_parquet(stage.path / "rejects.parquet", rejects,
+    _write_small_parquet(out_dir / "rejects.parquet", rejects,
                          [("doc_id", pa.string()), ("reject_reason", pa.string())])
+
+
+def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
+                 base_dir: str | Path | None = None,
+                 prepared: Prepared | None = None) -> dict[str, Any]:
+    """Run the retrieval stage (Ray must be initialised). Returns the stage's stats.
+
+    Every check runs (in :func:`prepare_retrieve`) before any similarity is computed.
+    """
+    cfg = stage_cfg.retrieve
+    stage = StageDir(stage_cfg.run_dir, "retrieve")
+    if not force and stage.is_complete(cfg):
+        logger.info("retrieve: already complete in %s (same config); skipping", stage.path)
+        return json.loads((stage.path / "stats.json").read_text())
+    prep = prepared or prepare_retrieve(stage_cfg, base_dir=base_dir)
+    store, info, shots, model = prep.store, prep.info, prep.shots, prep.model
+    stage.begin(cfg)
+    stats = StageStats("retrieve")
+    logger.info("retrieve: %d few-shots, mode=%s, k=%d over %d documents in %s",
+                len(shots), cfg.mode, cfg.k, info.num_rows, store)
+
+    res, chosen, budgets, rescans = search_and_select(prep, cfg)
+    if res.n_leaked:
+        logger.warning("retrieve: leakage guard removed %d documents with similarity >= %s "
+                       "to a few-shot", res.n_leaked, cfg.leakage_threshold)
+    good, rejects, t_fetch = _with_texts(_selected_rows(chosen, res, shots), info, cfg, stats)
+    leak_rows = [{"doc_id": d["doc_id"], "fewshot_id": shots[d["shot"]].id,
+                  "similarity": d["similarity"]} for d in res.leaked]
+    _write_outputs(stage.path, good, rejects, leak_rows, cfg.write_jsonl)
     stats.rows_in = res.num_rows
     stats.rows_out = len(good)
     stats.rejects["leakage"] += res.n_leaked
@@ -359,6 +371,5 @@ def _write_small_parquet(path: Path, rows: list[dict[str, Any]], fields: list[An
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = tmp_path_for(path)
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), tmp)

@@ -42,27 +42,27 @@ def collate_batch(input_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int]
     """Dynamic padding to the longest example of the batch (right padding).
 
     Returns torch tensors ``input_ids``, ``attention_mask`` and ``labels``; padded positions
-    have attention 0 and label IGNORE_INDEX.
+    have attention 0 and label IGNORE_INDEX. Padding is torch's ``pad_sequence`` (the batch
+    holds token ids only, so no tokenizer is needed on this path).
     """
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
-    n = len(input_ids)
-    width = max(len(x) for x in input_ids)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    for i, (row, plen) in enumerate(zip(input_ids, prompt_lens)):
-        k = len(row)
-        ids[i, :k] = torch.from_numpy(np.array(row, dtype=np.int64))  # a writable copy
-        mask[i, :k] = 1
-        labels[i, :k] = torch.as_tensor(make_labels(list(map(int, row)), int(plen), loss_on))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    rows = [torch.from_numpy(np.array(row, dtype=np.int64)) for row in input_ids]  # copies
+    labels = [torch.as_tensor(make_labels(list(map(int, row)), int(plen), loss_on),
+                              dtype=torch.long) for row, plen in zip(input_ids, prompt_lens)]
+    return {
+        "input_ids": pad_sequence(rows, batch_first=True, padding_value=pad_id),
+        "attention_mask": pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows],
+                                       batch_first=True, padding_value=0),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+    }
 
 
-def _plain(v: Any) -> Any:
+def to_plain(v: Any) -> Any:
     """numpy / pandas cell -> plain Python (tasks expect lists, str, int)."""
     if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
+        return [to_plain(x) for x in v.tolist()]
     if isinstance(v, np.generic):
         return v.item()
     return v

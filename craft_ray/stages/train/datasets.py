@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,15 +15,15 @@ import numpy as np
 from craft_ray.config import ConfigError
 from craft_ray.models.chat import encode_example
 from craft_ray.models.tokenizers import load_train_tokenizer
-from craft_ray.runtime import atomic_write_json, tmp_path_for
+from craft_ray.runtime import atomic_path, atomic_write_json
 from craft_ray.stages.train.config import TrainConfig, TrainStageConfig, dataset_path
 from craft_ray.stages.train.data import (
     ROW_COLUMN,
-    _plain,
     apply_max_length,
     choose_max_length,
     get_training_pair_fn,
     length_stats,
+    to_plain,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class TokenizeRows:
         out: dict[str, list[Any]] = {"row": [], "input_ids": [], "prompt_len": [],
                                      "length": [], "reject_reason": []}
         for rec in batch.to_dict("records"):
-            rec = {k: _plain(v) for k, v in rec.items()}
+            rec = {k: to_plain(v) for k, v in rec.items()}
             out["row"].append(int(rec.pop(ROW_COLUMN, -1)))
             ids: list[int] = []
             plen, reason = 0, ""
@@ -179,9 +178,8 @@ def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: Path, template: str
     if bad.any():
         rej = meta.loc[bad, ["row", "reject_reason"]].reset_index(drop=True)
         rej["row"] = train_idx[rej["row"].to_numpy()]  # position in the source dataset
-        tmp = tmp_path_for(trial_dir / "rejects.parquet")
-        pq.write_table(pa.Table.from_pandas(rej, preserve_index=False), tmp)
-        os.replace(tmp, trial_dir / "rejects.parquet")
+        with atomic_path(trial_dir / "rejects.parquet") as tmp:
+            pq.write_table(pa.Table.from_pandas(rej, preserve_index=False), tmp)
         logger.warning("train: %d rows rejected (%s); see %s", int(bad.sum()),
                        stats["rejects"], trial_dir / "rejects.parquet")
     datasets = {"train": tok_train.map_batches(

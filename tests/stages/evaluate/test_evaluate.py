@@ -652,12 +652,12 @@ def test_vllm_generation_on_gpu(tmp_path):
 
 def test_generative_set_uses_its_own_task():
     from craft_ray.config import ConfigError
-    from craft_ray.stages.evaluate.prompts import _generative_task
+    from craft_ray.stages.evaluate.prompts import generative_task
 
     cnn = EvalSetConfig(name="cnn_dailymail")
     for task in (None, "bioqa", "summarization"):  # an MC task is for the MC sets
         cfg = EvaluateConfig(task=task, models=[ModelSpec(name="m", model="x")], sets=[cnn])
-        assert _generative_task(cfg, cnn).name == "summarization"
+        assert generative_task(cfg, cnn).name == "summarization"
     cfg = EvaluateConfig(task="recipegen", models=[ModelSpec(name="m", model="x")], sets=[cnn])
     with pytest.raises(ConfigError, match="recipegen"):
-        _generative_task(cfg, cnn)
+        generative_task(cfg, cnn)

@@ -21,8 +21,8 @@ from craft_ray.stages.retrieve.config import (
 from craft_ray.stages.retrieve.ranking import (
     Floors,
     Pool,
-    _block_entries,
     _keep_topk_with_ties,
+    block_entries,
     mode_budget,
     ranked_lists,
     split_quota,
@@ -254,7 +254,7 @@ def test_block_entries_with_floors() -> None:
     ks = np.array([2, 2])
 
     def got(*args: object) -> list[tuple[int, int]]:
-        q, r, _ = _block_entries(s, 0, ks, *args)  # type: ignore[arg-type]
+        q, r, _ = block_entries(s, 0, ks, *args)  # type: ignore[arg-type]
         return sorted(zip(q.tolist(), r.tolist()))
 
     assert got(None) == [(0, 0), (0, 3), (1, 1), (1, 2)]
@@ -265,7 +265,7 @@ def test_block_entries_with_floors() -> None:
     # Excluded rows (the leakage guard) enter no list; the next best take their place.
     assert got(None, np.array([True, False, False, False])) == [(0, 2), (0, 3), (1, 1), (1, 2)]
     # List ids are offset by the block's first list; a list of length 0 gets nothing.
-    q, r, _ = _block_entries(s, 5, np.array([0, 4]), None)
+    q, r, _ = block_entries(s, 5, np.array([0, 4]), None)
     assert sorted(zip(q.tolist(), r.tolist())) == [(6, 0), (6, 1), (6, 2), (6, 3)]
 
 

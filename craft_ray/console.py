@@ -1,0 +1,273 @@
+"""What a person sees in the terminal: calm logs, progress, a closing table, clean errors.
+
+``configure(verbose)`` is called once by the CLI. Without ``--verbose``:
+
+- craft_ray's own logs stay at INFO; Ray's, Ray Data's, transformers' and other libraries' own
+  logs at WARNING, and a few known-harmless warnings (token-auth notice, Ray Train's
+  controller-state polling) are dropped;
+- worker processes' output is not streamed to the driver (it stays in Ray's session logs);
+- Ray Data shows one progress line per running dataset: a live rich bar on a terminal, else a
+  plain line every ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds (30 by default here)
+  with rows done/total, rate and ETA, named after the running stage.
+
+The library itself never prints: this module only configures logging and renders the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+VERBOSE = False
+# Libraries whose INFO chatter hides craft_ray's own lines.
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "transformers", "datasets",
+                 "sentence_transformers", "accelerate", "peft", "urllib3", "filelock", "httpx",
+                 "torch", "DeepSpeed", "numexpr", "matplotlib", "xgrammar",
+                 "bitsandbytes")
+# Warnings that say nothing actionable to a user of the pipeline (kept with --verbose).
+NOISE = (
+    "Token authentication is enabled for this Ray cluster",
+    "Failed to query Ray Train Controller actor state",
+    "Progress bars disabled. To enable",
+    "Progress bars for operators disabled",
+    "Progress will be logged because stdout is a non-interactive terminal",
+    "Setting accelerator to CPU",
+    "Failed to load CPU gemm_4bit_forward",
+)
+PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
+_TOTAL = re.compile(r"^Total Progress: (\d+)/(\d+|\?)")
+
+
+class NoiseFilter(logging.Filter):
+    """Drops the records of :data:`NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in NOISE)
+
+
+class ProgressLine(logging.Filter):
+    """Turns Ray Data's non-terminal progress dump into one line: stage, done/total, rate, ETA.
+
+    Ray Data logs a block of lines per refresh (a banner, the total, operators, a banner);
+    only the total survives, rewritten with the running stage's name, its rate since the
+    stage started and the time left at that rate.
+    """
+
+    stage = "dataset"
+    started = time.time()
+    last = 0.0  # when the last line was let through
+    # A stage runs many small datasets (filter: one per step), each logging at its start:
+    # one line per this many seconds is enough.
+    min_gap_s = 20.0
+
+    @classmethod
+    def begin(cls, stage: str) -> None:
+        cls.stage, cls.started, cls.last = stage, time.time(), 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = _TOTAL.match(record.getMessage())
+        if not m or time.time() - ProgressLine.last < self.min_gap_s:
+            return False
+        ProgressLine.last = time.time()
+        done = int(m.group(1))
+        total = None if m.group(2) == "?" else int(m.group(2))
+        record.msg, record.args = progress_text(self.stage, done, total,
+                                                time.time() - self.started), None
+        return True
+
+
+def progress_text(stage: str, done: int, total: int | None, elapsed: float) -> str:
+    """``generate: 120/480 done (25%), 3.1/s, ETA 1m56s, 39s elapsed``: the rows out of the
+    running dataset so far (rate and ETA when known)."""
+    if done == 0 and not total:  # nothing counted yet: a heartbeat
+        return f"{stage}: running, {_duration(elapsed)} elapsed"
+    rate = done / elapsed if elapsed > 0 else 0.0
+    parts = [f"{stage}: {done:,}/{f'{total:,}' if total else '?'} done"]
+    if total:
+        parts[0] += f" ({100 * done // max(total, 1)}%)"
+    parts.append(f"{rate:.3g}/s" if rate >= 0.1 else f"{60 * rate:.2g}/min")
+    if total and rate > 0 and done < total:
+        parts.append(f"ETA {_duration((total - done) / rate)}")
+    parts.append(f"{_duration(elapsed)} elapsed")
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def configure(verbose: bool = False, level: str = "INFO") -> None:
+    """Set up logging for a CLI run (see the module docstring)."""
+    global VERBOSE
+    VERBOSE = verbose
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft)")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    _filter_handlers()
+    try:  # transformers' own tqdm bars (model saving/loading) in this process
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def ray_init_kwargs(log_to_driver: bool) -> dict[str, Any]:
+    """``ray.init`` arguments of this console mode: quiet unless ``--verbose``.
+
+    Also filters Ray's own handlers (set up when ``ray`` is imported) before ``ray.init``
+    logs its start-up notices through them.
+    """
+    if VERBOSE:
+        return {"log_to_driver": log_to_driver}
+    _filter_handlers()
+    return {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
+def _filter_handlers() -> None:
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", ""):
+        for h in logging.getLogger(name).handlers:
+            if not any(isinstance(f, NoiseFilter) for f in h.filters):
+                h.addFilter(NoiseFilter())
+
+
+def after_ray_init() -> None:
+    """Quiet Ray's and Ray Data's loggers (Ray sets its own up in ``ray.init``) and choose
+    Ray Data's progress display: one line per dataset, operators' own bars off."""
+    if VERBOSE:
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    if sys.stdout.isatty():  # a live rich bar: rows done/total, rate, ETA
+        ctx.enable_rich_progress_bars = True
+        ctx.use_ray_tqdm = False
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    _filter_handlers()
+    prog = logging.getLogger(PROGRESS_LOGGER)
+    prog.setLevel(logging.INFO)
+    if not any(isinstance(f, ProgressLine) for f in prog.filters):
+        prog.addFilter(ProgressLine())
+
+
+# --- the closing summary ---------------------------------------------------------------------
+
+# The stats key naming each stage's output (other stages: RUN_DIR/STAGE).
+OUTPUT_KEYS = {"embed": "store", "generate": "output_dir", "train": "adapter",
+               "evaluate": "outputs", "sweep": "table"}
+
+
+def write_summary(run_dir: str | Path, results: dict[str, Any]) -> Path:
+    """Merge ``{stage: stats}`` into ``RUN_DIR/summary.json`` (stages of earlier commands are
+    kept); returns its path."""
+    from craft_ray.runtime import atomic_write_json
+
+    path = Path(run_dir) / "summary.json"
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+    stages = dict(old.get("stages", {}))
+    stages.update({k: v for k, v in results.items() if isinstance(v, dict)})
+    extra = {k: v for k, v in results.items() if not isinstance(v, dict)}
+    atomic_write_json(path, {**{k: v for k, v in old.items() if k != "stages"}, **extra,
+                             "stages": stages, "updated": time.time()})
+    return path
+
+
+def _output_of(name: str, stats: dict[str, Any], run_dir: Path) -> str:
+    v = stats.get(OUTPUT_KEYS.get(name, ""))
+    return v if isinstance(v, str) and v else str(run_dir / name)
+
+
+def stage_rows(results: dict[str, Any], run_dir: str | Path) -> list[list[str]]:
+    """One row per stage: name, rows in, rows out, rejects, seconds, output path."""
+    rows = []
+    for name, st in results.items():
+        if not isinstance(st, dict):
+            continue
+        if st.get("skipped"):
+            rows.append([name, "-", "-", "-", "skipped", str(Path(run_dir) / name)])
+            continue
+        def num(key: str, st: dict[str, Any] = st) -> str:
+            v = st.get(key)
+            return f"{v:,}" if isinstance(v, int) else "-"
+        secs = st.get("seconds")
+        rows.append([name, num("rows_in"), num("rows_out"), num("rejects_total"),
+                     f"{secs:.1f}" if isinstance(secs, int | float) else "-",
+                     _output_of(name, st, Path(run_dir))])
+    return rows
+
+
+def print_summary(results: dict[str, Any], run_dir: str | Path,
+                  report: str | Path | None = None) -> None:
+    """The closing table (stderr: stdout stays for ``--json``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    # A terminal gets its width; a log (CI, `ray job submit`) wide lines rather than folds.
+    console = Console(stderr=True, highlight=False,
+                      width=None if sys.stderr.isatty() else 200)
+    rows = stage_rows(results, run_dir)
+    if rows:
+        table = Table(title=None, box=None, pad_edge=False, show_edge=False)
+        for col, just in (("stage", "left"), ("rows in", "right"), ("rows out", "right"),
+                          ("rejects", "right"), ("seconds", "right"), ("output", "left")):
+            table.add_column(col, justify=just, overflow="fold")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+    console.print(f"summary: {Path(run_dir) / 'summary.json'}")
+    if report is not None:
+        console.print(f"report:  {report}")
+
+
+def error_line(exc: BaseException, run_dir: str | Path | None) -> str:
+    """One line for an unexpected error (no --verbose): its type and message, and where its
+    full traceback was written (``RUN_DIR/error.log``, else a temporary file)."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    path: Path | None = None
+    for folder in ([Path(run_dir)] if run_dir else []) + [Path(tempfile.gettempdir())]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / ("error.log" if folder != Path(tempfile.gettempdir())
+                             else f"craft-ray-error-{os.getpid()}.log")
+            path.write_text(text, encoding="utf-8")
+            break
+        except OSError:
+            path = None
+    first = (str(exc).strip().splitlines() or [""])[-1][:300]
+    where = f"full traceback in {path}; " if path else ""
+    return f"error: {type(exc).__name__}: {first} ({where}rerun with --verbose to see it here)"
