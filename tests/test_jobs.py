@@ -149,6 +149,6 @@ def test_submit_demo_job(ray_head: str, tmp_path: Path):
     assert (run / "train" / "S-seed1234" / "adapter" / "adapter_config.json").is_file()
     assert (run / "filter" / "datasets" / "S" / "hf").is_dir()
     results = json.loads((run / "evaluate" / "stats.json").read_text())
-    assert results["rows_out"] == 120  # 2 models x 60 bundled MedQA questions
+    assert results["rows_out"] == 80  # 2 models x 40 bundled MedQA questions
     assert "Demo finished" in r.stdout + r.stderr
     assert (run / "report.html").is_file()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from typing import Any
 
 OUTPUT_COLUMNS = (
@@ -50,11 +51,17 @@ def row_seed(base_seed: int, key: str) -> int:
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
+_OPEN_REPEAT = re.compile(r"\{(\d+),\}")  # a regex repeat without upper bound: {14,}
+
+
 def cap_string_lengths(schema: dict[str, Any], max_chars: int | None) -> dict[str, Any]:
     """A copy of ``schema`` whose free strings get ``maxLength`` (never below ``minLength``).
 
     Guided decoding forces valid JSON but not short strings; a cap bounds runaway
-    generations (a string that never closes ends as a truncated row instead).
+    generations (a string that never closes ends as a truncated row instead). A string with a
+    ``pattern`` gets no ``maxLength`` (xgrammar ignores it beside a pattern, and a cut would
+    drop the pattern's ending, e.g. a question's punctuation): its open repeats ``{m,}`` are
+    bounded instead (``{m,max_chars}``), so it still ends as its pattern says.
     """
     if max_chars is None:
         return schema
@@ -62,7 +69,10 @@ def cap_string_lengths(schema: dict[str, Any], max_chars: int | None) -> dict[st
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if node.get("type") == "string" and "enum" not in node and "const" not in node:
+            if node.get("type") == "string" and "pattern" in node:
+                node["pattern"] = _OPEN_REPEAT.sub(
+                    lambda m: f"{{{m[1]},{max(int(m[1]), max_chars)}}}", node["pattern"])
+            elif node.get("type") == "string" and not {"enum", "const"} & set(node):
                 node["maxLength"] = max(max_chars, int(node.get("minLength", 0)))
             for v in node.values():
                 walk(v)

@@ -20,6 +20,7 @@ from pydantic import Field
 from craft_ray.backends import ERR_ENGINE, batch_rows, error_row, merge_outputs, row_seed
 from craft_ray.config import StrictModel
 from craft_ray.models.hf import generate_new_tokens
+from craft_ray.resources import actor_resources, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,10 @@ class HFBackendConfig(StrictModel):
         default="auto", description="Model dtype (auto: bfloat16 on GPU, float32 on CPU)."
     )
     concurrency: int = Field(default=1, ge=1, le=1024, description="Generator actors.")
-    num_cpus: float = Field(default=1.0, gt=0, le=512, description="CPUs per actor.")
+    num_cpus: float | None = Field(
+        default=None, gt=0, le=512,
+        description="CPUs per actor (default: an equal share of the cluster's CPUs minus 1 "
+        "left to the stage's read tasks; 1 with a GPU). Torch threads: the share of all cores.")
     num_gpus: float = Field(default=0.0, ge=0, le=8, description="GPUs per actor.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=512, description="Torch threads per actor (default: num_cpus)."
@@ -64,7 +68,7 @@ class HFGenerator:
 
         self.cfg = HFBackendConfig.model_validate(cfg)
         self.sampling = sampling
-        torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.num_cpus)))
+        torch.set_num_threads(torch_threads(self.cfg.num_cpus or 1.0, self.cfg.torch_threads))
         device = self.cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,6 +186,9 @@ def hf_generate(ds: Any, model: str, tokenizer: str | None, cfg: HFBackendConfig
     """Lazy: ``ds`` (prompt rows) -> the same rows plus the generation columns."""
     import ray.data
 
+    cpus, threads = actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,
+                                    cfg.torch_threads)
+    cfg = cfg.model_copy(update={"num_cpus": cpus, "torch_threads": threads})
     return ds.map_batches(
         HFGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

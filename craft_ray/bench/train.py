@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.config import apply_overrides, validate
+from craft_ray.resources import torch_threads
 from craft_ray.runtime import init_ray
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def plain_loop(cfg: Any, records: list[dict[str, Any]], steps: int) -> dict[str,
     from craft_ray.stages.train.lora import build_lora_model, build_optimizer
     from craft_ray.tasks.registry import get_task
 
-    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker or 1.0, cfg.torch_threads))
     tok = load_train_tokenizer(cfg.base_model)
     template = resolve_train_template(cfg, tok)
     task = get_task("bioqa")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from craft_ray.models.gguf import resolve_model_path
+
 # --- hf backend ------------------------------------------------------------------------------
 
 
@@ -23,6 +25,7 @@ def load_hf_model(model: str, adapter: str | None, merge_adapter: bool, dtype: s
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = resolve_model_path(model)
     if os.path.isdir(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(adapter if adapter and has_tokenizer(adapter)

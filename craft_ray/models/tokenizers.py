@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from craft_ray.config import ConfigError
+from craft_ray.models.gguf import resolve_model_path
 
 
 def local_ref(name: str | None) -> str | None:
-    """An existing local path made absolute (Ray workers may run elsewhere); ids unchanged."""
-    if name is not None and os.path.exists(name):
-        return os.path.abspath(name)
-    return name
+    """A model reference resolved for workers: a local path made absolute (Ray workers may run
+    elsewhere), a GGUF file or ``pkg://`` spec converted to its cached HF folder; ids unchanged."""
+    return resolve_model_path(name) if name is not None else None
 
 
 def load_chat_tokenizer(name: str | None) -> Any | None:
@@ -21,7 +20,7 @@ def load_chat_tokenizer(name: str | None) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
     if not getattr(tok, "chat_template", None):
         raise ConfigError(
             f"tokenizer {name!r} has no chat template; prompts are rendered with the "
@@ -42,7 +41,7 @@ def load_train_tokenizer(path: str) -> Any:
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token")

@@ -205,8 +205,15 @@ class Task:
         """
         raise NotImplementedError
 
-    def parse(self, text: str) -> dict[str, Any]:
-        """The first JSON object in ``text`` that passes :meth:`validate`, as a record.
+    def check_source(self, record: Mapping[str, Any], source: str) -> None:
+        """Rules that need the source document (e.g. no verbatim copy); none by default.
+
+        Raises :class:`TaskValidationError` with a fixed message.
+        """
+
+    def parse(self, text: str, source: str = "") -> dict[str, Any]:
+        """The first JSON object in ``text`` that passes :meth:`validate` (and, given the
+        source document, :meth:`check_source`), as a record.
 
         Raises :class:`TaskValidationError`: ``"Empty generation."``, ``"No JSON found."``,
         ``"Malformed or truncated JSON."``, or the validation message of the first object found
@@ -220,7 +227,9 @@ class Task:
         first_error: TaskValidationError | None = None
         for obj in objs:
             try:
-                return self.validate(obj)
+                record = self.validate(obj)
+                self.check_source(record, source)
+                return record
             except TaskValidationError as exc:
                 first_error = first_error or exc
         assert first_error is not None

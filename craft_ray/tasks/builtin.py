@@ -26,6 +26,12 @@ from craft_ray.tasks.base import (
     string_list_field,
 )
 from craft_ray.tasks.fewshots import FewShot
+from craft_ray.tasks.quality import (
+    MIN_OPTION_CHARS,
+    check_not_copied,
+    check_options,
+    check_question,
+)
 
 _LABEL = re.compile(r"^\(?([A-Za-z])\s*[.):]\s*(.*)$", re.S)
 
@@ -96,6 +102,7 @@ class MultipleChoiceTask(Task):
         fixed_options: list[str] | None = None,
         question_keys: tuple[str, ...] = ("question",),
         min_question_chars: int = 16,
+        min_option_chars: int = MIN_OPTION_CHARS,
         short_question_msg: str = "No question found / below 15 characters.",
         system_prompt: str = "",
         max_new_tokens: int = 1024,
@@ -107,6 +114,7 @@ class MultipleChoiceTask(Task):
         self.fixed_options = fixed_options
         self.question_keys = question_keys
         self.min_question_chars = min_question_chars
+        self.min_option_chars = min_option_chars
         self.short_question_msg = short_question_msg
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
@@ -139,11 +147,14 @@ class MultipleChoiceTask(Task):
                 expected = [f"{ltr}. {o}" for ltr, o in zip(self.letters, self.fixed_options)]
                 raise TaskValidationError(f"Options are not {expected}.")
             labelled = [f"{ltr}. {o}" for ltr, o in zip(self.letters, self.fixed_options)]
+        else:
+            check_options([_option_text(o) for o in labelled], self.min_option_chars)
         if not isinstance(answer_raw, str):
             raise TaskValidationError(self.answer_msg)
         letter = _answer_letter(answer_raw, labelled, self.letters)
-        if letter is None:
+        if letter is None:  # e.g. "E" of four options: CRAFT's message names the letters
             raise TaskValidationError(self.answer_msg)
+        check_question(question, labelled, [_option_text(o) for o in labelled])
         return {"question": question, "options": labelled, "answer": letter}
 
     def sample_text(self, record: Mapping[str, Any]) -> str:
@@ -181,10 +192,12 @@ class RecipeTask(Task):
 
     record_fields = ["instruction", "ingredients", "steps"]
 
-    def __init__(self, *, min_instruction_chars: int = 16, min_items: int = 2) -> None:
+    def __init__(self, *, min_instruction_chars: int = 16, min_items: int = 2,
+                 max_copied_fraction: float = 0.6) -> None:
         self.name = "recipegen"
         self.min_instruction_chars = min_instruction_chars
         self.min_items = min_items
+        self.max_copied_fraction = max_copied_fraction
         self.system_prompt = SYSTEM_PROMPTS["recipegen"]
         self.max_new_tokens = CRAFT_MAX_NEW_TOKENS["recipegen"]
         item = {"type": "string", "minLength": 1}
@@ -207,6 +220,9 @@ class RecipeTask(Task):
         if len(steps) < self.min_items:
             raise TaskValidationError("One or no cooking step found.")
         return {"instruction": instruction, "ingredients": ingredients, "steps": steps}
+
+    def check_source(self, record: Mapping[str, Any], source: str) -> None:
+        check_not_copied("Recipe", "\n".join(record["steps"]), source, self.max_copied_fraction)
 
     @staticmethod
     def _body(record: Mapping[str, Any]) -> str:
@@ -258,9 +274,10 @@ class SummarizationTask(Task):
 
     def __init__(
         self, *, min_instruction_chars: int = 16, min_summary_chars: int = 100,
-        min_text_chars: int = 500,
+        min_text_chars: int = 500, max_copied_fraction: float = 0.6,
     ) -> None:
         self.name = "summarization"
+        self.max_copied_fraction = max_copied_fraction
         self.min_instruction_chars = min_instruction_chars
         self.min_summary_chars = min_summary_chars
         self.min_text_chars = min_text_chars
@@ -289,6 +306,10 @@ class SummarizationTask(Task):
                 f"Long but clean text shorter than {self.min_text_chars} characters."
             )
         return {"instruction": instruction, "summary": summary, "long_but_clean_text": text}
+
+    def check_source(self, record: Mapping[str, Any], source: str) -> None:
+        # Only the summary: long_but_clean_text is meant to keep the document's wording.
+        check_not_copied("Summary", record["summary"], source, self.max_copied_fraction)
 
     def sample_text(self, record: Mapping[str, Any]) -> str:
         return f"{record['instruction']}\n{record['long_but_clean_text']}\n{record['summary']}"
@@ -325,12 +346,16 @@ def _mc_schema(n: int, question_key: str, fixed: list[str] | None) -> dict[str, 
         options = {
             "type": "array",
             "prefixItems": [
-                {"type": "string", "pattern": f"^{ltr}\\. \\S"} for ltr in letters
+                # "A. " plus MIN_OPTION_CHARS or more. Patterns match the whole string (xgrammar,
+                # which also ignores minLength beside a pattern): "^A\. \S" allowed one letter.
+                {"type": "string", "pattern": f"^{ltr}\\. \\S.{{{MIN_OPTION_CHARS - 1},}}$"}
+                for ltr in letters
             ],
             "items": False, "minItems": n, "maxItems": n,
         }
     return schema_object({
-        question_key: {"type": "string", "minLength": 16},
+        # 16+ characters ending as a sentence ends: a question cannot stop mid-way
+        question_key: {"type": "string", "pattern": "^\\S.{14,}[?.!:]$"},
         "options": options,
         "answer": {"type": "string", "enum": list(letters)},
     })

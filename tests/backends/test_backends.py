@@ -50,13 +50,19 @@ CANNED = ('Here is the sample:\n```json\n{"question": "Why should freshly roaste
 
 
 def test_cap_string_lengths_keeps_min_and_enums():
-    schema = get_task("csqa").output_schema()
+    schema = get_task("recipegen").output_schema()
     capped = cap_string_lengths(schema, 8)
-    assert capped["properties"]["question"] == {"type": "string", "minLength": 16,
-                                                "maxLength": 16}
-    assert "maxLength" not in capped["properties"]["answer"]  # an enum stays as it is
-    assert "maxLength" not in schema["properties"]["question"]  # the original is untouched
+    assert capped["properties"]["instruction"] == {"type": "string", "minLength": 16,
+                                                   "maxLength": 16}
+    assert "maxLength" not in schema["properties"]["instruction"]  # the original is untouched
     assert cap_string_lengths(schema, None) is schema
+    mc = cap_string_lengths(get_task("csqa").output_schema(), 8)["properties"]
+    assert "maxLength" not in mc["answer"]  # an enum stays as it is
+    # a pattern says how the string ends: bounded inside the pattern, never cut by maxLength
+    assert "maxLength" not in mc["question"]
+    assert mc["question"]["pattern"] == "^\\S.{14,14}[?.!:]$"
+    options = cap_string_lengths(get_task("medqa").output_schema(), 30)["properties"]["options"]
+    assert options["prefixItems"][0]["pattern"] == "^A\\. \\S.{1,30}$"
 
 
 def _prompt_table(tok, task_name: str, n: int, fewshots, **kw) -> pa.Table:

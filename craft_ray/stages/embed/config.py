@@ -54,7 +54,10 @@ class EmbedConfig(StrictModel):
         default=64, ge=1, le=65_536, description="Texts per forward pass inside an actor."
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per embedding actor.")
-    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per embedding actor.")
+    num_cpus: float | None = Field(
+        default=None, gt=0,
+        description="CPUs per embedding actor (default: an equal share of the cluster's CPUs "
+        "minus 1 left to the reader tasks; 1 with a GPU).")
     torch_threads: int | None = Field(
         default=None, ge=1,
         description="Torch intra-op threads per actor (default: the actor's num_cpus).",

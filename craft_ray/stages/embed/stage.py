@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from craft_ray.models.embedder import export_onnx, load_sentence_transformer, resolve_model
+from craft_ray.resources import actor_resources
 from craft_ray.runtime import StageDir, StageStats
 from craft_ray.stages.embed.actors import Embedder
 from craft_ray.stages.embed.config import ERROR_REASONS, EmbedConfig, EmbedStageConfig
@@ -87,17 +88,19 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
         fn_kwargs={"corpora": corpora, "store": str(store), "stage_dir": str(stage_dir),
                    "chunk_rows": cfg.read_chunk_rows},
     )
+    size = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
+    cpus, threads = actor_resources(cfg.num_cpus, size, cfg.num_gpus, cfg.torch_threads)
     if isinstance(cfg.concurrency, int):
         pool = ray.data.ActorPoolStrategy(size=cfg.concurrency)
     else:
         pool = ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1])
     emb = docs.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
-        num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus or None, num_cpus=cpus,
         fn_constructor_kwargs={
             "model": cfg.model, "max_seq_length": cfg.max_seq_length, "fp16": cfg.fp16,
             "encode_batch_size": cfg.encode_batch_size,
-            "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
+            "torch_threads": threads,
             "trust_remote_code": cfg.trust_remote_code,
             "backend": cfg.backend, "quantize": cfg.quantize,
             "cache_dir": str(model_cache_dir(cfg, stage_dir)),

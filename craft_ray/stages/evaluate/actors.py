@@ -7,8 +7,10 @@ from typing import Any
 import numpy as np
 
 from craft_ray.evalsets.base import LETTERS
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.hf import generate_new_tokens, load_hf_model
 from craft_ray.models.tokenizers import ensure_pad_token, pad_token_ids
+from craft_ray.resources import actor_resources
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import (
     sampling_of,
@@ -137,15 +139,17 @@ def map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
     """``ds`` through a pool of hf actors that each load ``model`` (+ adapter) once."""
     import ray.data
 
+    cpus, threads = actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,
+                                    cfg.torch_threads)
     return ds.map_batches(
         actor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus or None, num_cpus=cpus,
         fn_constructor_kwargs={
             "model": model.model, "adapter": model.adapter,
             "merge_adapter": model.merge_adapter, "dtype": cfg.dtype,
             "num_gpus": cfg.num_gpus,
-            "torch_threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
+            "torch_threads": threads,
             **extra,
         })
 
@@ -176,7 +180,7 @@ def generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, An
     vrows = [{**r, "sample_id": f"{r['model_name']}/{r['eval_set']}/{r['id']}",
               "prompt_token_ids": r["tokenized_prompt"], "schema": ""} for r in rows]
     processor = build_processor(
-        processor_config(vllm_generation_config(cfg, model), model.model),
+        processor_config(vllm_generation_config(cfg, model), resolve_model_path(model.model)),
         preprocess=partial(vllm_generation_request, sampling=sampling, adapter=model.adapter),
         postprocess=postprocess)
     got = []

@@ -167,7 +167,10 @@ class EvaluateConfig(StrictModel):
         default="auto", description="hf weights dtype (auto: bfloat16 on GPU, float32 on CPU)."
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per scoring actor/engine.")
-    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per scoring actor.")
+    num_cpus: float | None = Field(
+        default=None, gt=0,
+        description="CPUs per scoring actor (default: an equal share of the cluster's CPUs "
+        "minus 1 left to the stage's own tasks; 1 with a GPU).")
     torch_threads: int | None = Field(default=None, ge=1,
                                       description="hf: torch threads per actor (default num_cpus).")
     concurrency: int = Field(default=1, ge=1, le=4096,

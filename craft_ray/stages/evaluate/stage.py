@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.evalsets.loading import load_eval_set
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.hf import has_tokenizer
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
 from craft_ray.stages.evaluate.actors import HFLetterScorer, generate_rows, map_hf_actors
@@ -247,8 +248,8 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     results: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # generated pairs waiting for ROUGE-L / the judge
     for model in models:
-        tok = AutoTokenizer.from_pretrained(
-            model.adapter if model.adapter and has_tokenizer(model.adapter) else model.model)
+        tok = AutoTokenizer.from_pretrained(model.adapter if model.adapter and has_tokenizer(
+            model.adapter) else resolve_model_path(model.model))
         todo = _model_rows(cfg, model, tok, task, loaded, stage.path, force, results)
         if todo["mc_rows"]:
             results += _score_model(cfg, model, tok, todo, stage.path, stats)

@@ -20,13 +20,24 @@ REJECT_TRUNCATED = "Truncated at max tokens."
 # --- parsing (plain function) -------------------------------------------------------------
 
 
-def parse_row(task: Task, text: str, finish_reason: str, error: str) -> tuple[
-        dict[str, Any] | None, str, str]:
-    """(record or None, reject reason, detail) of one generation."""
+def source_document(messages: str | None) -> str:
+    """The document text of a prompt: the part of its last user turn after the separator."""
+    from craft_ray.stages.generate.prompts import SEPARATOR  # prompts imports this module
+
+    if not messages:
+        return ""
+    users = [m["content"] for m in json.loads(messages) if m.get("role") == "user"]
+    return users[-1].rsplit(SEPARATOR, 1)[-1] if users else ""
+
+
+def parse_row(task: Task, text: str, finish_reason: str, error: str, source: str = ""
+              ) -> tuple[dict[str, Any] | None, str, str]:
+    """(record or None, reject reason, detail) of one generation; ``source`` is the document
+    it was generated from (for the task's no-verbatim-copy rules)."""
     if error:
         return None, error, ""
     try:
-        return task.parse(text), "", ""
+        return task.parse(text, source), "", ""
     except TaskValidationError as exc:
         reason = str(exc)
         if finish_reason == "length" and reason in (MALFORMED_JSON, NO_JSON):
@@ -48,9 +59,12 @@ def parse_batch(batch: Any, task_spec: Any) -> Any:
 
     task = get_task(task_spec)
     cols = {c: batch.column(c).to_pylist() for c in ("text", "finish_reason", "error")}
+    msgs = (batch.column("messages").to_pylist() if "messages" in batch.column_names
+            else [""] * batch.num_rows)
     status, reasons, details, records, texts = [], [], [], [], []
-    for text, fin, err in zip(cols["text"], cols["finish_reason"], cols["error"]):
-        rec, reason, detail = parse_row(task, text or "", fin or "", err or "")
+    for text, fin, err, m in zip(cols["text"], cols["finish_reason"], cols["error"], msgs):
+        rec, reason, detail = parse_row(task, text or "", fin or "", err or "",
+                                        source_document(m))
         status.append("clean" if rec is not None else "reject")
         reasons.append(reason)
         details.append(detail)

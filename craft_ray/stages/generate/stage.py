@@ -36,6 +36,7 @@ from typing import Any
 
 from craft_ray.backends import run_backend
 from craft_ray.config import ConfigError
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
 from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_text
 from craft_ray.stages.generate.actors import PromptBuilder
@@ -97,7 +98,7 @@ def _model_context(name: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        c = AutoConfig.from_pretrained(name)
+        c = AutoConfig.from_pretrained(resolve_model_path(name))
     except Exception:  # not a local/hub model (e.g. an openai served name)
         return None
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):

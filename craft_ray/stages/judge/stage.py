@@ -55,7 +55,7 @@ def backend_generate(cfg: JudgeModelConfig, seed: int = 0) -> Callable[[list[str
         from transformers import AutoTokenizer
 
         tok_name = cfg.tokenizer or (None if cfg.backend == "openai" else cfg.model)
-        tok = AutoTokenizer.from_pretrained(tok_name) if tok_name else None
+        tok = AutoTokenizer.from_pretrained(local_ref(tok_name)) if tok_name else None
         ds = ray.data.from_items(judge_rows(prompts, cfg, tok))
         sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": seed,
                     "guided": False}

@@ -65,6 +65,8 @@ def default_concurrency(cfg: TrainConfig) -> int:
     res = ray.cluster_resources()
     if cfg.use_gpu:
         return max(1, int(res.get("GPU", 0) // cfg.num_workers))
+    if cfg.cpus_per_worker is None:  # each trial's workers take the machine (actor_cpus)
+        return 1
     return max(1, int(res.get("CPU", 1) // (cfg.num_workers * cfg.cpus_per_worker)))
 
 

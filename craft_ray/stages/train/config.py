@@ -19,7 +19,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Fields that do not change what is learned: a rerun differing only in these resumes.
 _RESUME_NEUTRAL = {"stop_after_steps", "max_failures", "log_every_steps", "report_every_steps",
                    "checkpoint_every_steps", "num_checkpoints_to_keep", "storage_path",
-                   "trial_name", "tokenize_batch_size", "data_num_cpus"}
+                   "trial_name", "tokenize_batch_size", "data_num_cpus", "cpus_per_worker",
+                   "torch_threads"}
 
 # --- configuration ------------------------------------------------------------------------
 
@@ -148,7 +149,10 @@ class TrainConfig(StrictModel):
                                          description="Recompute activations (saves memory).")
     num_workers: int = Field(default=1, ge=1, le=4096, description="Ray Train workers.")
     use_gpu: bool = Field(default=False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(default=1.0, gt=0, le=1024, description="CPUs per worker.")
+    cpus_per_worker: float | None = Field(
+        default=None, gt=0, le=1024,
+        description="CPUs per worker (default: an equal share of the cluster's CPUs minus 1 "
+        "left to the data tasks; 1 with a GPU). Torch threads: the share of all cores.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024,
         description="Torch threads per worker (default: cpus_per_worker).")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.models.tokenizers import load_train_tokenizer
+from craft_ray.resources import torch_threads
 from craft_ray.stages.train.checkpoint import (
     CHECKPOINT_STATE,
     DEEPSPEED_DIR,
@@ -409,7 +410,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = config["plan"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker or 1.0, cfg.torch_threads))
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device()
     tokenizer = load_train_tokenizer(cfg.base_model)

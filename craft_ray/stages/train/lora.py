@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.runtime import tmp_path_for
 from craft_ray.stages.train.config import TrainConfig
 
@@ -53,7 +54,7 @@ def build_lora_model(cfg: TrainConfig, device: Any, on_gpu: bool) -> Any:
             bnb_4bit_use_double_quant=cfg.qlora.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, cfg.qlora.compute_dtype))
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.base_model), **kwargs)
     model.config.use_cache = False
     if cfg.qlora.enabled:
         from peft import prepare_model_for_kbit_training
@@ -137,7 +138,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder "
                                 "(no adapter_config.json); pass RUN_DIR/train/TRIAL/adapter")
-    base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base = resolve_model_path(
+        base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path)
     torch_dt = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dt)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

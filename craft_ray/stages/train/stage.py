@@ -12,6 +12,7 @@ from typing import Any
 
 from craft_ray.config import ConfigError
 from craft_ray.models.tokenizers import load_train_tokenizer
+from craft_ray.resources import actor_resources
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, tmp_path_for
 from craft_ray.stages.train.config import TrainConfig, TrainStageConfig, check_resources, resume_key
 from craft_ray.stages.train.data import resolve_train_template
@@ -46,6 +47,9 @@ def build_trainer(stage_cfg: TrainStageConfig, datasets: dict[str, Any], plan: d
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = stage_cfg.train
+    cpus, threads = actor_resources(cfg.cpus_per_worker, cfg.num_workers, float(cfg.use_gpu),
+                                    cfg.torch_threads)
+    cfg = cfg.model_copy(update={"cpus_per_worker": cpus, "torch_threads": threads})  # workers too
     storage = cfg.storage_path or str((trial_dir / "ray").resolve())
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:

@@ -1,0 +1,68 @@
+"""Quality guards: what a real (small) model gets wrong while its JSON stays valid.
+
+Each guard raises :class:`TaskValidationError` with a fixed message, so rejects are counted by
+reason in ``stats.json`` and the report. The built-in tasks call them from ``validate`` (options,
+question) and ``check_source`` (no verbatim copy of the source document).
+"""
+
+from __future__ import annotations
+
+import re
+
+from craft_ray.tasks.base import LETTERS, TaskValidationError
+
+MIN_OPTION_CHARS = 2  # "IgA", "5 mg" are real options; "A", "M" are not
+
+OPTION_ONLY_LETTER = "Option is only a letter label."
+OPTION_TOO_SHORT = "Option shorter than {n} characters."
+DUPLICATE_OPTIONS = "Duplicate answer options."
+QUESTION_CUT_OFF = "Question cut off (no terminal punctuation)."
+QUESTION_REPEATS_OPTION = "Question repeats an answer option."
+COPIES_DOCUMENT = "{what} copies the document verbatim."
+
+_TERMINAL = tuple("?.!:)\"'\u201d")
+_WORDS = re.compile(r"\w+")
+
+
+def check_options(texts: list[str], min_chars: int = MIN_OPTION_CHARS) -> None:
+    """Reject option texts (labels removed, lower-cased) that are only a letter, shorter than
+    ``min_chars`` or duplicated (compared word by word, punctuation ignored)."""
+    for t in texts:
+        if len(t) == 1 and t.upper() in LETTERS:
+            raise TaskValidationError(OPTION_ONLY_LETTER)
+        if len(t) < min_chars:
+            raise TaskValidationError(OPTION_TOO_SHORT.format(n=min_chars))
+    norm = [" ".join(_WORDS.findall(t)) for t in texts]
+    if len(set(norm)) < len(norm):
+        raise TaskValidationError(DUPLICATE_OPTIONS)
+
+
+def check_question(question: str, labelled: list[str], texts: list[str]) -> None:
+    """Reject a question that stops without terminal punctuation, lists two or more of the
+    labelled options (``"A. ..."``) or is one option's text."""
+    if not question.rstrip().endswith(_TERMINAL):
+        raise TaskValidationError(QUESTION_CUT_OFF)
+    q = question.lower()
+    inline = sum(1 for o in labelled if o.lower() in q)
+    if inline >= 2 or any(t and q.rstrip("?.!: ") == t for t in texts):
+        raise TaskValidationError(QUESTION_REPEATS_OPTION)
+
+
+def copied_fraction(text: str, source: str, n: int = 8) -> float:
+    """Share of ``text``'s word ``n``-grams that occur verbatim in ``source`` (0 if too short).
+
+    Lower-cased words, punctuation ignored: a copy with changed spacing or quotes still counts.
+    """
+    words = _WORDS.findall(text.lower())
+    if len(words) < n:
+        return 0.0
+    src = _WORDS.findall(source.lower())
+    src_grams = {tuple(src[i:i + n]) for i in range(len(src) - n + 1)}
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return sum(g in src_grams for g in grams) / len(grams)
+
+
+def check_not_copied(what: str, text: str, source: str, max_fraction: float) -> None:
+    """Reject ``text`` when more than ``max_fraction`` of it is copied from ``source``."""
+    if source and copied_fraction(text, source) > max_fraction:
+        raise TaskValidationError(COPIES_DOCUMENT.format(what=what))
