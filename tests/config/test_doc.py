@@ -54,8 +54,9 @@ def test_cli_show_all_validate_and_help_pointer(tmp_path: Path):
     r = runner.invoke(app, ["config", "validate", str(ROOT / "configs" / "demo.yaml")])
     assert r.exit_code == 0 and "stages it runs: embed, retrieve, generate" in r.output
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs" / "demo.yaml").read_text()
-                   .replace("k: 48", "k: -3").replace("  mode: mixed", "  mdoe: mixed"))
+    demo = (ROOT / "configs" / "demo.yaml").read_text()
+    bad.write_text(re.sub(r"(?m)^  k: \d+", "  k: -3", demo).replace("  mode: mixed",
+                                                                     "  mdoe: mixed"))
     r = runner.invoke(app, ["config", "validate", str(bad)])
     assert r.exit_code == 2
     assert "retrieve.k: Input should be greater than or equal to 1" in r.output
