@@ -52,7 +52,8 @@ def test_export_is_made_once_and_reused(cache: Path) -> None:
     stamp = (first / "model_int8.onnx").stat().st_mtime_ns
     again = export_onnx("all-MiniLM-L6-v2", cache)
     assert again == first and (again / "model_int8.onnx").stat().st_mtime_ns == stamp
-    assert (first / "model.onnx").stat().st_size > 3 * (first / "model_int8.onnx").stat().st_size
+    # MatMul weights int8 (a quarter of their float32 bytes); the embedding table stays float32
+    assert (first / "model_int8.onnx").stat().st_size < 0.75 * (first / "model.onnx").stat().st_size
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no tmp left
 
 
