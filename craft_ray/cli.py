@@ -78,15 +78,20 @@ class _State:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or config: their message is the whole story (exit 2)."""
     from craft_ray.evalsets import EvalSetError
+    from craft_ray.retrieval.evaluation import BeirError
     from craft_ray.runtime import ClusterUnreachableError
+    from craft_ray.stages.retrieve import RetrieveError
+    from craft_ray.stages.train_retriever import RetrieverDataError
     from craft_ray.store.corpus import CorpusError
     from craft_ray.store.vectors import StoreError
     from craft_ray.tasks import TaskError
     from craft_ray.tasks.fewshots import FewShotError
 
     return (ConfigError, CorpusError, StoreError, ClusterUnreachableError, FileNotFoundError,
-            FewShotError, EvalSetError, TaskError)
+            FewShotError, EvalSetError, TaskError, RetrieveError, BeirError,
+            RetrieverDataError)
 
 
 def _user_error_in(exc: BaseException) -> BaseException | None:
