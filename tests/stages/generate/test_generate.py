@@ -219,7 +219,10 @@ def test_hf_backend_end_to_end(ray_local, tiny_causal_lm, tmp_path):
     schema = cap_string_lengths(task.output_schema(), 24)
     for r in raw:
         assert r["finish_reason"] == "stop", r["text"]
-        jsonschema.validate(json.loads(r["text"], strict=False), schema)
+        # a random model can end a string on part of a multi-byte character: the grammar
+        # counted it as one character, the tokenizer's decode writes U+FFFD for each stray byte
+        text = r["text"].replace("\ufffd", "")
+        jsonschema.validate(json.loads(text, strict=False), schema)
         assert r["tokens_in"] > 0 and 0 < r["tokens_out"] <= 200 and r["gen_seconds"] > 0
     # what fails is only the task's own rules (a random model writes whitespace questions)
     allowed = {"No question found / below 15 characters.", "Duplicate answer options.",
