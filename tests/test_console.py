@@ -155,7 +155,7 @@ def test_rerun_with_json_prints_the_summary_on_stdout(quick_run):
 
 
 def test_a_user_error_is_found_behind_wrappers_and_other_errors_are_one_line(tmp_path: Path):
-    from craft_ray.cli import _user_error_in
+    from craft_ray.cli import user_error_in
     from craft_ray.store.corpus import CorpusError
 
     user = CorpusError("1 of 2 records were malformed (50.0% > max_error_rate=0.1)")
@@ -165,12 +165,12 @@ def test_a_user_error_is_found_behind_wrappers_and_other_errors_are_one_line(tmp
         except CorpusError as exc:
             raise RuntimeError("task failed") from exc
     except RuntimeError as wrapped:
-        assert _user_error_in(wrapped) is user
+        assert user_error_in(wrapped) is user
 
     class TaskError(Exception):  # like ray.exceptions.RayTaskError: the cause in .cause
         cause = user
-    assert _user_error_in(TaskError()) is user
-    assert _user_error_in(ValueError("a bug")) is None
+    assert user_error_in(TaskError()) is user
+    assert user_error_in(ValueError("a bug")) is None
     line = console.error_line(KeyError("doc_id"), tmp_path)
     assert line.startswith("error: KeyError: 'doc_id' (full traceback in ")
     assert (tmp_path / "error.log").read_text().startswith("KeyError")

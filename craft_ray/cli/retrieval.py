@@ -1,0 +1,125 @@
+"""Retriever commands: evaluation on BEIR folders, hard-negative mining and retriever
+fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from craft_ray.cli.common import (
+    AddressOpt,
+    ForceOpt,
+    SetOpt,
+    app,
+    guarded,
+    load_stage_config,
+    print_stats,
+)
+
+
+@app.command("eval-retrieval")
+def eval_retrieval(
+    data: Annotated[Path, typer.Option(help="BEIR-format folder (corpus.jsonl, queries.jsonl, "
+                                       "qrels/SPLIT.tsv).")],
+    split: Annotated[str, typer.Option(help="qrels split.")] = "test",
+    model: Annotated[str, typer.Option(help="sentence-transformers model id or path.")] = (
+        "sentence-transformers/all-MiniLM-L6-v2"),
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        help="Work folder for the embedding store (default runs/eval-retrieval/NAME).")] = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """nDCG/MRR/Recall@{1,5,10,100} of the embed + retrieve stages on a BEIR folder."""
+    from craft_ray.config import apply_overrides, validate
+    from craft_ray.retrieval.evaluation import (
+        RetrievalEvalConfig,
+        format_table,
+        load_beir,
+        run_eval_retrieval,
+    )
+    from craft_ray.runtime import atomic_write_json, init_ray
+
+    def body() -> dict[str, Any]:
+        raw = {"data": str(data), "split": split, "model": model,
+               "run_dir": str(run_dir or Path("runs/eval-retrieval") / data.resolve().name)}
+        sets = list(set_ or []) + ([f"ray.address={address}"] if address else [])
+        cfg = validate(RetrievalEvalConfig, apply_overrides(raw, sets), "<eval-retrieval>")
+        beir = load_beir(cfg.data, cfg.split)  # bad folders fail before Ray starts
+        init_ray(cfg.ray)
+        return run_eval_retrieval(cfg, beir)
+
+    result = guarded(body)
+    if out is not None:
+        atomic_write_json(out, result)
+    typer.echo(format_table(result["metrics"], sorted({int(k.split("@")[1])
+                                                        for k in result["metrics"]})))
+    typer.echo(json.dumps(result["metrics"]))
+
+
+@app.command("mine-negatives")
+def mine_negatives(
+    data: Annotated[Path, typer.Option(help="BEIR-format folder with the positives in qrels.")],
+    out: Annotated[Path, typer.Option(help="Output jsonl (LLM-Embedder training format).")],
+    split: Annotated[str, typer.Option(help="qrels split.")] = "train",
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Hard negatives from dense + BM25 top-200, in LLM-Embedder's training format."""
+    from craft_ray.config import apply_overrides, validate
+    from craft_ray.retrieval.evaluation import load_beir
+    from craft_ray.retrieval.negatives import MineNegativesConfig, run_mine_negatives
+    from craft_ray.runtime import init_ray
+
+    def body() -> dict[str, Any]:
+        raw = {"data": str(data), "out": str(out), "split": split,
+               "run_dir": str(Path("runs/mine-negatives") / data.resolve().name)}
+        sets = list(set_ or []) + ([f"ray.address={address}"] if address else [])
+        cfg = validate(MineNegativesConfig, apply_overrides(raw, sets), "<mine-negatives>")
+        beir = load_beir(cfg.data, cfg.split)  # bad folders fail before Ray starts
+        if "dense" in cfg.retrievers:
+            init_ray(cfg.ray)
+        return run_mine_negatives(cfg, beir)
+
+    result = guarded(body)
+    typer.echo(json.dumps(result))
+
+
+@app.command("train-retriever")
+def train_retriever(
+    out: Annotated[Path, typer.Option(help="Output folder: the sentence-transformers model "
+                                      "(+ metrics.json).")],
+    data: Annotated[Path | None, typer.Option(help="BEIR folder or LLM-Embedder jsonl.")]
+    = None,
+    split: Annotated[str | None, typer.Option(help="BEIR qrels split to train on (default "
+                                              "train).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+    = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Fine-tune a sentence-transformers retriever (in-batch + hard negatives, optional LM
+    distillation) on Ray Train; before/after nDCG@10, MRR@10, Recall@100."""
+    from craft_ray.retrieval.evaluation import format_table
+    from craft_ray.runtime import init_ray
+    from craft_ray.stages.train_retriever import TrainRetrieverConfig
+    from craft_ray.stages.train_retriever import run_train_retriever as run_tr
+
+    def body() -> dict[str, Any]:
+        sets = [f"out={out}"] + ([f"data={data}"] if data else []) + \
+            ([f"split={split}"] if split else []) + list(set_ or [])
+        cfg = load_stage_config(TrainRetrieverConfig, config, sets, address)
+        init_ray(cfg.ray)
+        return run_tr(cfg, force=force)
+
+    stats = guarded(body)
+    for name in ("before", "after"):
+        if stats.get(name):
+            typer.echo(f"{name}:\n{format_table(stats[name], [10, 100])}", err=True)
+    typer.echo(f"model: {stats['model']}", err=True)
+    print_stats(stats)
