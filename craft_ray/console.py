@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -56,11 +57,13 @@ class NoiseFilter(logging.Filter):
 
 
 class ProgressLine(logging.Filter):
-    """Turns Ray Data's non-terminal progress dump into one line: stage, done/total, rate, ETA.
+    """One progress line per running stage: done/total, rate, ETA, tokens/s, rejects so far.
 
-    Ray Data logs a block of lines per refresh (a banner, the total, operators, a banner);
-    only the total survives, rewritten with the running stage's name, its rate since the
-    stage started and the time left at that rate.
+    Two sources: Ray Data's non-terminal progress dump (a block of lines per refresh: a
+    banner, the total, operators, a banner; only the total is kept) and the stage's own
+    counters (:mod:`craft_ray.runtime.progress`: generations done out of those planned,
+    tokens, training steps, rejects). When Ray Data is silent for a while (training, a single
+    long batch), a heartbeat thread writes the line from the counters alone.
     """
 
     stage = "dataset"
@@ -69,37 +72,94 @@ class ProgressLine(logging.Filter):
     # A stage runs many small datasets (filter: one per step), each logging at its start:
     # one line per this many seconds is enough.
     min_gap_s = 20.0
+    _beat: threading.Thread | None = None
+    _stop = threading.Event()
 
     @classmethod
     def begin(cls, stage: str) -> None:
+        """A stage starts: reset its counters and keep a heartbeat going."""
+        from craft_ray.runtime.progress import start_progress
+
         cls.stage, cls.started, cls.last = stage, time.time(), 0.0
+        start_progress()
+        if not VERBOSE and (cls._beat is None or not cls._beat.is_alive()):
+            cls._stop.clear()
+            cls._beat = threading.Thread(target=cls._heartbeat, name="craft-ray-progress",
+                                         daemon=True)
+            cls._beat.start()
+
+    @classmethod
+    def end(cls) -> None:
+        """The command is done: no more lines."""
+        cls._stop.set()
+
+    @classmethod
+    def _heartbeat(cls) -> None:
+        while not cls._stop.wait(cls.min_gap_s / 4):
+            now = time.time()
+            if min(now - cls.last, now - cls.started) >= cls.min_gap_s:
+                cls.last = time.time()
+                logger.info("%s", cls.line(0, None))
+
+    @classmethod
+    def line(cls, done: int, total: int | None) -> str:
+        """The line for Ray Data's ``done``/``total`` and the stage's counters."""
+        from craft_ray.runtime.progress import read_progress
+
+        return progress_text(cls.stage, done, total, time.time() - cls.started,
+                             read_progress())
 
     def filter(self, record: logging.LogRecord) -> bool:
         m = _TOTAL.match(record.getMessage())
         if not m or time.time() - ProgressLine.last < self.min_gap_s:
             return False
         ProgressLine.last = time.time()
-        done = int(m.group(1))
         total = None if m.group(2) == "?" else int(m.group(2))
-        record.msg, record.args = progress_text(self.stage, done, total,
-                                                time.time() - self.started), None
+        record.msg, record.args = ProgressLine.line(int(m.group(1)), total), None
         return True
 
 
-def progress_text(stage: str, done: int, total: int | None, elapsed: float) -> str:
-    """``generate: 120/480 done (25%), 3.1/s, ETA 1m56s, 39s elapsed``: the rows out of the
-    running dataset so far (rate and ETA when known)."""
-    if done == 0 and not total:  # nothing counted yet: a heartbeat
-        return f"{stage}: running, {_duration(elapsed)} elapsed"
-    rate = done / elapsed if elapsed > 0 else 0.0
-    parts = [f"{stage}: {done:,}/{f'{total:,}' if total else '?'} done"]
+def progress_text(stage: str, done: int, total: int | None, elapsed: float,
+                  counters: dict[str, Any] | None = None) -> str:
+    """``generate: 120/480 generations (25%), 3.1/s, ETA 1m56s, 38.2 tok/s, 2 rejects so far,
+    39s elapsed``.
+
+    ``done``/``total``: Ray Data's rows of the running dataset. ``counters`` (see
+    :mod:`craft_ray.runtime.progress`): items the stage counts itself take their place when
+    they have a ``total`` (generations of the prompts planned, training steps), else are added
+    with their rate (``500 docs (50/s)``); tokens/s and rejects so far follow.
+    """
+    c = counters or {}
+    unit = f" {c['unit']}" if c.get("unit") else " done"
+    own = int(c.get("done", 0))
+    if c.get("total"):
+        done, total, own = own, int(c["total"]), 0
+    extras = []
+    if own:
+        extras.append(f"{own:,}{unit} ({_rate(own, elapsed)})")
+        unit = " done"
+    if c.get("tokens") and elapsed > 0:
+        extras.append(f"{c['tokens'] / elapsed:.3g} tok/s")
+    for key in ("rejects", "errors"):
+        if c.get(key):
+            extras.append(f"{int(c[key]):,} {key} so far")
+    tail = [*extras, f"{_duration(elapsed)} elapsed"]
+    if done == 0 and not total:  # Ray Data counted nothing yet
+        # what the stage counted itself, else a heartbeat
+        return f"{stage}: " + ", ".join(tail if own else ["running", *tail])
+    parts = [f"{stage}: {done:,}/{f'{total:,}' if total else '?'}{unit}"]
     if total:
         parts[0] += f" ({100 * done // max(total, 1)}%)"
-    parts.append(f"{rate:.3g}/s" if rate >= 0.1 else f"{60 * rate:.2g}/min")
+    parts.append(_rate(done, elapsed))
+    rate = done / elapsed if elapsed > 0 else 0.0
     if total and rate > 0 and done < total:
         parts.append(f"ETA {_duration((total - done) / rate)}")
-    parts.append(f"{_duration(elapsed)} elapsed")
-    return ", ".join(parts)
+    return ", ".join(parts + tail)
+
+
+def _rate(n: int, elapsed: float) -> str:
+    rate = n / elapsed if elapsed > 0 else 0.0
+    return f"{rate:.3g}/s" if rate >= 0.1 else f"{60 * rate:.2g}/min"
 
 
 def _duration(seconds: float) -> str:

@@ -21,6 +21,7 @@ from craft_ray.backends import ERR_ENGINE, batch_rows, error_row, merge_outputs,
 from craft_ray.config import StrictModel
 from craft_ray.models.hf import generate_new_tokens
 from craft_ray.resources import actor_resources, torch_threads
+from craft_ray.runtime.progress import report_progress
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class HFGenerator:
                 logger.exception("hf generate failed for %d rows", len(idx))
                 res = [error_row(ERR_ENGINE, f"{type(exc).__name__}: {exc}") for _ in idx]
             per_row = (time.perf_counter() - t0) / len(idx)
+            report_progress(done=len(idx), tokens=sum(max(0, r["tokens_out"]) for r in res))
             for i, r in zip(idx, res):
                 r["gen_seconds"] = per_row
                 outs[i] = r

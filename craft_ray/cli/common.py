@@ -118,6 +118,10 @@ def guarded(fn: Callable[[], T]) -> T:
 
         typer.echo(error_line(exc, CliState.run_dir), err=True)
         raise typer.Exit(1) from None
+    finally:
+        from craft_ray.console import ProgressLine
+
+        ProgressLine.end()  # the command's work is over: no more progress lines
 
 
 def load_stage_config(model: type[Any], config: Path, overrides: list[str] | None,

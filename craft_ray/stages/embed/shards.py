@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from craft_ray.runtime import atomic_write_json, tmp_path_for
+from craft_ray.runtime.progress import report_progress
 from craft_ray.store.corpus import CorpusConfig, Shard, read_shard
 from craft_ray.store.vectors import (
     manifest_path,
@@ -111,6 +112,8 @@ def read_shards(batch: dict[str, np.ndarray], corpora: dict[str, dict[str, Any]]
         if buf:
             yield _docs_batch(buf)
         rejects.close()
+        if reasons:  # for the console's line: rejects so far
+            report_progress(rejects=sum(reasons.values()))
         atomic_write_json(manifest_path(store, shard.corpus, shard.shard), {
             "corpus": shard.corpus, "shard": shard.shard, "path": shard.path,
             "num_records": n_records, "num_docs": n_docs, "chars": chars,

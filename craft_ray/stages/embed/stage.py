@@ -28,6 +28,7 @@ import numpy as np
 from craft_ray.models.embedder import export_onnx, load_sentence_transformer, resolve_model
 from craft_ray.resources import actor_resources
 from craft_ray.runtime import StageDir, StageStats
+from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.embed.actors import Embedder
 from craft_ray.stages.embed.config import ERROR_REASONS, EmbedConfig, EmbedStageConfig
 from craft_ray.stages.embed.shards import read_shards
@@ -167,6 +168,7 @@ def _embed_waves(todo: list[Shard], cfg: EmbedConfig, store: Path, stage: StageD
         logger.info("embed: wave %d/%d (%d shards)", w, len(waves), len(wave))
         for row in embed_dataset(wave, cfg, store, stage.path).iter_rows():
             encode_s += float(row["encode_s"])
+            report_progress(done=int(row["num_rows"]), unit="docs")
         embedded_now += sum(ray.get([finalize.remote(str(store), s.corpus, s.shard)
                                      for s in wave]))
     return embedded_now, encode_s

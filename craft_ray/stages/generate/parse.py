@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from craft_ray.runtime.progress import report_progress
 from craft_ray.tasks.base import MALFORMED_JSON, NO_JSON, Task, TaskValidationError
 from craft_ray.tasks.registry import get_task
 
@@ -70,6 +71,8 @@ def parse_batch(batch: Any, task_spec: Any) -> Any:
         details.append(detail)
         records.append(json.dumps(rec, ensure_ascii=False) if rec is not None else "")
         texts.append(task.sample_text(rec) if rec is not None else "")
+    if "reject" in status:  # the console's line: rejects so far
+        report_progress(rejects=status.count("reject"))
     out = batch.select([c for c in GENERATION_COLUMNS if c in batch.column_names])
     for name, vals in (("status", status), ("reject_reason", reasons),
                        ("reject_detail", details), ("record", records),

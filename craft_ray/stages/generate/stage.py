@@ -39,6 +39,7 @@ from craft_ray.config import ConfigError
 from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
 from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_text
+from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.generate.actors import PromptBuilder
 from craft_ray.stages.generate.config import GenerateConfig, GenerateStageConfig
 from craft_ray.stages.generate.parse import parse_batch, split_outputs
@@ -291,6 +292,7 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
     t1 = time.time()
     rows: list[dict[str, Any]] = []
     if n_prompts - drops.num_rows > 0:
+        report_progress(total=n_prompts - drops.num_rows, unit="generations")
         generations_dataset(prompts, cfg).write_parquet(str(gens_dir))
         rows = pds.dataset(str(gens_dir)).to_table().to_pylist()
     gen_seconds = time.time() - t1

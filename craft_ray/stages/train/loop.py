@@ -43,6 +43,7 @@ from typing import Any
 
 from craft_ray.models.tokenizers import load_train_tokenizer
 from craft_ray.resources import torch_threads
+from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.train.checkpoint import (
     CHECKPOINT_STATE,
     DEEPSPEED_DIR,
@@ -370,6 +371,8 @@ def _train_epoch(epoch: int, skip: int, groups: Iterable[list[dict[str, Any]]], 
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         prog.step += 1
+        if ctx["rank"] == 0:  # the console's line: steps done, tokens/s
+            report_progress(done=1, total=ctx["stop_at"], unit="steps", tokens=out["tokens"])
         end_of_epoch = gi + 1 == plan["steps_per_epoch"]
         prog.pos = (epoch + 1, 0) if end_of_epoch else (epoch, gi + 1)
         prog.last_loss = out["loss"]
