@@ -9,11 +9,13 @@ we plant
 - near duplicates (10%): 1-4 words substituted, deleted or inserted in the question, options
   shuffled (answer letter moved with its option), sometimes a shortened option.
 
-Measured in one run: exact + fuzzy dedup time at ``n`` and ``4n`` (near-linear is the target),
-the Ray Data plan at ``n``, CRAFT's algorithm (every sample against every kept one,
-``token_set_ratio >= 85``; here with rapidfuzz in one process) on a subset, extrapolated
-quadratically to ``n``; precision and recall on the planted near-duplicates for both methods
-on the same subset and for ours at ``n``. The last output line is one JSON object.
+Each timed side runs ``repeats`` times interleaved after a warm-up (median and min-max;
+:mod:`craft_ray.bench.measure`). Measured: exact + fuzzy dedup time at ``n`` and ``4n``
+(near-linear is the target), the Ray Data plan at ``n``, CRAFT's algorithm (every sample
+against every kept one, ``token_set_ratio >= 85``; here with rapidfuzz in one process) on a
+subset, extrapolated quadratically to ``n``; precision and recall on the planted
+near-duplicates for both methods on the same subset and for ours at ``n``. The last output
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from craft_ray.bench.measure import conditions, interleave, load_average, paired_ratio, summary
 from craft_ray.stages.filter.dedup import (
     FuzzyDedupConfig,
     exact_duplicates,
@@ -227,11 +230,49 @@ def ray_plan_seconds(ids: list[str], texts: list[str], cfg: FuzzyDedupConfig
     return set(ex) | set(fz), time.perf_counter() - t0
 
 
+def _subset(ids: list[str], origin: dict[str, str], size: int) -> list[str]:
+    """The subset both methods run on, with planted pairs kept whole (a plain prefix of the
+    shuffled samples would hold almost no complete pair): ~7.5% near and ~2.5% exact copies
+    with their origins, the rest unplanted samples."""
+    near_keys = sorted(k for k in origin if k.startswith("n"))[: int(size * 0.075)]
+    exact_keys = sorted(k for k in origin if k.startswith("e"))[: int(size * 0.025)]
+    sub = {x for k in near_keys + exact_keys for x in (k, origin[k])}
+    related = set(origin) | set(origin.values())
+    for i in ids:
+        if len(sub) >= size:
+            break
+        if i not in related:
+            sub.add(i)
+    return [i for i in ids if i in sub]
+
+
+def _time_sides(corpora: dict[str, tuple[list[str], list[str]]], cfg: FuzzyDedupConfig,
+                repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Ours at n, at 4n and on the subset, and the pairwise baseline on the subset, each
+    ``repeats`` times interleaved after a warm-up; their seconds, and each side's drops."""
+    drops: dict[str, Any] = {}
+
+    def ours_side(name: str) -> float:
+        drops[name], took = ours(*corpora[name], cfg)
+        return took
+
+    def baseline_side() -> float:
+        t0 = time.perf_counter()
+        drops["baseline"] = craft_pairwise(*corpora["subset"])
+        return time.perf_counter() - t0
+
+    times = interleave({"ours_n": lambda: ours_side("n"), "ours_4n": lambda: ours_side("4n"),
+                        "ours_subset": lambda: ours_side("subset"),
+                        "baseline_subset": baseline_side}, repeats=repeats)
+    return times, drops
+
+
 def run_bench_dedup(data: Path, n: int = 20_000, baseline_n: int = 2_000, seed: int = 0,
-                    ray_path: bool = True) -> dict[str, Any]:
+                    ray_path: bool = True, repeats: int = 3) -> dict[str, Any]:
     """Run the benchmark; returns the figures (also logged)."""
     from rapidfuzz import fuzz, utils
 
+    load_before = load_average()
     cfg = FuzzyDedupConfig()
     sents = load_sentences(data)
     logger.info("bench dedup: %d distinct real sentences from %s", len(sents), data)
@@ -242,57 +283,40 @@ def run_bench_dedup(data: Path, n: int = 20_000, baseline_n: int = 2_000, seed: 
     craft_like = sum(
         1 for k, v in near_pairs
         if fuzz.token_set_ratio(by_id[k], by_id[v], processor=utils.default_process) >= 85)
-
-    drops_n, t_n = ours(ids, texts, cfg)
-    _drops_4n, t_4n = ours(ids4, texts4, cfg)
-    dropped_n = set(drops_n)
-    full = {**score(ids, dropped_n, origin),
-            **unplanted_drops_meeting_craft(drops_n, by_id, origin)}
-
-    # Same subset for both methods, with planted pairs kept whole (a plain prefix of the
-    # shuffled samples would hold almost no complete pair): ~7.5% near and ~2.5% exact copies
-    # with their origins, the rest unplanted samples.
-    near_keys = sorted(k for k in origin if k.startswith("n"))[: int(baseline_n * 0.075)]
-    exact_keys = sorted(k for k in origin if k.startswith("e"))[: int(baseline_n * 0.025)]
-    sub = {x for k in near_keys + exact_keys for x in (k, origin[k])}
-    related = set(origin) | set(origin.values())
-    for i in ids:
-        if len(sub) >= baseline_n:
-            break
-        if i not in related:
-            sub.add(i)
-    sub_ids = [i for i in ids if i in sub]
-    sub_texts = [by_id[i] for i in sub_ids]
-    sub_origin = {k: v for k, v in origin.items() if k in sub and v in sub}
-    t0 = time.perf_counter()
-    base_dropped = craft_pairwise(sub_ids, sub_texts)
-    t_base = time.perf_counter() - t0
-    ours_sub_drops, t_ours_sub = ours(sub_ids, sub_texts, cfg)
-    ours_sub = set(ours_sub_drops)
-
+    sub_ids = _subset(ids, origin, baseline_n)
+    sub_origin = {k: v for k, v in origin.items() if k in sub_ids and v in sub_ids}
+    times, drops = _time_sides({"n": (ids, texts), "4n": (ids4, texts4),
+                                "subset": (sub_ids, [by_id[i] for i in sub_ids])},
+                               cfg, repeats)
+    t_n, t_base = summary(times["ours_n"]), summary(times["baseline_subset"])
+    scale = (n / len(sub_ids)) ** 2  # the pairwise baseline is quadratic
     result: dict[str, Any] = {
-        "bench": "dedup", "n": n, "n4": 4 * n, "real_sentences": len(sents),
-        "planted_near": len(near_pairs),
+        "bench": "dedup", "n": n, "n4": 4 * n, "repeats": repeats,
+        "real_sentences": len(sents), "planted_near": len(near_pairs),
         "planted_exact": sum(1 for k in origin if k.startswith("e")),
         "planted_near_meeting_craft_ratio85": round(craft_like / max(1, len(near_pairs)), 4),
         "config": {"ngram": cfg.ngram, "bands": cfg.bands, "rows": cfg.rows,
                    "min_band_matches": cfg.min_band_matches,
                    "lsh_threshold": round(cfg.threshold, 3)},
-        "ours_seconds_n": round(t_n, 3), "ours_seconds_4n": round(t_4n, 3),
-        "scaling_4n_over_n": round(t_4n / t_n, 3),
-        "ours_at_n": full,
-        "subset_n": len(sub_ids), "subset_planted_near": sum(
-            1 for k in sub_origin if k.startswith("n")),
-        "baseline_seconds_subset": round(t_base, 3),
-        "ours_seconds_subset": round(t_ours_sub, 3),
-        "baseline_seconds_extrapolated_n": round(t_base * (n / len(sub_ids)) ** 2, 1),
-        "speedup_at_n_extrapolated": round(t_base * (n / len(sub_ids)) ** 2 / t_n, 1),
-        "baseline_subset": score(sub_ids, base_dropped, sub_origin),
-        "ours_subset": score(sub_ids, ours_sub, sub_origin),
+        "ours_seconds_n": t_n, "ours_seconds_4n": summary(times["ours_4n"]),
+        "scaling_4n_over_n": paired_ratio(times["ours_4n"], times["ours_n"]),
+        "ours_at_n": {**score(ids, set(drops["n"]), origin),
+                      **unplanted_drops_meeting_craft(drops["n"], by_id, origin)},
+        "subset_n": len(sub_ids),
+        "subset_planted_near": sum(1 for k in sub_origin if k.startswith("n")),
+        "baseline_seconds_subset": t_base,
+        "ours_seconds_subset": summary(times["ours_subset"]),
+        "baseline_seconds_extrapolated_n": round(t_base["median"] * scale, 1),
+        "ratio": round(t_base["median"] * scale / t_n["median"], 1),
+        "speedup_at_n_extrapolated": summary(
+            [b * scale / o for b, o in zip(times["baseline_subset"], times["ours_n"])], 1),
+        "baseline_subset": score(sub_ids, drops["baseline"], sub_origin),
+        "ours_subset": score(sub_ids, set(drops["subset"]), sub_origin),
     }
     if ray_path:
         ray_dropped, t_ray = ray_plan_seconds(ids, texts, cfg)
         result["ray_plan_seconds_n"] = round(t_ray, 3)
-        result["ray_plan_same_result"] = ray_dropped == dropped_n
+        result["ray_plan_same_result"] = ray_dropped == set(drops["n"])
+    result.update(conditions(load_before))
     logger.info("bench dedup: %s", result)
     return result

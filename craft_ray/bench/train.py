@@ -8,7 +8,9 @@ of optimizer steps:
 (b) Ray Train, 1 worker: :func:`craft_ray.stages.train.run_train` (Ray Data shard, TorchTrainer);
 (c) Ray Train, 2 workers (DDP over gloo).
 
-The figure compared is steady-state training tokens/s (non-padding tokens per second of
+Each runs ``repeats`` times, interleaved (a b c a b c ...) after a warm-up of each
+(:mod:`craft_ray.bench.measure`); ``ratio`` is the median of (b)/(a) pair by pair. The figure
+compared is steady-state training tokens/s (non-padding tokens per second of
 optimizer steps, each step timed from the end of the previous one, so fetching and collating
 its batches count; the first step is left out as warm-up), measured the same way on each side;
 start-up (Ray Train worker group, Ray Data tokenisation) is reported separately as wall time.
@@ -25,6 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from craft_ray.bench.measure import (
+    conditions,
+    interleave,
+    load_average,
+    paired_ratio,
+    summary,
+    thread_report,
+)
 from craft_ray.config import apply_overrides, validate
 from craft_ray.resources import torch_threads
 from craft_ray.runtime import init_ray
@@ -86,13 +96,16 @@ def plain_loop(cfg: Any, records: list[dict[str, Any]], steps: int) -> dict[str,
 
 
 def run_bench_train(*, rows: int = 64, steps: int = 30, overrides: list[str] | None = None,
-                    fewshots: Path | None = None, hidden_size: int = 128) -> dict[str, Any]:
-    """Run (a), (b), (c) and return the figures (the CLI prints them as one JSON line)."""
+                    fewshots: Path | None = None, hidden_size: int = 128,
+                    repeats: int = 3, warmup: bool = True) -> dict[str, Any]:
+    """Run (a), (b), (c) ``repeats`` times interleaved after a warm-up of each (``warmup=False``:
+    none, for smoke tests) and return the figures (the CLI prints them as one JSON line)."""
     import datasets
 
     from craft_ray.models.tiny import build_tiny_causal_lm
     from craft_ray.stages.train import TrainStageConfig, run_train
 
+    load_before = load_average()
     records = _records(rows, fewshots or FEWSHOTS / "bioqa.jsonl")
     with tempfile.TemporaryDirectory(prefix="craft-bench-train-") as tmp:
         model = build_tiny_causal_lm(Path(tmp) / "model", hidden_size=hidden_size)
@@ -104,42 +117,42 @@ def run_bench_train(*, rows: int = 64, steps: int = 30, overrides: list[str] | N
             "stop_after_steps": steps, "max_train_samples": None, "report_every_steps": 1000,
             "num_workers": 1}}, overrides or [])
         cfg1 = validate(TrainStageConfig, base, "bench train")
-
-        plain = plain_loop(cfg1.train, records, steps)
-        logger.info("bench train: plain loop %.1f tokens/s", plain["tokens_per_s"])
         init_ray(cfg1.ray)
-        results: dict[str, Any] = {}
-        for workers in (1, 2):
+        runs = iter(range(10_000))
+        walls: dict[int, list[float]] = {1: [], 2: []}
+
+        def ray_side(workers: int) -> float:
             data = apply_overrides(base, [f"train.num_workers={workers}",
-                                          f"train.trial_name=workers{workers}"])
-            cfg = validate(TrainStageConfig, data, "bench train")
+                                          f"train.trial_name=workers{workers}-{next(runs)}"])
             t0 = time.perf_counter()
-            stats = run_train(cfg)
-            results[workers] = {"tokens_per_s": stats["tokens_per_s"],
-                                "wall_s": time.perf_counter() - t0, "steps": stats["steps"]}
-        # the baseline again after the Ray runs: a shared machine's load drifts, so the
-        # baseline is the mean of a run before and a run after
-        plain_after = plain_loop(cfg1.train, records, steps)
-        logger.info("bench train: plain loop (after) %.1f tokens/s", plain_after["tokens_per_s"])
-    a = (plain["tokens_per_s"] + plain_after["tokens_per_s"]) / 2
+            stats = run_train(validate(TrainStageConfig, data, "bench train"))
+            walls[workers].append(time.perf_counter() - t0)
+            return float(stats["tokens_per_s"])
+
+        tps = interleave({"plain": lambda: plain_loop(cfg1.train, records, steps)["tokens_per_s"],
+                          "ray_1worker": lambda: ray_side(1),
+                          "ray_2workers": lambda: ray_side(2)}, repeats=repeats,
+                         warmup=warmup)
+    b = paired_ratio(tps["ray_1worker"], tps["plain"])
+    c = paired_ratio(tps["ray_2workers"], tps["plain"])
     out = {
         "model": f"tiny llama, 2 layers, hidden {hidden_size}, LoRA r={cfg1.train.lora.r}",
-        "rows": rows, "steps": steps, "batch_size": cfg1.train.batch_size,
+        "rows": rows, "steps": steps, "repeats": repeats, "batch_size": cfg1.train.batch_size,
         "per_device_batch_size": cfg1.train.per_device_batch_size,
         "baseline": "plain single-process PEFT loop (same model, LoRA, AdamW, train_step; "
-                    "collation timed), mean of a run before and a run after the Ray runs",
-        "a_plain_tokens_per_s": round(a, 1),
-        "a_plain_before_after": [round(plain["tokens_per_s"], 1),
-                                 round(plain_after["tokens_per_s"], 1)],
-        "b_ray_1worker_tokens_per_s": round(results[1]["tokens_per_s"], 1),
-        "c_ray_2workers_tokens_per_s": round(results[2]["tokens_per_s"], 1),
-        "ratio_b_over_a": round(results[1]["tokens_per_s"] / a, 3),
-        "ratio_c_over_a": round(results[2]["tokens_per_s"] / a, 3),
-        "ray_1worker_wall_s": round(results[1]["wall_s"], 1),
-        "ray_2workers_wall_s": round(results[2]["wall_s"], 1),
+                    "collation timed)",
+        "a_plain_tokens_per_s": summary(tps["plain"], 1),
+        "b_ray_1worker_tokens_per_s": summary(tps["ray_1worker"], 1),
+        "c_ray_2workers_tokens_per_s": summary(tps["ray_2workers"], 1),
+        "ratio": b["median"], "ratio_b_over_a": b, "ratio_c_over_a": c,
+        "ray_1worker_wall_s": summary(walls[1][-repeats:], 1),  # the warm-up run left out
+        "ray_2workers_wall_s": summary(walls[2][-repeats:], 1),
+        "threads_plain": thread_report(),
         "note": "c on a 2-core machine measures data-parallel overhead, not speed-up",
     }
+    out.update(conditions(load_before))
     logger.info("bench train: plain %.0f tok/s, Ray 1 worker %.0f tok/s (%.3f), "
-                "2 workers %.0f tok/s (%.3f)", a, results[1]["tokens_per_s"],
-                out["ratio_b_over_a"], results[2]["tokens_per_s"], out["ratio_c_over_a"])
+                "2 workers %.0f tok/s (%.3f)", out["a_plain_tokens_per_s"]["median"],
+                out["b_ray_1worker_tokens_per_s"]["median"], b["median"],
+                out["c_ray_2workers_tokens_per_s"]["median"], c["median"])
     return out

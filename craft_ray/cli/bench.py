@@ -29,7 +29,7 @@ def bench_embed(
     from craft_ray.bench.embed import run_bench_embed
 
     result = guarded(lambda: run_bench_embed(data, min_docs=min_docs, overrides=set_ or [],
-                                          repeats=repeats, int8=int8))
+                                             repeats=repeats, int8=int8))
     typer.echo(json.dumps(result))
 
 
@@ -38,12 +38,14 @@ def bench_train(
     rows: Annotated[int, typer.Option(help="Training examples (real CRAFT few-shots, "
                                       "repeated).")] = 64,
     steps: Annotated[int, typer.Option(help="Optimizer steps per measured run.")] = 30,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds per side.")] = 3,
     set_: SetOpt = None,
 ) -> None:
     """Plain PEFT loop vs Ray Train with 1 and 2 workers: tokens/s on the same tiny model."""
     from craft_ray.bench.train import run_bench_train
 
-    result = guarded(lambda: run_bench_train(rows=rows, steps=steps, overrides=set_ or []))
+    result = guarded(lambda: run_bench_train(rows=rows, steps=steps, overrides=set_ or [],
+                                               repeats=repeats))
     typer.echo(json.dumps(result))
 
 
@@ -63,7 +65,7 @@ def bench_retrieve(
     from craft_ray.bench.retrieve import run_bench_retrieve
 
     r = guarded(lambda: run_bench_retrieve(workdir, rows, dim, queries, k, shards, concurrency,
-                                           repeats=repeats))
+                                              repeats=repeats))
     st, fa = r["stage_s"], r["faiss_s"]
     typer.echo(f"search, actors up and vectors cached ({r['repeats']} interleaved rounds): stage "
                f"median {st['median']:.3f} s ({st['min']:.3f}-{st['max']:.3f}) vs FAISS "
@@ -87,10 +89,11 @@ def bench_dedup(
     n: Annotated[int, typer.Option(help="Samples at the base size (4n is also timed).")] = 20000,
     baseline_n: Annotated[int, typer.Option(help="Samples for the pairwise baseline.")] = 2000,
     ray_path: Annotated[bool, typer.Option(help="Also time the Ray Data plan at n.")] = True,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds per side.")] = 3,
 ) -> None:
     """MinHash-LSH dedup vs CRAFT's pairwise token_set_ratio dedup on planted duplicates."""
     from craft_ray.bench.dedup import run_bench_dedup
 
     result = guarded(lambda: run_bench_dedup(data, n=n, baseline_n=baseline_n,
-                                          ray_path=ray_path))
+                                             ray_path=ray_path, repeats=repeats))
     typer.echo(json.dumps(result))
