@@ -87,6 +87,12 @@ def test_full_demo_from_the_wheel_in_an_empty_folder(wheel_venv: Path, tmp_path:
     work = tmp_path / "empty"
     work.mkdir()
     r = _run(wheel_venv, work, "demo", timeout=1800)
+    if os.environ.get("CRAFT_RAY_DEMO_LOG"):  # keep what the terminal showed (closing notes)
+        Path(os.environ["CRAFT_RAY_DEMO_LOG"]).write_text(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    assert len(lines) <= 150, f"{len(lines)} lines:\n" + "\n".join(lines[:200])
+    assert max(len(x) for x in lines) <= 400, max(lines, key=len)
+    assert "Three generated samples beside their source document" in r.stderr
     assert (work / "runs" / "demo" / "report.html").is_file()
     assert (work / "runs" / "demo" / "evaluate").is_dir()
