@@ -5,8 +5,9 @@ Both embed the same real texts (every post of the StackExchange dumps, HTML stri
 (:mod:`craft_ray.bench.measure`):
 
 - ``encode``: the baseline, one in-process ``model.encode`` call over all texts in float32
-  (it sorts by length internally; torch's default threads, i.e. every core); its model load
-  is not timed;
+  (:func:`craft_ray.models.embedder.plain_encode`: sentence-transformers sorts by characters
+  internally; torch's default threads, i.e. every core); its model load is not timed. The
+  stage batches by token count instead (:func:`craft_ray.models.embedder.encode_texts`);
 - ``stage``: :func:`craft_ray.stages.embed.run_embed` with the config's defaults, from its
   start to its end: reading, actor start-up and model load, embedding, writing and finalising
   the store (Ray's own start is not timed: a cluster is started once, not per stage);
@@ -38,7 +39,7 @@ from craft_ray.bench.measure import (
     thread_report,
 )
 from craft_ray.config import apply_overrides, validate
-from craft_ray.models.embedder import encode_texts, load_sentence_transformer
+from craft_ray.models.embedder import load_sentence_transformer, plain_encode
 from craft_ray.runtime import init_ray
 from craft_ray.stages.embed import EmbedStageConfig, run_embed
 from craft_ray.store.corpus import CorpusConfig, html_to_text, iter_posts, list_shards
@@ -123,7 +124,7 @@ def run_bench_embed(data: Path, *, min_docs: int = 2000, overrides: list[str] | 
 
         def encode_side(m: Any, key: str) -> float:
             t0 = time.perf_counter()
-            base[key] = encode_texts(m, texts, ecfg.encode_batch_size)
+            base[key] = plain_encode(m, texts, ecfg.encode_batch_size)
             return time.perf_counter() - t0
 
         def stage_side(extra: list[str], key: str, corpus: str = "corpus") -> float:
