@@ -16,25 +16,36 @@ MIN_OPTION_CHARS = 2  # "IgA", "5 mg" are real options; "A", "M" are not
 OPTION_ONLY_LETTER = "Option is only a letter label."
 OPTION_TOO_SHORT = "Option shorter than {n} characters."
 DUPLICATE_OPTIONS = "Duplicate answer options."
+NEAR_DUPLICATE_OPTIONS = "Answer options that differ only in filler words."
 QUESTION_CUT_OFF = "Question cut off (no terminal punctuation)."
 QUESTION_REPEATS_OPTION = "Question repeats an answer option."
 COPIES_DOCUMENT = "{what} copies the document verbatim."
 
 _TERMINAL = tuple("?.!:)\"'\u201d")
 _WORDS = re.compile(r"\w+")
+# Words whose presence does not make two options different answers ("some people do use X"
+# vs "some people use X"); a changed content word ("increased" vs "decreased") does.
+FILLER_WORDS = frozenset(
+    "a an the of to in on at for and or is are was were be been do does did that this it "
+    "its there their".split())
 
 
 def check_options(texts: list[str], min_chars: int = MIN_OPTION_CHARS) -> None:
     """Reject option texts (labels removed, lower-cased) that are only a letter, shorter than
-    ``min_chars`` or duplicated (compared word by word, punctuation ignored)."""
+    ``min_chars``, duplicated (compared word by word, punctuation ignored) or the same once
+    :data:`FILLER_WORDS` are dropped."""
     for t in texts:
         if len(t) == 1 and t.upper() in LETTERS:
             raise TaskValidationError(OPTION_ONLY_LETTER)
         if len(t) < min_chars:
             raise TaskValidationError(OPTION_TOO_SHORT.format(n=min_chars))
-    norm = [" ".join(_WORDS.findall(t)) for t in texts]
+    words = [_WORDS.findall(t.lower()) for t in texts]
+    norm = [" ".join(w) for w in words]
     if len(set(norm)) < len(norm):
         raise TaskValidationError(DUPLICATE_OPTIONS)
+    content = [" ".join(x for x in w if x not in FILLER_WORDS) for w in words]
+    if len(set(content)) < len(content):
+        raise TaskValidationError(NEAR_DUPLICATE_OPTIONS)
 
 
 def check_question(question: str, labelled: list[str], texts: list[str]) -> None:

@@ -13,6 +13,7 @@ from craft_ray.stages.generate.prompts import SEPARATOR
 from craft_ray.tasks import TaskValidationError, get_task
 from craft_ray.tasks.quality import (
     DUPLICATE_OPTIONS,
+    NEAR_DUPLICATE_OPTIONS,
     OPTION_ONLY_LETTER,
     QUESTION_CUT_OFF,
     QUESTION_REPEATS_OPTION,
@@ -31,6 +32,11 @@ DEGENERATE = [
     (dict(GOOD, options=["A. M", "B. M", "C. M", "D. M"]), OPTION_ONLY_LETTER),
     (dict(GOOD, options=["A. 5", "B. 7", "C. 9", "D. 1"]), "Option shorter than 2 characters."),
     (dict(GOOD, options=["A. Hops", "B. Malt", "C. hops.", "D. Yeast"]), DUPLICATE_OPTIONS),
+    # seen in the demo: C and D say the same thing
+    (dict(GOOD, options=["A. Any and all", "B. None of these",
+                         "C. Some people do use bitters for health purposes",
+                         "D. Some people use bitters for health purposes"]),
+     NEAR_DUPLICATE_OPTIONS),
     (dict(GOOD, question="Which of the following statements about the pathophysiology,"),
      QUESTION_CUT_OFF),
     (dict(GOOD, question="What is the best way to treat a wound while on antibio"),
@@ -55,6 +61,10 @@ def test_mc_good_sample_and_short_real_options_pass():
     assert task.validate(GOOD)["answer"] == "A"
     short_real = dict(GOOD, options=["A. IgA", "B. IgE", "C. 5 mg", "D. pH"])
     assert task.validate(short_real)["options"][0] == "A. IgA"
+    # options one content word apart are different answers, not near duplicates
+    close = dict(GOOD, options=["A. Increased insulin", "B. Decreased insulin",
+                                "C. Increased glucagon", "D. No change"])
+    assert task.validate(close)["options"][1] == "B. Decreased insulin"
     # csqa: fixed Yes/No options are not "too short"; a statement ends with a full stop
     csqa = get_task("csqa")
     assert csqa.validate({"statement": "Cold brew coffee is steeped for many hours.",
