@@ -27,7 +27,8 @@ def ray_local():
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": our own Ray even when another cluster runs on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
     ctx.enable_progress_bars = False

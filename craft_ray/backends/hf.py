@@ -122,6 +122,8 @@ class HFGenerator:
             # A new processor per generate() call (it holds per-call matcher state).
             kwargs["logits_processor"] = [LogitsProcessor([self._grammar(r["schema"])
                                                            for r in rows])]
+        # tokens/s on the console's line while generate() runs (minutes on a CPU)
+        kwargs["streamer"] = TokenCounter(self.tokenizer.pad_token_id)
         torch.manual_seed(row_seed(int(self.sampling["seed"]), str(rows[0]["sample_id"])))
         gen = generate_new_tokens(self.model, self.tokenizer, ids, self.device, **kwargs)
         results = []
@@ -159,11 +161,39 @@ class HFGenerator:
                 logger.exception("hf generate failed for %d rows", len(idx))
                 res = [error_row(ERR_ENGINE, f"{type(exc).__name__}: {exc}") for _ in idx]
             per_row = (time.perf_counter() - t0) / len(idx)
-            report_progress(done=len(idx), tokens=sum(max(0, r["tokens_out"]) for r in res))
+            report_progress(done=len(idx))  # tokens: counted as they come (TokenCounter)
             for i, r in zip(idx, res):
                 r["gen_seconds"] = per_row
                 outs[i] = r
         return merge_outputs(batch, outs)
+
+
+class TokenCounter:
+    """A ``generate(streamer=...)`` that counts the new tokens of every row (padding of
+    finished rows left out) and adds them to the console's counters every ~2 s."""
+
+    def __init__(self, pad_token_id: int | None, every_s: float = 2.0) -> None:
+        self.pad_token_id, self.every_s = pad_token_id, every_s
+        self.prompt_seen, self.pending, self.last = False, 0, time.monotonic()
+
+    def put(self, value: Any) -> None:
+        """One generation step's tokens ([batch]); the first call is the prompt."""
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.pending += int((value != self.pad_token_id).sum()) if self.pad_token_id is not None \
+            else int(value.numel())
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def end(self) -> None:
+        """generate() is done."""
+        self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            report_progress(tokens=self.pending)
+        self.pending, self.last = 0, time.monotonic()
 
 
 def compile_schema(compiler: Any, schema: str, any_whitespace: bool = False) -> Any:

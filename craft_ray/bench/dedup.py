@@ -219,7 +219,8 @@ def ray_plan_seconds(ids: list[str], texts: list[str], cfg: FuzzyDedupConfig
     )
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items([{"sample_id": i, "sample_text": t} for i, t in zip(ids, texts)],
                              override_num_blocks=8).materialize()

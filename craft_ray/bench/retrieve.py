@@ -122,7 +122,8 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     q /= np.linalg.norm(q, axis=1, keepdims=True)
 
     if not ray.is_initialized():
-        ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=concurrency, include_dashboard=False,
+                 log_to_driver=False)
     import shutil
 
     shutil.rmtree(store / "_vector_cache", ignore_errors=True)

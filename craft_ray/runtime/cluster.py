@@ -64,7 +64,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         check_reachable(address)
         logger.info("connecting to Ray at %s", address)
     try:
-        ray.init(address=address, **kwargs)
+        # "local": a new Ray of our own even when `ray start` left a cluster on this machine
+        # (a bare ray.init() would join that one, and refuse num_cpus)
+        ray.init(address=address or "local", **kwargs)
     except (ConnectionError, TimeoutError) as exc:
         raise ClusterUnreachableError(
             f"cannot reach a Ray cluster at {address!r}: {exc}. Check the address (and that "

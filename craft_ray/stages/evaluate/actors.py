@@ -11,6 +11,7 @@ from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.hf import generate_new_tokens, load_hf_model
 from craft_ray.models.tokenizers import ensure_pad_token, pad_token_ids
 from craft_ray.resources import actor_resources
+from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import (
     sampling_of,
@@ -72,6 +73,7 @@ class HFLetterScorer:
         out = {k: v for k, v in batch.items() if k != "tokenized_prompt"}
         out.update(score_columns(scores, batch["letters"]))
         out["prompt_tokens"] = np.array([len(x) for x in ids], dtype=np.int64)
+        report_progress(done=len(ids))  # the console's line
         return out
 
 
@@ -131,6 +133,7 @@ class HFTextGenerator:
         out["tokens_out"] = np.array([r[1] for r in res], dtype=np.int64)
         out["finish_reason"] = np.array([r[2] for r in res], dtype=object)
         out["prompt_tokens"] = np.array([len(x) for x in ids], dtype=np.int64)
+        report_progress(done=len(ids))  # the console's line
         return out
 
 

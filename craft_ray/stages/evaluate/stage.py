@@ -54,6 +54,7 @@ from craft_ray.evalsets.loading import load_eval_set
 from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.hf import has_tokenizer
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
+from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.evaluate.actors import HFLetterScorer, generate_rows, map_hf_actors
 from craft_ray.stages.evaluate.candidates import check_models, resolve_models
 from craft_ray.stages.evaluate.config import EvaluateConfig, EvaluateStageConfig, ModelSpec
@@ -247,10 +248,13 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
 
     results: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # generated pairs waiting for ROUGE-L / the judge
+    planned = 0  # the console's line: items of the models seen so far
     for model in models:
         tok = AutoTokenizer.from_pretrained(model.adapter if model.adapter and has_tokenizer(
             model.adapter) else resolve_model_path(model.model))
         todo = _model_rows(cfg, model, tok, task, loaded, stage.path, force, results)
+        planned += len(todo["mc_rows"]) + len(todo["gen_rows"])
+        report_progress(total=planned, unit="items")
         if todo["mc_rows"]:
             results += _score_model(cfg, model, tok, todo, stage.path, stats)
         if todo["gen_rows"]:

@@ -360,7 +360,7 @@ def test_vllm_backend_scores_on_gpu(request, tmp_path):
 
     from craft_ray.stages.evaluate.stage import run_evaluate
 
-    ray.init(ignore_reinit_error=True)
+    ray.init(address="local", ignore_reinit_error=True)
     cfg = EvaluateStageConfig(run_dir=str(tmp_path / "run"), evaluate=EvaluateConfig(
         models=[ModelSpec(name="always-a", model=str(tiny / "base"),
                           adapter=str(tiny / "adapter"))],
@@ -638,7 +638,7 @@ def test_vllm_generation_on_gpu(tmp_path):
     from craft_ray.stages.evaluate.stage import run_evaluate
 
     build_tiny_causal_lm(tmp_path / "base", seed=TINY_SEED)
-    ray.init(ignore_reinit_error=True)
+    ray.init(address="local", ignore_reinit_error=True)
     cfg = EvaluateStageConfig(run_dir=str(tmp_path / "run"), evaluate=EvaluateConfig(
         models=[ModelSpec(name="base", model=str(tmp_path / "base"))],
         sets=[EvalSetConfig(name="cnn_dailymail", path=str(EVAL / "cnn_dailymail_test.jsonl"),
