@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import tmp_path_for
+from craft_ray.runtime import atomic_path
 from craft_ray.stages.retrieve.actors import SearchResult
 from craft_ray.stages.retrieve.config import MEAN, IndexConfig, RetrieveError
 from craft_ray.stages.retrieve.ranking import Pool
@@ -94,12 +93,11 @@ def build_faiss_index(store: str | Path, info: StoreInfo, cfg: IndexConfig) -> P
         index.add(vec)
         tables.append(meta)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(out)
-    faiss.write_index(index, str(tmp))
-    tmp_ids = tmp_path_for(ids_out)
-    pq.write_table(pa.concat_tables(tables), tmp_ids)
-    os.replace(tmp_ids, ids_out)
-    os.replace(tmp, out)  # the index last: its presence means both files are complete
+    # the ids block ends first: the index is renamed last, its presence means both are complete
+    with atomic_path(out) as tmp:
+        faiss.write_index(index, str(tmp))
+        with atomic_path(ids_out) as tmp_ids:
+            pq.write_table(pa.concat_tables(tables), tmp_ids)
     logger.info("retrieve: built FAISS %s index of %d vectors at %s", cfg.kind, index.ntotal,
                 out)
     return out
