@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from craft_ray.runtime import atomic_path, tmp_path_for
+from craft_ray.runtime import atomic_path
 from craft_ray.stages.retrieve.config import MEAN
 from craft_ray.stages.retrieve.ranking import Floors, Pool, block_entries
 from craft_ray.store.vectors import StoreError
@@ -133,27 +133,30 @@ def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str |
         for i in range(0, arr.shape[0], chunk_rows):
             yield arr[i:i + chunk_rows]  # a view of the mapped file: rows are contiguous
         return
-    out = None
-    tmp = None
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path_for(cached)
+    if cached is None:
+        yield from _parquet_vectors(pf, path, chunk_rows, dim)
+        return
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    # a scan stopped early (the generator closed) or failing removes the partial copy
+    with atomic_path(cached) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(cache_dtype),
                                         shape=(pf.metadata.num_rows, dim))
-    off = 0
+        off = 0
+        for vec in _parquet_vectors(pf, path, chunk_rows, dim):
+            out[off:off + len(vec)] = vec
+            off += len(vec)
+            yield vec
+        out.flush()
+        del out
+
+
+def _parquet_vectors(pf: Any, path: str, chunk_rows: int, dim: int) -> Iterator[np.ndarray]:
+    """The ``embedding`` column of one data file in chunks of ``chunk_rows`` rows."""
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=["embedding"]):
         col = batch.column(0)
         if col.type.list_size != dim:
             raise StoreError(f"{path}: vectors have dim {col.type.list_size}, queries {dim}")
-        vec = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        if out is not None:
-            out[off:off + len(vec)] = vec
-        off += len(vec)
-        yield vec
-    if out is not None and tmp is not None:
-        out.flush()
-        del out
-        os.replace(tmp, cached)
+        yield col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
 _META = ("doc_id", "row", "text_len")
