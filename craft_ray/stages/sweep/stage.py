@@ -181,10 +181,7 @@ def run_sweep(stage_cfg: SweepStageConfig,
             skipped += 1
     rows = _trial_rows(stage_cfg, errors)
     table = build_table(rows, cfg.sizes)
-    with (stage.path / ".results.jsonl.tmp").open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    (stage.path / ".results.jsonl.tmp").replace(stage.path / "results.jsonl")
+    atomic_write_text(stage.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(stage.path / "table.json", table)
     atomic_write_text(stage.path / "table.md", format_table(table))
     failed = [r for r in rows if r["status"] != "finished"]
