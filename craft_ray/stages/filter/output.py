@@ -139,26 +139,20 @@ def _yaml_section(run_dir: Path, stage: str, key: str) -> str | None:
 def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: Path,
                  steps: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """README.md of one size: composition, corpora mix, retrieval, generator, filter counts."""
-    n = table.num_rows
-    corpora = Counter(c for c, f in zip(table.column("corpus").to_pylist()
-                                        if "corpus" in table.column_names else [None] * n,
-                                        table.column("is_few_shot").to_pylist()) if not f)
-    mix = "\n".join(f"| {c or '(unknown)'} | {k} | {100.0 * k / max(1, info['generated']):.1f}% |"
-                    for c, k in corpora.most_common()) or "| (none) | 0 | |"
-    filt = "\n".join(f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | {s['dropped']} |"
-                     for s in steps) or "| (no steps) | | | |"
-    retrieve = _yaml_section(run_dir, "retrieve", "retrieve")
-    generate = _yaml_section(run_dir, "generate", "generate")
-    dec = info.get("decontamination") or {}
-    dec_rows = "\n".join(
-        f"| {e} | {n_} | {v['samples_overlapping']} ({v['samples_overlapping_pct']}%) | "
-        f"{v['eval_items_overlapping']} ({v['eval_items_overlapping_pct']}%) |"
-        for e, per in dec.items() for n_, v in per.items())
+    return "\n".join([*_card_front_matter(task.name, name, table.num_rows),
+                      *_card_composition(table, name, task, cfg, run_dir, info),
+                      *_card_settings(run_dir),
+                      *_card_filtering(steps, info),
+                      *_card_usage(table, name, task)])
+
+
+def _card_front_matter(task_name: str, name: str, n: int) -> list[str]:
+    """The card's YAML header (what the Hugging Face Hub reads)."""
     size_cat = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" \
         if n < 100_000 else "100K<n<1M"
-    lines = [
+    return [
         "---",
-        f"pretty_name: craft-ray {task.name} {name}",
+        f"pretty_name: craft-ray {task_name} {name}",
         "size_categories:",
         f"- {size_cat}",
         "tags:",
@@ -169,6 +163,19 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "  data_files: data.parquet",
         "---",
         "",
+    ]
+
+
+def _card_composition(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: Path,
+                      info: dict[str, Any]) -> list[str]:
+    """Title, composition and the corpora the generated samples come from."""
+    n = table.num_rows
+    corpora = Counter(c for c, f in zip(table.column("corpus").to_pylist()
+                                        if "corpus" in table.column_names else [None] * n,
+                                        table.column("is_few_shot").to_pylist()) if not f)
+    mix = "\n".join(f"| {c or '(unknown)'} | {k} | {100.0 * k / max(1, info['generated']):.1f}% |"
+                    for c, k in corpora.most_common()) or "| (none) | 0 | |"
+    return [
         f"# {task.name} — size {name} ({n} samples)",
         "",
         "Built by `craft-ray filter` (CRAFT: Corpus Retrieval and Augmentation for "
@@ -187,6 +194,14 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "|---|---|---|",
         mix,
         "",
+    ]
+
+
+def _card_settings(run_dir: Path) -> list[str]:
+    """The retrieve and generate settings of the run, as their resolved YAML."""
+    retrieve = _yaml_section(run_dir, "retrieve", "retrieve")
+    generate = _yaml_section(run_dir, "generate", "generate")
+    return [
         "## Retrieval settings",
         "",
         f"```yaml\n{retrieve}\n```" if retrieve else "not available (no retrieve/config.yaml "
@@ -197,6 +212,19 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         f"```yaml\n{generate}\n```" if generate else "not available (no generate/config.yaml "
         "in the run directory)",
         "",
+    ]
+
+
+def _card_filtering(steps: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+    """Rows in/out of each filter step, and this dataset's overlap with the eval sets."""
+    filt = "\n".join(f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | {s['dropped']} |"
+                     for s in steps) or "| (no steps) | | | |"
+    dec = info.get("decontamination") or {}
+    dec_rows = "\n".join(
+        f"| {e} | {n_} | {v['samples_overlapping']} ({v['samples_overlapping_pct']}%) | "
+        f"{v['eval_items_overlapping']} ({v['eval_items_overlapping_pct']}%) |"
+        for e, per in dec.items() for n_, v in per.items())
+    return [
         "## Filtering (all generated samples of the run)",
         "",
         "| step | in | out | dropped |",
@@ -209,6 +237,12 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "|---|---|---|---|",
         dec_rows or "| (no eval sets configured) | | | |",
         "",
+    ]
+
+
+def _card_usage(table: Any, name: str, task: Any) -> list[str]:
+    """The columns and how to load the dataset."""
+    return [
         "## Columns",
         "",
         f"`{'`, `'.join(table.column_names)}`: the task's record fields "
@@ -222,4 +256,3 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "```",
         "",
     ]
-    return "\n".join(lines)
