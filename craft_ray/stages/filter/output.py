@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from craft_ray.runtime import atomic_path
 from craft_ray.stages.filter.config import FilterConfig, read_stage_config
 from craft_ray.stages.filter.decontam import NgramIndex, overlap_summary
 from craft_ray.stages.filter.rows import PROVENANCE_COLUMNS, priority_batch
@@ -99,14 +99,6 @@ def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig
     import datasets
     import pyarrow.parquet as pq
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    datasets.Dataset(table).save_to_disk(str(tmp / "hf"))
-    pq.write_table(table, tmp / "data.parquet")
-    with (tmp / "data.jsonl").open("w", encoding="utf-8") as fh:
-        for row in table.to_pylist():
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     decontam = {}
     if eval_texts:
         texts = [task.sample_text(r) for r in table.select(task.record_fields).to_pylist()]
@@ -121,10 +113,16 @@ def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig
             "generated": int(sum(1 for x in table.column("is_few_shot").to_pylist() if not x)),
             "few_shots": int(sum(1 for x in table.column("is_few_shot").to_pylist() if x)),
             "path": str(out), "decontamination": decontam}
-    (tmp / "README.md").write_text(dataset_card(table, name, task, cfg, run_dir, steps, info),
-                                   encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        datasets.Dataset(table).save_to_disk(str(tmp / "hf"))
+        pq.write_table(table, tmp / "data.parquet")
+        with (tmp / "data.jsonl").open("w", encoding="utf-8") as fh:
+            for row in table.to_pylist():
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (tmp / "README.md").write_text(dataset_card(table, name, task, cfg, run_dir, steps, info),
+                                       encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)  # a rename does not replace a full folder
     return info
 
 
