@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.config import ConfigError
-from craft_ray.runtime import StageDir, StageStats, atomic_write_json, tmp_path_for
+from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_json
 from craft_ray.stages.train_retriever.config import TrainRetrieverConfig
 from craft_ray.stages.train_retriever.data import (
     Example,
@@ -312,14 +311,20 @@ def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict
     )
 
 
-def _install_model(src: Path, out: Path) -> None:
-    """Move the saved model's files into ``out`` (replacing older ones)."""
+def _install_model(checkpoint: Any, out: Path) -> None:
+    """Copy the saved model's files (the checkpoint's ``model/``) into ``out``, each through
+    a temporary name and a rename (replacing older ones)."""
     out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        dst = out / item.name
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        os.replace(item, dst)
+    with checkpoint.as_directory() as ckpt:
+        for item in (Path(ckpt) / "model").iterdir():
+            dst = out / item.name
+            with atomic_path(dst) as tmp:
+                if item.is_dir():
+                    shutil.copytree(item, tmp)
+                else:
+                    shutil.copy2(item, tmp)
+                if dst.is_dir():  # a rename does not replace a full folder
+                    shutil.rmtree(dst)
 
 
 def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> dict[str, Any]:
@@ -357,10 +362,7 @@ def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> di
         raise result.error
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
-    tmp = tmp_path_for(work / "final")
-    result.checkpoint.to_directory(str(tmp))
-    _install_model(tmp / "model", out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _install_model(result.checkpoint, out)
     after = evaluate_model(cfg, str(out), "trained", work)
     metrics = {"before": before, "after": after, "split": cfg.eval_split,
                "eval_data": cfg.eval_folder(), "steps": final.get("step"),
