@@ -20,11 +20,12 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from craft_ray.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -117,20 +118,21 @@ def export_onnx(name: str, cache_dir: str | Path | None = None,
     final = onnx_export_dir(name, cache_dir or default_cache_dir())
     if (final / "_EXPORTED").is_file():
         return final
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
     logger.info("embedder: exporting %s to ONNX in %s (once)", name, final)
-    names, config = _trace_eager(name, tmp / "traced.onnx", trust_remote_code)
-    fused = _fuse(tmp / "traced.onnx", tmp / "model.onnx", config)
-    _quantize(tmp / "model.onnx", tmp / "model_int8.onnx",
-              ["MatMul", "Attention"] if fused else ["MatMul"])
-    (tmp / "traced.onnx").unlink()
-    (tmp / "_EXPORTED").write_text(json.dumps({"model": name, "inputs": names,
-                                               "recipe": EXPORT_RECIPE, "fused": fused}))
     try:
-        os.replace(tmp, final)
-    except OSError:  # another process exported it first: the same files
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(final) as tmp:
+            tmp.mkdir(parents=True)
+            names, config = _trace_eager(name, tmp / "traced.onnx", trust_remote_code)
+            fused = _fuse(tmp / "traced.onnx", tmp / "model.onnx", config)
+            _quantize(tmp / "model.onnx", tmp / "model_int8.onnx",
+                      ["MatMul", "Attention"] if fused else ["MatMul"])
+            (tmp / "traced.onnx").unlink()
+            (tmp / "_EXPORTED").write_text(json.dumps({"model": name, "inputs": names,
+                                                       "recipe": EXPORT_RECIPE,
+                                                       "fused": fused}))
+    except OSError:  # the rename fails when another process exported it first: same files
+        if not (final / "_EXPORTED").is_file():
+            raise
     return final
 
 

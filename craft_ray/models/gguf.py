@@ -29,9 +29,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
+
+from craft_ray.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +105,14 @@ def convert_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
         raise ModelSourceError(f"reading {path} needs the gguf package: pip install gguf"
                                ) from exc
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_hf_folder(path, tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": str(path), "sha256": digest}))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MARKER).is_file():  # not a lost race: a real failure
-                raise
-            logger.info("GGUF %s was converted by another process meanwhile", path.name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(final) as tmp:
+            _write_hf_folder(path, tmp)
+            (tmp / MARKER).write_text(json.dumps({"source": str(path), "sha256": digest}))
+    except OSError:  # the rename fails onto a folder another process has just written
+        if not (final / MARKER).is_file():  # not a lost race: a real failure
+            raise
+        logger.info("GGUF %s was converted by another process meanwhile", path.name)
     logger.info("converted GGUF %s -> %s", path, final)
     return final
 

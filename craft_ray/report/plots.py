@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from craft_ray.runtime import atomic_write_text
+from craft_ray.runtime import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,9 @@ def plot_vs_size(rows: Sequence[dict[str, Any]], out_png: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")  # the temporary name does not end in .png
     plt.close(fig)
-    tmp.replace(out_png)
     return out_png
 
 

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from craft_ray.config import RayConfig, StrictModel
 from craft_ray.models.embedder import Backend, Quantize
-from craft_ray.runtime import atomic_write_json
+from craft_ray.runtime import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ def convert_corpus(corpus: Path, out: Path) -> tuple[list[str], bool]:
             (out.with_suffix(".ids.json")).is_file():
         return json.loads(out.with_suffix(".ids.json").read_text()), False
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with corpus.open(encoding="utf-8") as src, tmp.open("w", encoding="utf-8") as dst:
+    with atomic_path(out) as tmp, corpus.open(encoding="utf-8") as src, \
+            tmp.open("w", encoding="utf-8") as dst:
         for i, line in enumerate(src, 1):
             if not line.strip():
                 continue
@@ -230,7 +230,6 @@ def convert_corpus(corpus: Path, out: Path) -> tuple[list[str], bool]:
             text = (str(doc.get("title") or "") + " " + str(doc.get("text") or "")).strip()
             ids.append(str(doc["_id"]))
             dst.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     atomic_write_json(out.with_suffix(".ids.json"), ids)
     return ids, True
 

@@ -33,7 +33,7 @@ from craft_ray.retrieval.evaluation import (
     dense_rankings,
     load_beir,
 )
-from craft_ray.runtime import tmp_path_for
+from craft_ray.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -189,9 +189,8 @@ def run_mine_negatives(cfg: MineNegativesConfig, beir: Beir | None = None) -> di
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(out)
     n_neg: list[int] = []
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for qid, pos in positives.items():
             cands = merge_rankings([rankings[r].get(qid, []) for r in cfg.retrievers])
             neg = pick_negatives(cands, pos, texts, cfg.num_negatives, answers.get(qid, ()))
@@ -204,7 +203,6 @@ def run_mine_negatives(cfg: MineNegativesConfig, beir: Beir | None = None) -> di
             if qid in answers:
                 item["answers"] = answers[qid]
             fh.write(json.dumps(item, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     return {
         "out": str(out), "queries": len(positives), "corpus": len(texts),
         "retrievers": list(cfg.retrievers), "top_k": cfg.top_k,

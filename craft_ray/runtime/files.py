@@ -34,18 +34,21 @@ def tmp_path_for(path: str | Path) -> Path:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """The one write-then-rename helper: yields a sibling temporary path to write ``path``
-    through; renamed onto ``path`` when the block ends, removed if the block raises.
+    through; renamed onto ``path`` when the block ends, removed if the block or the rename
+    raises.
 
     ``with atomic_path(out) as tmp: pq.write_table(table, tmp)`` never leaves a half-written
-    ``out``: readers see the old file or the new one.
+    ``out``: readers see the old file or the new one. A folder works the same way (write the
+    folder ``tmp``), but a rename never replaces a non-empty folder: remove the old one at the
+    end of the block, or catch the ``OSError`` where another process may have written it.
     """
     tmp = tmp_path_for(path)
     try:
         yield tmp
+        os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)

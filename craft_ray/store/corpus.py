@@ -401,41 +401,14 @@ def read_stackexchange_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[s
     soon as its chosen answer has been seen, so memory holds only questions waiting for an
     answer further down the file. ``row`` is the question's ``<row>`` element number.
     """
-    accepted: dict[str, str] = {}
-    best: dict[str, tuple[int, str]] = {}
-    for _idx, a in iter_posts(shard.path):
-        if a.get("PostTypeId") == "1" and a.get("AcceptedAnswerId"):
-            accepted[a["Id"]] = a["AcceptedAnswerId"]
-        elif a.get("PostTypeId") == "2" and a.get("ParentId"):
-            try:
-                score = int(a.get("Score", "0"))
-            except ValueError:
-                score = 0
-            cur = best.get(a["ParentId"])
-            # Ties go to the earlier answer, so the choice is deterministic.
-            if cur is None or score > cur[0]:
-                best[a["ParentId"]] = (score, a["Id"])
-    chosen: dict[str, str] = {}
-    for qid in set(accepted) | set(best):
-        if qid in accepted:
-            chosen[qid] = accepted[qid]
-        else:
-            chosen[qid] = best[qid][1]
+    accepted, chosen = _chosen_answers(shard.path)
     answer_to_q = {aid: qid for qid, aid in chosen.items()}
     site = shard.shard.split("/")[0]
     waiting: dict[str, tuple[int, dict[str, str]]] = {}
     early: dict[str, dict[str, str]] = {}  # chosen answers met before their question
 
     def emit(row: int, q: dict[str, str], answer: dict[str, str] | None) -> dict[str, Any]:
-        meta = {"post_id": q.get("Id"), "site": site, "tags": q.get("Tags", ""),
-                "score": q.get("Score"), "answer_id": answer.get("Id") if answer else None,
-                "answer_accepted": bool(answer and accepted.get(q["Id"]) == answer.get("Id"))}
-        title = (q.get("Title") or "").strip()
-        parts = [title, html_to_text(q.get("Body", ""))]
-        if answer is not None:
-            parts.append(html_to_text(answer.get("Body", "")))
-        text = "\n\n".join(p for p in parts if p)
-        return _bounded(shard, row, text, meta, cfg)
+        return _question_record(shard, cfg, site, accepted, row, q, answer)
 
     for idx, a in iter_posts(shard.path):
         ptype = a.get("PostTypeId")
@@ -460,6 +433,47 @@ def read_stackexchange_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[s
     # Questions whose chosen answer is missing from the file.
     for row, q in sorted(waiting.values(), key=lambda t: t[0]):
         yield emit(row, q, None)
+
+
+def _chosen_answers(path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The first pass: accepted answer ids by question id, and the chosen answer of every
+    question that has one (the accepted one, else the top-voted)."""
+    accepted: dict[str, str] = {}
+    best: dict[str, tuple[int, str]] = {}
+    for _idx, a in iter_posts(path):
+        if a.get("PostTypeId") == "1" and a.get("AcceptedAnswerId"):
+            accepted[a["Id"]] = a["AcceptedAnswerId"]
+        elif a.get("PostTypeId") == "2" and a.get("ParentId"):
+            try:
+                score = int(a.get("Score", "0"))
+            except ValueError:
+                score = 0
+            cur = best.get(a["ParentId"])
+            # Ties go to the earlier answer, so the choice is deterministic.
+            if cur is None or score > cur[0]:
+                best[a["ParentId"]] = (score, a["Id"])
+    chosen: dict[str, str] = {}
+    for qid in set(accepted) | set(best):
+        if qid in accepted:
+            chosen[qid] = accepted[qid]
+        else:
+            chosen[qid] = best[qid][1]
+    return accepted, chosen
+
+
+def _question_record(shard: Shard, cfg: CorpusConfig, site: str, accepted: dict[str, str],
+                     row: int, q: dict[str, str], answer: dict[str, str] | None
+                     ) -> dict[str, Any]:
+    """One question's document: title, body and ``answer``'s body, with the post's metadata."""
+    meta = {"post_id": q.get("Id"), "site": site, "tags": q.get("Tags", ""),
+            "score": q.get("Score"), "answer_id": answer.get("Id") if answer else None,
+            "answer_accepted": bool(answer and accepted.get(q["Id"]) == answer.get("Id"))}
+    title = (q.get("Title") or "").strip()
+    parts = [title, html_to_text(q.get("Body", ""))]
+    if answer is not None:
+        parts.append(html_to_text(answer.get("Body", "")))
+    text = "\n\n".join(p for p in parts if p)
+    return _bounded(shard, row, text, meta, cfg)
 
 
 READERS = {

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from craft_ray.config import StrictModel
-from craft_ray.runtime import atomic_path, atomic_write_json, tmp_path_for
+from craft_ray.runtime import atomic_path, atomic_write_json
 
 STORE_INFO = "store.json"
 
@@ -204,9 +203,8 @@ def export_h5(store: str | Path, out: str | Path) -> dict[str, Any]:
     info = read_info(store)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(out)
     counts: dict[str, int] = {}
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["model"] = info.model
         f.attrs["dim"] = info.dim
         f.attrs["normalized"] = info.normalized
@@ -219,5 +217,4 @@ def export_h5(store: str | Path, out: str | Path) -> dict[str, Any]:
             f.require_group("_rows").require_group(sh.corpus).create_dataset(
                 name, data=table.column("row").to_numpy().astype(np.int64))
             counts[f"{sh.corpus}/{name}"] = int(vec.shape[0])
-    os.replace(tmp, out)
     return counts

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import atomic_write_json, tmp_path_for
+from craft_ray.runtime import atomic_path, atomic_write_json
 from craft_ray.runtime.progress import report_progress
 from craft_ray.store.corpus import CorpusConfig, Shard, read_shard
 from craft_ray.store.vectors import (
@@ -21,13 +21,14 @@ from craft_ray.store.vectors import (
 
 
 class _RejectWriter:
-    """Streams a shard's rejects to Parquet: temporary file, renamed on close."""
+    """Streams a shard's rejects to Parquet through :func:`atomic_path`: the temporary file
+    opened with the first rejects is renamed on close."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         self.writer: Any = None
-        self.tmp = tmp_path_for(path)
+        self._tmp = ExitStack()  # holds the open atomic_path until close
 
     def add(self, rec: dict[str, Any]) -> None:
         self.rows.append({k: rec[k] for k in ("doc_id", "corpus", "shard", "row",
@@ -45,7 +46,8 @@ class _RejectWriter:
         table = pa.Table.from_pylist(self.rows, schema=REJECT_SCHEMA())
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+            tmp = self._tmp.enter_context(atomic_path(self.path))
+            self.writer = pq.ParquetWriter(tmp, table.schema)
         self.writer.write_table(table)
         self.rows = []
 
@@ -53,7 +55,7 @@ class _RejectWriter:
         self._flush()
         if self.writer is not None:
             self.writer.close()
-            os.replace(self.tmp, self.path)
+            self._tmp.close()  # the rename
         else:
             self.path.unlink(missing_ok=True)
 

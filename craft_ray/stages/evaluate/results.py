@@ -12,7 +12,7 @@ import numpy as np
 
 from craft_ray.config import StrictModel, config_hash
 from craft_ray.evalsets.base import LETTERS, EvalSetConfig
-from craft_ray.runtime import atomic_write_json, atomic_write_text
+from craft_ray.runtime import atomic_path, atomic_write_json, atomic_write_text
 from craft_ray.stages.evaluate.config import EvaluateConfig, GenerationConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import NEG_INF, letter_token_ids, wilson_interval
 from craft_ray.stages.judge import JudgeModelConfig
@@ -59,13 +59,9 @@ def write_predictions(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from craft_ray.runtime import tmp_path_for
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows)
-    tmp = tmp_path_for(out_dir / "predictions.parquet")
-    pq.write_table(table, tmp)
-    tmp.replace(out_dir / "predictions.parquet")
+    with atomic_path(out_dir / "predictions.parquet") as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(
         json.dumps(r, default=_json_default) + "\n" for r in rows))
 

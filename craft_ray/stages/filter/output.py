@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from craft_ray.runtime import atomic_path
 from craft_ray.stages.filter.config import FilterConfig, read_stage_config
 from craft_ray.stages.filter.decontam import NgramIndex, overlap_summary
 from craft_ray.stages.filter.rows import PROVENANCE_COLUMNS, priority_batch
@@ -99,14 +99,6 @@ def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig
     import datasets
     import pyarrow.parquet as pq
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    datasets.Dataset(table).save_to_disk(str(tmp / "hf"))
-    pq.write_table(table, tmp / "data.parquet")
-    with (tmp / "data.jsonl").open("w", encoding="utf-8") as fh:
-        for row in table.to_pylist():
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     decontam = {}
     if eval_texts:
         texts = [task.sample_text(r) for r in table.select(task.record_fields).to_pylist()]
@@ -121,10 +113,16 @@ def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig
             "generated": int(sum(1 for x in table.column("is_few_shot").to_pylist() if not x)),
             "few_shots": int(sum(1 for x in table.column("is_few_shot").to_pylist() if x)),
             "path": str(out), "decontamination": decontam}
-    (tmp / "README.md").write_text(dataset_card(table, name, task, cfg, run_dir, steps, info),
-                                   encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        datasets.Dataset(table).save_to_disk(str(tmp / "hf"))
+        pq.write_table(table, tmp / "data.parquet")
+        with (tmp / "data.jsonl").open("w", encoding="utf-8") as fh:
+            for row in table.to_pylist():
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (tmp / "README.md").write_text(dataset_card(table, name, task, cfg, run_dir, steps, info),
+                                       encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)  # a rename does not replace a full folder
     return info
 
 
@@ -139,26 +137,20 @@ def _yaml_section(run_dir: Path, stage: str, key: str) -> str | None:
 def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: Path,
                  steps: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """README.md of one size: composition, corpora mix, retrieval, generator, filter counts."""
-    n = table.num_rows
-    corpora = Counter(c for c, f in zip(table.column("corpus").to_pylist()
-                                        if "corpus" in table.column_names else [None] * n,
-                                        table.column("is_few_shot").to_pylist()) if not f)
-    mix = "\n".join(f"| {c or '(unknown)'} | {k} | {100.0 * k / max(1, info['generated']):.1f}% |"
-                    for c, k in corpora.most_common()) or "| (none) | 0 | |"
-    filt = "\n".join(f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | {s['dropped']} |"
-                     for s in steps) or "| (no steps) | | | |"
-    retrieve = _yaml_section(run_dir, "retrieve", "retrieve")
-    generate = _yaml_section(run_dir, "generate", "generate")
-    dec = info.get("decontamination") or {}
-    dec_rows = "\n".join(
-        f"| {e} | {n_} | {v['samples_overlapping']} ({v['samples_overlapping_pct']}%) | "
-        f"{v['eval_items_overlapping']} ({v['eval_items_overlapping_pct']}%) |"
-        for e, per in dec.items() for n_, v in per.items())
+    return "\n".join([*_card_front_matter(task.name, name, table.num_rows),
+                      *_card_composition(table, name, task, cfg, run_dir, info),
+                      *_card_settings(run_dir),
+                      *_card_filtering(steps, info),
+                      *_card_usage(table, name, task)])
+
+
+def _card_front_matter(task_name: str, name: str, n: int) -> list[str]:
+    """The card's YAML header (what the Hugging Face Hub reads)."""
     size_cat = "n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" \
         if n < 100_000 else "100K<n<1M"
-    lines = [
+    return [
         "---",
-        f"pretty_name: craft-ray {task.name} {name}",
+        f"pretty_name: craft-ray {task_name} {name}",
         "size_categories:",
         f"- {size_cat}",
         "tags:",
@@ -169,6 +161,19 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "  data_files: data.parquet",
         "---",
         "",
+    ]
+
+
+def _card_composition(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: Path,
+                      info: dict[str, Any]) -> list[str]:
+    """Title, composition and the corpora the generated samples come from."""
+    n = table.num_rows
+    corpora = Counter(c for c, f in zip(table.column("corpus").to_pylist()
+                                        if "corpus" in table.column_names else [None] * n,
+                                        table.column("is_few_shot").to_pylist()) if not f)
+    mix = "\n".join(f"| {c or '(unknown)'} | {k} | {100.0 * k / max(1, info['generated']):.1f}% |"
+                    for c, k in corpora.most_common()) or "| (none) | 0 | |"
+    return [
         f"# {task.name} — size {name} ({n} samples)",
         "",
         "Built by `craft-ray filter` (CRAFT: Corpus Retrieval and Augmentation for "
@@ -187,6 +192,14 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "|---|---|---|",
         mix,
         "",
+    ]
+
+
+def _card_settings(run_dir: Path) -> list[str]:
+    """The retrieve and generate settings of the run, as their resolved YAML."""
+    retrieve = _yaml_section(run_dir, "retrieve", "retrieve")
+    generate = _yaml_section(run_dir, "generate", "generate")
+    return [
         "## Retrieval settings",
         "",
         f"```yaml\n{retrieve}\n```" if retrieve else "not available (no retrieve/config.yaml "
@@ -197,6 +210,19 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         f"```yaml\n{generate}\n```" if generate else "not available (no generate/config.yaml "
         "in the run directory)",
         "",
+    ]
+
+
+def _card_filtering(steps: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+    """Rows in/out of each filter step, and this dataset's overlap with the eval sets."""
+    filt = "\n".join(f"| {s['step']} | {s['rows_in']} | {s['rows_out']} | {s['dropped']} |"
+                     for s in steps) or "| (no steps) | | | |"
+    dec = info.get("decontamination") or {}
+    dec_rows = "\n".join(
+        f"| {e} | {n_} | {v['samples_overlapping']} ({v['samples_overlapping_pct']}%) | "
+        f"{v['eval_items_overlapping']} ({v['eval_items_overlapping_pct']}%) |"
+        for e, per in dec.items() for n_, v in per.items())
+    return [
         "## Filtering (all generated samples of the run)",
         "",
         "| step | in | out | dropped |",
@@ -209,6 +235,12 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "|---|---|---|---|",
         dec_rows or "| (no eval sets configured) | | | |",
         "",
+    ]
+
+
+def _card_usage(table: Any, name: str, task: Any) -> list[str]:
+    """The columns and how to load the dataset."""
+    return [
         "## Columns",
         "",
         f"`{'`, `'.join(table.column_names)}`: the task's record fields "
@@ -222,4 +254,3 @@ def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: P
         "```",
         "",
     ]
-    return "\n".join(lines)

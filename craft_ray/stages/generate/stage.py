@@ -264,10 +264,34 @@ def _check_error_rate(cfg: GenerateConfig, backend_errors: int, raw_n: int,
         )
 
 
-def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict[str, Any]:
-    """Run the generation stage (Ray must be initialised). Returns the stage's stats."""
+def _generate(prompts: Any, cfg: GenerateConfig, n_live: int, gens_dir: Path
+              ) -> tuple[list[dict[str, Any]], float]:
+    """Generations of the ``n_live`` prompts not dropped, through Parquet in ``gens_dir``;
+    (rows, seconds)."""
     import pyarrow.dataset as pds
 
+    t1 = time.time()
+    rows: list[dict[str, Any]] = []
+    if n_live > 0:
+        report_progress(total=n_live, unit="generations")
+        generations_dataset(prompts, cfg).write_parquet(str(gens_dir))
+        rows = pds.dataset(str(gens_dir)).to_table().to_pylist()
+    return rows, time.time() - t1
+
+
+def _timings(prompt_seconds: float, gen_seconds: float, clean_n: int, tokens_out: int
+             ) -> dict[str, Any]:
+    """The stage's seconds and generation throughput, for its stats."""
+    return {
+        "prompt_seconds": round(prompt_seconds, 3),
+        "generation_seconds": round(gen_seconds, 3),
+        "samples_per_s": round(clean_n / gen_seconds, 4) if gen_seconds > 0 else None,
+        "tokens_out_per_s": round(tokens_out / gen_seconds, 2) if gen_seconds > 0 else None,
+    }
+
+
+def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict[str, Any]:
+    """Run the generation stage (Ray must be initialised). Returns the stage's stats."""
     cfg = stage_cfg.generate
     stage = StageDir(stage_cfg.run_dir, "generate")
     if not force and stage.is_complete(cfg):
@@ -289,14 +313,7 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
         docs, cfg, plan, stage.path / "prompts")
 
     gens_dir = stage.path / "generations"
-    t1 = time.time()
-    rows: list[dict[str, Any]] = []
-    if n_prompts - drops.num_rows > 0:
-        report_progress(total=n_prompts - drops.num_rows, unit="generations")
-        generations_dataset(prompts, cfg).write_parquet(str(gens_dir))
-        rows = pds.dataset(str(gens_dir)).to_table().to_pylist()
-    gen_seconds = time.time() - t1
-
+    rows, gen_seconds = _generate(prompts, cfg, n_prompts - drops.num_rows, gens_dir)
     out = split_outputs(rows, task)
     raw_n, clean_n = out["raw"].num_rows, out["clean"].num_rows
     reject_reasons = Counter(out["rejects"].column("reject_reason").to_pylist())
@@ -320,10 +337,7 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
         "backend_errors": backend_errors,
         "yield": round(clean_n / raw_n, 4) if raw_n else None,
         "tokens_in": tokens_in, "tokens_out": tokens_out,
-        "prompt_seconds": round(prompt_seconds, 3),
-        "generation_seconds": round(gen_seconds, 3),
-        "samples_per_s": round(clean_n / gen_seconds, 4) if gen_seconds > 0 else None,
-        "tokens_out_per_s": round(tokens_out / gen_seconds, 2) if gen_seconds > 0 else None,
+        **_timings(prompt_seconds, gen_seconds, clean_n, tokens_out),
         "fewshots": len(plan.pool.ids), "fewshot_quirks": plan.pool.quirks,
         "max_new_tokens": plan.max_new, "guided_decoding": cfg.guided_decoding,
     }

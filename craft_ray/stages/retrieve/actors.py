@@ -90,60 +90,72 @@ class StoreSearcher:
                   if s.num_rows and (corpora is None or s.corpus in corpora)]
         items = [{"path": str(self.store / s.file), "corpus": s.corpus, "shard": s.shard}
                  for s in shards]
-        grouped = "*" not in budgets
-        pools: dict[str, Pool] = {}
-        n_rows = n_leaked = 0
-        leaked: list[dict[str, Any]] = []
-        peaks: dict[int, float] = {}
-        bases: dict[int, float] = {}
         if not items:
             return SearchResult({}, 0, 0, [], time.time() - t0)
         self._searches += 1
         search_id = self._searches
-        scan_s = 0.0
         q = ray.put(np.asarray(queries, dtype=np.float32))  # F x dim, shared by all calls
         results = _map_actors(
             self.actors, items,
             lambda a, it: a.scan_file.remote(search_id, q, leakage_threshold, budgets,
                                              it["path"], it["corpus"], it["shard"]))
-        # Pools wait in `pending` and are merged a few at a time: a merge sorts every entry,
-        # so merging each shard's pool on arrival would cost the driver a sort per shard.
-        pending: dict[str, list[Pool]] = {}
-        # The highest floor any actor reported, per list: every actor's floor is a bound
-        # for the whole search, so the merges drop entries below it before sorting.
-        floors: dict[str, np.ndarray] = {}
-        seen: set[tuple[str, str]] = set()
-        for res in results:
-            if (res["corpus"], res["shard"]) in seen:  # a shard's result arrives once, but
-                continue                                # never count a file twice
-            seen.add((res["corpus"], res["shard"]))
-            key = res["corpus"] if grouped else "*"
-            k_shot, k_mean = budgets[key]
-            floors[key] = np.maximum(floors.get(key, res["floors"]), res["floors"])
-            waiting = pending.setdefault(key, [])
-            waiting.append(res["pool"])
-            if sum(len(p) for p in waiting) > 8 * (len(queries) * k_shot + k_mean):
-                # each shard's result is taken once (above), so no document comes twice
-                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting],
-                                         distinct_docs=True).reduce(k_shot, k_mean,
-                                                                    floors[key])
-                waiting.clear()
-            n_rows += res["num_rows"]
-            n_leaked += res["n_leaked"]
-            scan_s += res["scan_seconds"]
-            peaks[res["pid"]] = max(peaks.get(res["pid"], 0.0), res["peak_rss_mb"])
-            bases[res["pid"]] = res["base_rss_mb"]
-            for d, s, v in zip(res["leaked_doc_id"], res["leaked_shot"], res["leaked_sim"]):
-                leaked.append({"doc_id": str(d), "shot": int(s), "similarity": float(v)})
-        for key, waiting in pending.items():
-            if waiting:
-                k_shot, k_mean = budgets[key]
-                pools[key] = Pool.concat([pools.get(key, Pool()), *waiting],
-                                         distinct_docs=True).reduce(k_shot, k_mean,
-                                                                    floors[key])
-        leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
-        return SearchResult(pools, n_rows, n_leaked, leaked, time.time() - t0, peaks, bases,
-                            scan_s)
+        out = _merge_results(results, budgets, len(queries))
+        out.seconds = time.time() - t0
+        return out
+
+
+def _merge_results(results: Iterator[dict[str, Any]], budgets: dict[str, tuple[int, int]],
+                   num_queries: int) -> SearchResult:
+    """The files' payloads merged as they arrive into one pool per group, with the totals
+    (rows, leaked rows, scan seconds, the actors' memory); ``seconds`` is the caller's."""
+    out = SearchResult({}, 0, 0, [], 0.0)
+    grouped = "*" not in budgets
+    # Pools wait in `pending` and are merged a few at a time: a merge sorts every entry,
+    # so merging each shard's pool on arrival would cost the driver a sort per shard.
+    pending: dict[str, list[Pool]] = {}
+    # The highest floor any actor reported, per list: every actor's floor is a bound
+    # for the whole search, so the merges drop entries below it before sorting.
+    floors: dict[str, np.ndarray] = {}
+    seen: set[tuple[str, str]] = set()
+    for res in results:
+        if (res["corpus"], res["shard"]) in seen:  # a shard's result arrives once, but
+            continue                                # never count a file twice
+        seen.add((res["corpus"], res["shard"]))
+        key = res["corpus"] if grouped else "*"
+        k_shot, k_mean = budgets[key]
+        floors[key] = np.maximum(floors.get(key, res["floors"]), res["floors"])
+        waiting = pending.setdefault(key, [])
+        waiting.append(res["pool"])
+        if sum(len(p) for p in waiting) > 8 * (num_queries * k_shot + k_mean):
+            _merge_waiting(out.pools, key, waiting, budgets[key], floors[key])
+        _add_totals(out, res)
+    for key, waiting in pending.items():
+        if waiting:
+            _merge_waiting(out.pools, key, waiting, budgets[key], floors[key])
+    out.leaked.sort(key=lambda r: (r["doc_id"], r["shot"]))  # shards finish in any order
+    return out
+
+
+def _merge_waiting(pools: dict[str, Pool], key: str, waiting: list[Pool],
+                   budget: tuple[int, int], floor: np.ndarray) -> None:
+    """Merge the waiting pools of group ``key`` into ``pools[key]`` and empty ``waiting``."""
+    k_shot, k_mean = budget
+    # each shard's result is taken once, so no document comes twice
+    pools[key] = Pool.concat([pools.get(key, Pool()), *waiting],
+                             distinct_docs=True).reduce(k_shot, k_mean, floor)
+    waiting.clear()
+
+
+def _add_totals(out: SearchResult, res: dict[str, Any]) -> None:
+    """Add one file's rows, leaked rows, scan time and its actor's memory to ``out``."""
+    out.num_rows += res["num_rows"]
+    out.n_leaked += res["n_leaked"]
+    out.scan_seconds += res["scan_seconds"]
+    pid = res["pid"]
+    out.actor_peak_rss_mb[pid] = max(out.actor_peak_rss_mb.get(pid, 0.0), res["peak_rss_mb"])
+    out.actor_base_rss_mb[pid] = res["base_rss_mb"]
+    for d, s, v in zip(res["leaked_doc_id"], res["leaked_shot"], res["leaked_sim"]):
+        out.leaked.append({"doc_id": str(d), "shot": int(s), "similarity": float(v)})
 
 
 def _map_actors(actors: Sequence[Any], items: Sequence[Any], call: Any, depth: int = 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import tmp_path_for
+from craft_ray.runtime import atomic_path
 from craft_ray.stages.retrieve.actors import SearchResult
 from craft_ray.stages.retrieve.config import MEAN, IndexConfig, RetrieveError
 from craft_ray.stages.retrieve.ranking import Pool
@@ -94,12 +93,11 @@ def build_faiss_index(store: str | Path, info: StoreInfo, cfg: IndexConfig) -> P
         index.add(vec)
         tables.append(meta)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(out)
-    faiss.write_index(index, str(tmp))
-    tmp_ids = tmp_path_for(ids_out)
-    pq.write_table(pa.concat_tables(tables), tmp_ids)
-    os.replace(tmp_ids, ids_out)
-    os.replace(tmp, out)  # the index last: its presence means both files are complete
+    # the ids block ends first: the index is renamed last, its presence means both are complete
+    with atomic_path(out) as tmp:
+        faiss.write_index(index, str(tmp))
+        with atomic_path(ids_out) as tmp_ids:
+            pq.write_table(pa.concat_tables(tables), tmp_ids)
     logger.info("retrieve: built FAISS %s index of %d vectors at %s", cfg.kind, index.ntotal,
                 out)
     return out
@@ -116,32 +114,14 @@ def search_faiss(store: str | Path, info: StoreInfo, cfg: IndexConfig, queries: 
     """
     import pyarrow.parquet as pq
 
-    faiss = _faiss()
+    from craft_ray.store.corpus import parse_doc_id
+
     t0 = time.time()
     path = build_faiss_index(store, info, cfg)
-    index = faiss.read_index(str(path))
-    if cfg.kind == "ivf":
-        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
-        index.make_direct_map()
-    elif cfg.kind == "hnsw":
-        index.hnsw.efSearch = cfg.ef_search
+    index = _open_index(path, cfg)
     meta = pq.read_table(path.with_suffix(".ids.parquet"))
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    n = index.ntotal
-    hits_q, hits_i, hits_s = [], [], []
-    if k_shot:
-        s, i = index.search(q, min(n, k_shot + cfg.leak_margin))
-        hits_q.append(np.repeat(np.arange(len(q)), s.shape[1]))
-        hits_i.append(i.reshape(-1))
-        hits_s.append(s.reshape(-1))
-    if k_mean:
-        s, i = index.search(q.mean(axis=0, keepdims=True), min(n, k_mean + cfg.leak_margin))
-        hits_q.append(np.full(s.shape[1], MEAN))
-        hits_i.append(i[0])
-        hits_s.append(s[0])
-    qq, ii, ss = (np.concatenate(x) for x in (hits_q, hits_i, hits_s))
-    ok = ii >= 0  # approximate indexes pad missing hits with -1
-    qq, ii, ss = qq[ok], ii[ok], ss[ok]
+    qq, ii, ss = _index_hits(index, q, k_shot, k_mean, cfg.leak_margin)
     uniq, inv = np.unique(ii, return_inverse=True)
     vec = np.stack([index.reconstruct(int(j)) for j in uniq]) if len(uniq) else \
         np.zeros((0, info.dim), np.float32)
@@ -158,12 +138,43 @@ def search_faiss(store: str | Path, info: StoreInfo, cfg: IndexConfig, queries: 
         keep = ~bad[inv]
         leaked = [{"doc_id": str(doc_ids[j]), "shot": int(sims[j].argmax()),
                    "similarity": float(max_sim[j])} for j in np.flatnonzero(bad)]
-    from craft_ray.store.corpus import parse_doc_id
-
     rows = np.array([parse_doc_id(str(d))[2] for d in doc_ids], dtype=np.int64)
     pool = Pool(qq[keep].astype(np.int32), inv[keep].astype(np.int64),
                 ss[keep].astype(np.float32), doc_ids, rows,
                 meta.column("text_len").take(uniq).to_numpy().astype(np.int32),
                 max_sim.astype(np.float32), mean_sim.astype(np.float32))
     pool = pool.reduce(k_shot, k_mean)
-    return SearchResult({"*": pool}, n, n_leaked, leaked, time.time() - t0)
+    return SearchResult({"*": pool}, index.ntotal, n_leaked, leaked, time.time() - t0)
+
+
+def _open_index(path: Path, cfg: IndexConfig) -> Any:
+    """The index at ``path`` with its search settings (``nprobe``, ``ef_search``)."""
+    faiss = _faiss()
+    index = faiss.read_index(str(path))
+    if cfg.kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
+        index.make_direct_map()
+    elif cfg.kind == "hnsw":
+        index.hnsw.efSearch = cfg.ef_search
+    return index
+
+
+def _index_hits(index: Any, q: np.ndarray, k_shot: int, k_mean: int, leak_margin: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(list, index position, score) of the hits of each few-shot's list and of the mean
+    list, ``leak_margin`` more than asked so the leakage guard can drop some."""
+    n = index.ntotal
+    hits_q, hits_i, hits_s = [], [], []
+    if k_shot:
+        s, i = index.search(q, min(n, k_shot + leak_margin))
+        hits_q.append(np.repeat(np.arange(len(q)), s.shape[1]))
+        hits_i.append(i.reshape(-1))
+        hits_s.append(s.reshape(-1))
+    if k_mean:
+        s, i = index.search(q.mean(axis=0, keepdims=True), min(n, k_mean + leak_margin))
+        hits_q.append(np.full(s.shape[1], MEAN))
+        hits_i.append(i[0])
+        hits_s.append(s[0])
+    qq, ii, ss = (np.concatenate(x) for x in (hits_q, hits_i, hits_s))
+    ok = ii >= 0  # approximate indexes pad missing hits with -1
+    return qq[ok], ii[ok], ss[ok]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from craft_ray.runtime import atomic_path, tmp_path_for
+from craft_ray.runtime import atomic_path
 from craft_ray.stages.retrieve.config import MEAN
 from craft_ray.stages.retrieve.ranking import Floors, Pool, block_entries
 from craft_ray.store.vectors import StoreError
@@ -133,27 +133,30 @@ def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str |
         for i in range(0, arr.shape[0], chunk_rows):
             yield arr[i:i + chunk_rows]  # a view of the mapped file: rows are contiguous
         return
-    out = None
-    tmp = None
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path_for(cached)
+    if cached is None:
+        yield from _parquet_vectors(pf, path, chunk_rows, dim)
+        return
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    # a scan stopped early (the generator closed) or failing removes the partial copy
+    with atomic_path(cached) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(cache_dtype),
                                         shape=(pf.metadata.num_rows, dim))
-    off = 0
+        off = 0
+        for vec in _parquet_vectors(pf, path, chunk_rows, dim):
+            out[off:off + len(vec)] = vec
+            off += len(vec)
+            yield vec
+        out.flush()
+        del out
+
+
+def _parquet_vectors(pf: Any, path: str, chunk_rows: int, dim: int) -> Iterator[np.ndarray]:
+    """The ``embedding`` column of one data file in chunks of ``chunk_rows`` rows."""
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=["embedding"]):
         col = batch.column(0)
         if col.type.list_size != dim:
             raise StoreError(f"{path}: vectors have dim {col.type.list_size}, queries {dim}")
-        vec = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        if out is not None:
-            out[off:off + len(vec)] = vec
-        off += len(vec)
-        yield vec
-    if out is not None and tmp is not None:
-        out.flush()
-        del out
-        os.replace(tmp, cached)
+        yield col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
 _META = ("doc_id", "row", "text_len")
@@ -267,19 +270,29 @@ class ShardScanner:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
-        num_shots = self.queries.shape[0]
         key = (group, k_shot, k_mean)
         floors = self.floors.get(key)
         if floors is None:
-            floors = self.floors[key] = Floors(num_shots, k_shot, k_mean)
+            floors = self.floors[key] = Floors(self.queries.shape[0], k_shot, k_mean)
+        t0 = time.perf_counter()
+        pool, leaked, n_leaked, num_rows = self._scan_chunks(pf, path, k_shot, k_mean, floors)
+        leaks = self._resolve_positions(pf, path, pool, leaked)
+        return {
+            "num_rows": num_rows, "pool": pool, "n_leaked": n_leaked,
+            "scan_seconds": time.perf_counter() - t0, "floors": floors.values(), **leaks,
+        }
+
+    def _scan_chunks(self, pf: Any, path: str, k_shot: int, k_mean: int, floors: Floors
+                     ) -> tuple[Pool, tuple[list[np.ndarray], ...], int, int]:
+        """Score every chunk of one file; returns its reduced pool (documents still shard
+        positions), the leaked rows kept (positions, few-shot, similarity lists, up to about
+        ``max_leaked``), how many rows leaked and the file's row count."""
+        num_shots = self.queries.shape[0]
         pool = Pool()
         pending: list[Pool] = []
-        leaked_pos: list[np.ndarray] = []
-        leaked_shot: list[np.ndarray] = []
-        leaked_sim: list[np.ndarray] = []
+        leaked: tuple[list[np.ndarray], ...] = ([], [], [])
         n_leaked = 0
         offset = 0
-        t0 = time.perf_counter()
         for vec in iter_vectors(pf, path, self.chunk_rows, self.queries.shape[1],
                                 self.vector_cache, self.cache_dtype):
             n = vec.shape[0]
@@ -287,16 +300,10 @@ class ShardScanner:
                              self.leakage_threshold, self.query_block, floors.values())
             floors.update(cs.q, cs.score)
             n_leaked += len(cs.leaked)
-            if len(cs.leaked) and sum(len(x) for x in leaked_pos) < self.max_leaked:
-                leaked_pos.append(cs.leaked)
-                leaked_shot.append(cs.leaked_shot)
-                leaked_sim.append(cs.leaked_sim)
-            upos, inv = np.unique(cs.pos, return_inverse=True)
-            local = upos - offset
-            pending.append(Pool(cs.q, inv.astype(np.int64), cs.score,
-                                upos.astype(object),  # positions stand in for ids until the end
-                                upos.astype(np.int64), np.zeros(len(upos), np.int32),
-                                cs.max_sim[local], cs.mean_sim[local]))
+            if len(cs.leaked) and sum(len(x) for x in leaked[0]) < self.max_leaked:
+                for kept, part in zip(leaked, (cs.leaked, cs.leaked_shot, cs.leaked_sim)):
+                    kept.append(part)
+            pending.append(_chunk_pool(cs, offset))
             # A merge sorts every entry: merge when the waiting entries outnumber the pool's
             # (once floors exist, chunks add ever fewer).
             if sum(len(p) for p in pending) > max(len(pool), num_shots * k_shot + k_mean):
@@ -304,11 +311,18 @@ class ShardScanner:
                 pending = []
             offset += n
         pool = _merge_positions([pool, *pending]).reduce(k_shot, k_mean)
-        # Resolve positions to doc ids / rows / text lengths (only for the candidates).
+        return pool, leaked, n_leaked, offset
+
+    def _resolve_positions(self, pf: Any, path: str, pool: Pool,
+                           leaked: tuple[list[np.ndarray], ...]) -> dict[str, np.ndarray]:
+        """Resolve positions to doc ids / rows / text lengths (only for the candidates and the
+        first ``max_leaked`` leaked rows), in ``pool`` in place; returns the leaked rows' part
+        of the payload."""
+        leaked_pos, leaked_shot, leaked_sim = leaked
         pos = pool.row
-        leaked = np.concatenate(leaked_pos)[: self.max_leaked] if leaked_pos else \
+        leaked_rows = np.concatenate(leaked_pos)[: self.max_leaked] if leaked_pos else \
             np.zeros(0, np.int64)
-        need = np.concatenate([pos, leaked])
+        need = np.concatenate([pos, leaked_rows])
         if len(need):
             ids, rows, lens = read_meta(pf, path, self.vector_cache, need)
         else:
@@ -316,14 +330,24 @@ class ShardScanner:
         m = len(pos)
         pool.doc_id, pool.row, pool.text_len = ids[:m], rows[:m].astype(np.int64), \
             lens[:m].astype(np.int32)
+        n = len(leaked_rows)
         return {
-            "num_rows": offset, "pool": pool, "n_leaked": n_leaked,
-            "scan_seconds": time.perf_counter() - t0, "floors": floors.values(),
-            "leaked_doc_id": ids[m:], "leaked_shot": (np.concatenate(leaked_shot)[: len(leaked)]
-                                                      if leaked_shot else np.zeros(0, np.int64)),
-            "leaked_sim": (np.concatenate(leaked_sim)[: len(leaked)] if leaked_sim
-                           else np.zeros(0, np.float32)),
+            "leaked_doc_id": ids[m:],
+            "leaked_shot": np.concatenate(leaked_shot)[:n] if leaked_shot
+            else np.zeros(0, np.int64),
+            "leaked_sim": np.concatenate(leaked_sim)[:n] if leaked_sim
+            else np.zeros(0, np.float32),
         }
+
+
+def _chunk_pool(cs: ChunkScores, offset: int) -> Pool:
+    """One chunk's entries as a pool whose documents are still shard positions."""
+    upos, inv = np.unique(cs.pos, return_inverse=True)
+    local = upos - offset
+    return Pool(cs.q, inv.astype(np.int64), cs.score,
+                upos.astype(object),  # positions stand in for ids until the end
+                upos.astype(np.int64), np.zeros(len(upos), np.int32),
+                cs.max_sim[local], cs.mean_sim[local])
 
 
 def _merge_positions(pools: list[Pool]) -> Pool:

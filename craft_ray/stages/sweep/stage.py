@@ -139,52 +139,18 @@ def run_sweep(stage_cfg: SweepStageConfig,
     calling ``sweep_trial`` or reporting the same keys). A trial that raises is retried up to
     ``sweep.max_failures`` times; one that still fails is listed as failed in the table.
     """
-    import ray.tune
-
     cfg = stage_cfg.sweep
     check_resources(stage_cfg.train)
-    for size in cfg.sizes:  # every dataset must exist before any trial starts
-        tcfg = trial_stage_config(stage_cfg, size, cfg.seeds[0])
-        from craft_ray.stages.train import dataset_path
-
-        if not dataset_path(tcfg).exists():
-            raise ConfigError(f"sweep: dataset of size {size} not found at "
-                              f"{dataset_path(tcfg)}; run `craft-ray filter` or drop {size} "
-                              "from sweep.sizes (train.dataset_path may contain {size})")
+    _check_datasets(stage_cfg)
     stage = StageDir(stage_cfg.run_dir, "sweep")
     stage.begin(stage_cfg)
     stats = StageStats("sweep")
-    concurrency = cfg.max_concurrent_trials or default_concurrency(stage_cfg.train)
     n_trials = len(cfg.sizes) * len(cfg.seeds)
-    logger.info("sweep: %d trials (%d sizes x %d seeds), up to %d at once", n_trials,
-                len(cfg.sizes), len(cfg.seeds), concurrency)
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trial_fn or sweep_trial, {"cpu": cfg.trial_cpus}),
-        param_space={"stage": stage_cfg.model_dump(mode="json"),
-                     "size": ray.tune.grid_search(cfg.sizes),
-                     "seed": ray.tune.grid_search(cfg.seeds)},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=ray.tune.RunConfig(
-            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str((stage.path / "tune").resolve()),
-            failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
-            verbose=cfg.verbose),
-    )
-    grid = tuner.fit()
-    errors: dict[tuple[str, int], str] = {}
-    skipped = 0
-    for res in grid:
-        size, seed = res.config["size"], int(res.config["seed"])
-        if res.error is not None:
-            errors[(size, seed)] = f"{type(res.error).__name__}: {res.error}"[:500]
-        elif res.metrics and res.metrics.get("skipped"):
-            skipped += 1
+    grid = _build_tuner(stage_cfg, stage, trial_fn, n_trials).fit()
+    errors, skipped = _grid_outcomes(grid)
     rows = _trial_rows(stage_cfg, errors)
     table = build_table(rows, cfg.sizes)
-    with (stage.path / ".results.jsonl.tmp").open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    (stage.path / ".results.jsonl.tmp").replace(stage.path / "results.jsonl")
+    atomic_write_text(stage.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(stage.path / "table.json", table)
     atomic_write_text(stage.path / "table.md", format_table(table))
     failed = [r for r in rows if r["status"] != "finished"]
@@ -203,3 +169,52 @@ def run_sweep(stage_cfg: SweepStageConfig,
                      n_trials, ", ".join(r["trial"] for r in failed))
         return data
     return stage.finish(stage_cfg, stats)
+
+
+def _check_datasets(stage_cfg: SweepStageConfig) -> None:
+    """Every size's dataset must exist before any trial starts."""
+    from craft_ray.stages.train import dataset_path
+
+    for size in stage_cfg.sweep.sizes:
+        tcfg = trial_stage_config(stage_cfg, size, stage_cfg.sweep.seeds[0])
+        if not dataset_path(tcfg).exists():
+            raise ConfigError(f"sweep: dataset of size {size} not found at "
+                              f"{dataset_path(tcfg)}; run `craft-ray filter` or drop {size} "
+                              "from sweep.sizes (train.dataset_path may contain {size})")
+
+
+def _build_tuner(stage_cfg: SweepStageConfig, stage: StageDir,
+                 trial_fn: Callable[[dict[str, Any]], None] | None, n_trials: int) -> Any:
+    """The Ray Tune grid of sizes x seeds, its experiment under ``sweep/tune/``."""
+    import ray.tune
+
+    cfg = stage_cfg.sweep
+    concurrency = cfg.max_concurrent_trials or default_concurrency(stage_cfg.train)
+    logger.info("sweep: %d trials (%d sizes x %d seeds), up to %d at once", n_trials,
+                len(cfg.sizes), len(cfg.seeds), concurrency)
+    return ray.tune.Tuner(
+        ray.tune.with_resources(trial_fn or sweep_trial, {"cpu": cfg.trial_cpus}),
+        param_space={"stage": stage_cfg.model_dump(mode="json"),
+                     "size": ray.tune.grid_search(cfg.sizes),
+                     "seed": ray.tune.grid_search(cfg.seeds)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=ray.tune.RunConfig(
+            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str((stage.path / "tune").resolve()),
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
+            verbose=cfg.verbose),
+    )
+
+
+def _grid_outcomes(grid: Any) -> tuple[dict[tuple[str, int], str], int]:
+    """The errors of the trials that failed (by size and seed) and how many were skipped as
+    already complete."""
+    errors: dict[tuple[str, int], str] = {}
+    skipped = 0
+    for res in grid:
+        size, seed = res.config["size"], int(res.config["seed"])
+        if res.error is not None:
+            errors[(size, seed)] = f"{type(res.error).__name__}: {res.error}"[:500]
+        elif res.metrics and res.metrics.get("skipped"):
+            skipped += 1
+    return errors, skipped

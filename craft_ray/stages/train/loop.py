@@ -106,11 +106,33 @@ def train_step(model: Any, micro_batches: Sequence[dict[str, Any]], optimizer: A
     for mb in micro_batches:
         counts[0] += (mb["labels"][:, 1:] != IGNORE_INDEX).sum()
         counts[1] += mb["attention_mask"].sum()
-    if dist_on:
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
+    counts = _sum_over_ranks(counts, dist_on, device)
     n_label = max(float(counts[0]), 1.0)
+    loss_sum = _accumulate(model, micro_batches, engine, device=device,
+                           scale=world / n_label)
+    grad_norm = _optimizer_step(model, optimizer, scheduler, engine, max_grad_norm)
+    loss_sum = _sum_over_ranks(loss_sum, dist_on, device)
+    return {"loss": float(loss_sum) / n_label, "label_tokens": float(counts[0]),
+            "tokens": float(counts[1]), "grad_norm": grad_norm}
+
+
+def _sum_over_ranks(t: Any, dist_on: bool, device: Any) -> Any:
+    """``t`` (on CPU) summed over all ranks (an all-reduce on ``device``); ``t`` alone."""
+    import torch.distributed as dist
+
+    if not dist_on:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def _accumulate(model: Any, micro_batches: Sequence[dict[str, Any]], engine: Any, *,
+                device: Any, scale: float) -> Any:
+    """Forward and backward of each micro-batch, its token loss sum times ``scale``; returns
+    the unscaled loss sum of this rank (float64, CPU). DeepSpeed steps at the last one."""
+    import torch
+
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_mb = len(micro_batches)
     for i, mb in enumerate(micro_batches):
@@ -122,7 +144,7 @@ def train_step(model: Any, micro_batches: Sequence[dict[str, Any]], optimizer: A
             out = (engine or model)(input_ids=mb["input_ids"].to(device),
                                     attention_mask=mb["attention_mask"].to(device))
             lsum = token_loss_sum(out.logits, mb["labels"].to(device))
-            scaled = lsum * (world / n_label)
+            scaled = lsum * scale
             if engine is not None:
                 engine.set_gradient_accumulation_boundary(last)
                 engine.backward(scaled, scale_wrt_gas=False)
@@ -130,24 +152,27 @@ def train_step(model: Any, micro_batches: Sequence[dict[str, Any]], optimizer: A
             else:
                 scaled.backward()
         loss_sum += lsum.detach().double().cpu()
+    return loss_sum
+
+
+def _optimizer_step(model: Any, optimizer: Any, scheduler: Any, engine: Any,
+                    max_grad_norm: float | None) -> float:
+    """Clip, step and zero the gradients (DeepSpeed has stepped already); the gradient norm
+    (NaN when not clipped)."""
+    import torch
+
     grad_norm = float("nan")
     if engine is not None:
         norm = engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else grad_norm
-    else:
-        if max_grad_norm is not None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    if dist_on:
-        loss_sum = loss_sum.to(device)
-        dist.all_reduce(loss_sum)
-        loss_sum = loss_sum.cpu()
-    return {"loss": float(loss_sum) / n_label, "label_tokens": float(counts[0]),
-            "tokens": float(counts[1]), "grad_norm": grad_norm}
+        return float(norm) if norm is not None else grad_norm
+    if max_grad_norm is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def iter_micro_batches(batches: Iterable[dict[str, Any]], pad_id: int, loss_on: str

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from craft_ray.models.gguf import resolve_model_path
-from craft_ray.runtime import tmp_path_for
+from craft_ray.runtime import atomic_path
 from craft_ray.stages.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -143,12 +142,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     torch_dt = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dt)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    tmp = tmp_path_for(out_dir)
-    merged.save_pretrained(tmp)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_path(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
+        if out_dir.exists():  # a rename does not replace a full folder
+            shutil.rmtree(out_dir)
     logger.info("merged %s into %s -> %s", adapter_dir, base, out_dir)
     return out_dir

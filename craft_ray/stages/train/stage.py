@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 from craft_ray.config import ConfigError
 from craft_ray.models.tokenizers import load_train_tokenizer
 from craft_ray.resources import actor_resources
-from craft_ray.runtime import StageDir, StageStats, atomic_write_json, tmp_path_for
+from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_json
 from craft_ray.stages.train.config import TrainConfig, TrainStageConfig, check_resources, resume_key
 from craft_ray.stages.train.data import resolve_train_template
 from craft_ray.stages.train.datasets import prepare_datasets
@@ -78,6 +77,14 @@ def trial_dir_of(stage_cfg: TrainStageConfig) -> Path:
     return Path(stage_cfg.run_dir) / "train" / stage_cfg.train.name()
 
 
+def _install_adapter(checkpoint: Any, adapter_dir: Path) -> None:
+    """Copy the checkpoint's ``adapter/`` folder to ``adapter_dir`` (replacing an older one)
+    through a temporary folder and a rename."""
+    with checkpoint.as_directory() as ckpt, atomic_path(adapter_dir) as tmp:
+        shutil.copytree(Path(ckpt) / "adapter", tmp)
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # a rename does not replace a folder
+
+
 def run_train(stage_cfg: TrainStageConfig, *, force: bool = False,
               callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune one LoRA adapter (Ray must be initialised). Returns the trial's stats.
@@ -111,11 +118,7 @@ def run_train(stage_cfg: TrainStageConfig, *, force: bool = False,
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
     adapter_dir = trial_dir / "adapter" if finished else trial_dir / "adapter_partial"
-    tmp = tmp_path_for(adapter_dir)
-    result.checkpoint.to_directory(str(tmp))
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    os.replace(tmp / "adapter", adapter_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _install_adapter(result.checkpoint, adapter_dir)
     stats.rows_in = data_stats["rows_in"]
     stats.rows_out = data_stats["train_rows"]
     stats.rejects.update(data_stats["rejects"])

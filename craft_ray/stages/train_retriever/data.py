@@ -285,10 +285,8 @@ def load_relevance(path: str | Path) -> dict[tuple[str, str], float]:
 
 def write_examples(path: Path, examples: Sequence[Example]) -> None:
     """Examples as LLM-Embedder jsonl (what the run trained on, for inspection)."""
-    from craft_ray.runtime import tmp_path_for
+    from craft_ray.runtime import atomic_path
 
-    tmp = tmp_path_for(path)
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for ex in examples:
             fh.write(json.dumps(ex.as_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.config import ConfigError
-from craft_ray.runtime import StageDir, StageStats, atomic_write_json, tmp_path_for
+from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_json
 from craft_ray.stages.train_retriever.config import TrainRetrieverConfig
 from craft_ray.stages.train_retriever.data import (
     Example,
@@ -188,7 +187,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     from craft_ray.models.embedder import load_sentence_transformer
 
@@ -198,17 +196,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-    on_gpu = cfg.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device()
     model = load_sentence_transformer(cfg.model, str(device), cfg.max_seq_length, fp16=False)
+    examples = _worker_examples()
+    optimizer, scheduler = _optimizer(cfg, model, plan["total_steps"])
+    state = _resume(model, optimizer, scheduler, rank)
+    model.to(device)
+    net = model
+    if world > 1:  # the pooler of BERT-like models is unused by sentence embeddings
+        net = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    net.train(cfg.dropout)  # eval mode = dropout off; gradients flow either way
+    metrics_path = Path(config["work"]) / "metrics.jsonl"
+    if rank == 0:
+        _trim_metrics(metrics_path, state["global_step"])
+    _train_steps(cfg, plan, state, examples, model, net, optimizer, scheduler,
+                 device=device, rank=rank, metrics_path=metrics_path)
+
+
+def _worker_examples() -> list[Example]:
+    """Every training example, in the driver's order (each worker reads them all)."""
+    import ray.train
+
     rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["idx"])
-    examples = [Example(r["query"], list(r["pos"]), list(r["neg"]),
-                        None if r["teacher_scores"] is None else list(r["teacher_scores"]))
-                for r in rows]
-    total = plan["total_steps"]
+    return [Example(r["query"], list(r["pos"]), list(r["neg"]),
+                    None if r["teacher_scores"] is None else list(r["teacher_scores"]))
+            for r in rows]
+
+
+def _optimizer(cfg: TrainRetrieverConfig, model: Any, total: int) -> tuple[Any, Any]:
+    """AdamW and its linear schedule with warm-up over ``total`` steps."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    return optimizer, scheduler
+
+
+def _resume(model: Any, optimizer: Any, scheduler: Any, rank: int) -> dict[str, int]:
+    """Load the last Ray Train checkpoint into the model, optimizer and schedule, if any;
+    returns where to go on (epoch, step in epoch, global step)."""
+    import ray.train
+    import torch
+
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -220,34 +252,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.load_state_dict(opt["optimizer"])
             scheduler.load_state_dict(opt["scheduler"])
         logger.info("rank %d: resuming at step %d", rank, state["global_step"])
-    model.to(device)
-    net = model
-    if world > 1:  # the pooler of BERT-like models is unused by sentence embeddings
-        net = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    net.train(cfg.dropout)  # eval mode = dropout off; gradients flow either way
-    autocast, scaler = _autocast(cfg, on_gpu)
-    metrics_path = Path(config["work"]) / "metrics.jsonl"
-    if rank == 0:
-        _trim_metrics(metrics_path, state["global_step"])
+    return state
+
+
+def _train_steps(cfg: TrainRetrieverConfig, plan: dict[str, int], state: dict[str, int],
+                 examples: list[Example], model: Any, net: Any, optimizer: Any, scheduler: Any,
+                 *, device: Any, rank: int, metrics_path: Path) -> None:
+    """The steps from ``state`` on: rank 0 logs every ``log_every_steps``; a checkpoint at
+    each epoch's end and every ``checkpoint_every_steps``; the last one holds the model."""
+    import torch
+
+    autocast, scaler = _autocast(cfg, cfg.use_gpu and torch.cuda.is_available())
+    total = plan["total_steps"]
     step = state["global_step"]
     stop_at = min(total, cfg.stop_after_steps or total)
     last: dict[str, Any] = {}
-
-    def report(metrics: dict[str, Any], nxt: tuple[int, int], final: bool = False) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            ck = None
-            if rank == 0:
-                torch.save(model.state_dict(), Path(tmp) / "model.pt")
-                torch.save({"optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict()}, Path(tmp) / "optim.pt")
-                (Path(tmp) / CHECKPOINT_STATE).write_text(json.dumps(
-                    {"epoch": nxt[0], "step_in_epoch": nxt[1], "global_step": step}))
-                if final:
-                    model.save(str(Path(tmp) / "model"))
-                ck = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ck)
-
     nxt = (state["epoch"], state["step_in_epoch"])
     for epoch in range(state["epoch"], cfg.epochs):
         if step >= stop_at:
@@ -275,8 +294,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             if end_of_epoch or (cfg.checkpoint_every_steps
                                 and step % cfg.checkpoint_every_steps == 0):
-                report(last, nxt)
-    report({**last, "step": step, "final": True}, nxt, final=True)
+                _report(last, nxt, step, rank, model, optimizer, scheduler)
+    _report({**last, "step": step, "final": True}, nxt, step, rank, model, optimizer, scheduler,
+            final=True)
+
+
+def _report(metrics: dict[str, Any], nxt: tuple[int, int], step: int, rank: int, model: Any,
+            optimizer: Any, scheduler: Any, final: bool = False) -> None:
+    """Report ``metrics`` to Ray Train with rank 0's checkpoint: model and optimizer state,
+    where to go on (``nxt`` = epoch, step in epoch) and, when ``final``, the model saved for
+    use in ``model/``."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = None
+        if rank == 0:
+            torch.save(model.state_dict(), Path(tmp) / "model.pt")
+            torch.save({"optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict()}, Path(tmp) / "optim.pt")
+            (Path(tmp) / CHECKPOINT_STATE).write_text(json.dumps(
+                {"epoch": nxt[0], "step_in_epoch": nxt[1], "global_step": step}))
+            if final:
+                model.save(str(Path(tmp) / "model"))
+            ck = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ck)
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -312,14 +354,20 @@ def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict
     )
 
 
-def _install_model(src: Path, out: Path) -> None:
-    """Move the saved model's files into ``out`` (replacing older ones)."""
+def _install_model(checkpoint: Any, out: Path) -> None:
+    """Copy the saved model's files (the checkpoint's ``model/``) into ``out``, each through
+    a temporary name and a rename (replacing older ones)."""
     out.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        dst = out / item.name
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        os.replace(item, dst)
+    with checkpoint.as_directory() as ckpt:
+        for item in (Path(ckpt) / "model").iterdir():
+            dst = out / item.name
+            with atomic_path(dst) as tmp:
+                if item.is_dir():
+                    shutil.copytree(item, tmp)
+                else:
+                    shutil.copy2(item, tmp)
+                if dst.is_dir():  # a rename does not replace a full folder
+                    shutil.rmtree(dst)
 
 
 def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> dict[str, Any]:
@@ -357,10 +405,7 @@ def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> di
         raise result.error
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
-    tmp = tmp_path_for(work / "final")
-    result.checkpoint.to_directory(str(tmp))
-    _install_model(tmp / "model", out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _install_model(result.checkpoint, out)
     after = evaluate_model(cfg, str(out), "trained", work)
     metrics = {"before": before, "after": after, "split": cfg.eval_split,
                "eval_data": cfg.eval_folder(), "steps": final.get("step"),

@@ -158,25 +158,8 @@ def _messages(ctx: StepContext, shots: list[Any], instruction: str, user: str,
 def run_cst(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any) -> tuple[list[Item],
                                                                               dict[str, Any]]:
     """All CST items (clean or rejected) and strategy stats. Ray must be initialised."""
-    from craft_ray.stages.generate.strategies.common import Embedder
-
     max_new = ctx.cfg.max_new_tokens or 128
-    items: list[Item] = []
-    nodes: dict[str, tuple[Node, str]] = {}
-    q_rows = []
-    for doc in docs:
-        text = shorten(doc["text"], scfg.max_context_chars)
-        for node in split_tree(text, scfg.min_chars, scfg.max_depth, scfg.split_by,
-                               root_id=f"{doc['doc_id']}#cst:r"):
-            context = text[node.start:node.end]
-            shots = ctx.draw_shots(node.node_id)
-            it = Item(node.node_id, doc["doc_id"], doc["corpus"], [s.id for s in shots],
-                      doc["fewshot_ids"])
-            items.append(it)
-            nodes[it.sample_id] = (node, context)
-            q_rows.append(prompt_row(ctx, it.sample_id, _messages(
-                ctx, shots, QUESTION_INSTRUCTION, f"Context: {context}", "question"),
-                QUESTION_SCHEMA, max_new))
+    items, nodes, q_rows = _question_prompts(ctx, docs, scfg, max_new)
     by_id = {it.sample_id: it for it in items}
     qs = run_step(ctx, "cst_questions", q_rows, QUESTION_SCHEMA)
     asked = []
@@ -186,28 +169,9 @@ def run_cst(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any) -> tuple[li
         else:
             asked.append(sid)
     asked.sort()
-    scores: dict[str, float] = {}
-    if asked:
-        embed = Embedder(scfg.scorer_model)
-        qtexts = [qs[s]["obj"]["question"] for s in asked]
-        qv, cv = embed(qtexts), embed([nodes[s][1] for s in asked])
-        sims = (qv * cv).sum(axis=1)
-        scores = {s: round(float(v), 4) for s, v in zip(asked, sims)}
-        verdicts = select_questions(qtexts, list(sims), qv, scfg.keep_fraction,
-                                    scfg.dedup_threshold)
-        for s, v in zip(asked, verdicts):
-            if v:
-                by_id[s].reject("cst_score", v, f"score {scores[s]}", qs[s]["obj"]["question"])
-    a_rows = []
-    for sid in asked:
-        it = by_id[sid]
-        if it.reject_reason:
-            continue
-        shots = [s for s in ctx.shots if s.id in set(it.fewshot_ids)]
-        user = f"Context: {nodes[sid][1]}\n\nQuestion: {qs[sid]['obj']['question']}"
-        a_rows.append(prompt_row(ctx, sid, _messages(ctx, shots, ANSWER_INSTRUCTION, user,
-                                                     "answer"),
-                                 ANSWER_SCHEMA, scfg.answer_max_new_tokens or max_new))
+    scores = _score_questions(asked, qs, nodes, by_id, scfg)
+    a_rows = _answer_prompts(ctx, asked, qs, nodes, by_id,
+                             scfg.answer_max_new_tokens or max_new)
     ans = run_step(ctx, "cst_answers", a_rows, ANSWER_SCHEMA)
     for sid, res in ans.items():
         it = by_id[sid]
@@ -225,6 +189,68 @@ def run_cst(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any) -> tuple[li
         depth_counts[node.depth] = depth_counts.get(node.depth, 0) + 1
     return items, {"nodes": len(nodes), "nodes_per_depth": depth_counts,
                    "questions_scored": len(asked), "scorer": scfg.scorer_model}
+
+
+def _question_prompts(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, max_new: int
+                      ) -> tuple[list[Item], dict[str, tuple[Node, str]], list[dict[str, Any]]]:
+    """One item per node of every document's tree, its (node, context) by sample id, and
+    the prompts asking for each node's question."""
+    items: list[Item] = []
+    nodes: dict[str, tuple[Node, str]] = {}
+    q_rows = []
+    for doc in docs:
+        text = shorten(doc["text"], scfg.max_context_chars)
+        for node in split_tree(text, scfg.min_chars, scfg.max_depth, scfg.split_by,
+                               root_id=f"{doc['doc_id']}#cst:r"):
+            context = text[node.start:node.end]
+            shots = ctx.draw_shots(node.node_id)
+            it = Item(node.node_id, doc["doc_id"], doc["corpus"], [s.id for s in shots],
+                      doc["fewshot_ids"])
+            items.append(it)
+            nodes[it.sample_id] = (node, context)
+            q_rows.append(prompt_row(ctx, it.sample_id, _messages(
+                ctx, shots, QUESTION_INSTRUCTION, f"Context: {context}", "question"),
+                QUESTION_SCHEMA, max_new))
+    return items, nodes, q_rows
+
+
+def _score_questions(asked: list[str], qs: dict[str, Any], nodes: dict[str, tuple[Node, str]],
+                     by_id: dict[str, Item], scfg: Any) -> dict[str, float]:
+    """Score each asked question against its context; reject duplicates and the weakest
+    (step ``cst_score``). Returns the scores by sample id."""
+    from craft_ray.stages.generate.strategies.common import Embedder
+
+    scores: dict[str, float] = {}
+    if asked:
+        embed = Embedder(scfg.scorer_model)
+        qtexts = [qs[s]["obj"]["question"] for s in asked]
+        qv, cv = embed(qtexts), embed([nodes[s][1] for s in asked])
+        sims = (qv * cv).sum(axis=1)
+        scores = {s: round(float(v), 4) for s, v in zip(asked, sims)}
+        verdicts = select_questions(qtexts, list(sims), qv, scfg.keep_fraction,
+                                    scfg.dedup_threshold)
+        for s, v in zip(asked, verdicts):
+            if v:
+                by_id[s].reject("cst_score", v, f"score {scores[s]}", qs[s]["obj"]["question"])
+    return scores
+
+
+def _answer_prompts(ctx: StepContext, asked: list[str], qs: dict[str, Any],
+                    nodes: dict[str, tuple[Node, str]], by_id: dict[str, Item], max_new: int
+                    ) -> list[dict[str, Any]]:
+    """The prompts answering each kept question from its node's context, with the item's
+    own few-shots."""
+    a_rows = []
+    for sid in asked:
+        it = by_id[sid]
+        if it.reject_reason:
+            continue
+        shots = [s for s in ctx.shots if s.id in set(it.fewshot_ids)]
+        user = f"Context: {nodes[sid][1]}\n\nQuestion: {qs[sid]['obj']['question']}"
+        a_rows.append(prompt_row(ctx, sid, _messages(ctx, shots, ANSWER_INSTRUCTION, user,
+                                                     "answer"),
+                                 ANSWER_SCHEMA, max_new))
+    return a_rows
 
 
 def record_types() -> Any:

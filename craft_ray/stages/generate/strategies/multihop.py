@@ -121,6 +121,34 @@ def run_multihop(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_di
     vecs = store_vectors(store_path(scfg.store, run_dir), [d["doc_id"] for d in docs])
     pairs = pair_documents(vecs, scfg.min_similarity, scfg.max_similarity, scfg.max_pairs)
     max_new = ctx.cfg.max_new_tokens or 256
+    items, info, d_rows = _pair_items(ctx, docs, vecs, pairs, scfg, max_new)
+    by_id = {it.sample_id: it for it in items}
+    dec = run_step(ctx, "multihop_decompose", d_rows, DECOMPOSE_SCHEMA)
+    a_rows = _answer_rows(ctx, dec, info, by_id, max_new)
+    greedy = {**ctx.sampling, "temperature": scfg.long_answer_temperature}
+    ans = run_step(ctx, "multihop_answers", a_rows, ANSWER_SCHEMA, sampling=greedy)
+    f_rows = _final_rows(ctx, dec, ans, info, by_id, max_new)
+    fin = run_step(ctx, "multihop_final", f_rows, FINAL_SCHEMA)
+    for sid, res in fin.items():
+        it = by_id[sid]
+        it.prompt_hash = res["prompt_hash"]
+        if res["obj"] is None:
+            it.reject("multihop_final", res["reason"], res["detail"], res["text"])
+            continue
+        it.record = {"question": dec[sid]["obj"]["question"],
+                     "final_answer": res["obj"]["final_answer"],
+                     "thought": res["obj"]["thought"], "sub_questions": info[sid]["subs"],
+                     "doc_ids": info[sid]["doc_ids"]}
+    return items, {"documents": len(docs), "pairs": len(pairs),
+                   "unanswerable_items": sum(1 for v in info.values() if v["unans"])}
+
+
+def _pair_items(ctx: StepContext, docs: list[dict[str, Any]], vecs: np.ndarray,
+                pairs: list[tuple[int, int, float]], scfg: Any, max_new: int
+                ) -> tuple[list[Item], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """One item per pair, what later steps need of it by sample id (paragraphs, the ones
+    shown to the answerer, doc ids, unanswerable or not, few-shots), and the decompose
+    prompts."""
     items: list[Item] = []
     info: dict[str, dict[str, Any]] = {}
     d_rows = []
@@ -149,8 +177,13 @@ def run_multihop(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_di
         user = f"{DECOMPOSE_INSTRUCTION}\n\nParagraph 1: {paras[0]}\n\nParagraph 2: {paras[1]}"
         d_rows.append(prompt_row(ctx, sid, [{"role": "user", "content": user}],
                                  DECOMPOSE_SCHEMA, max_new))
-    by_id = {it.sample_id: it for it in items}
-    dec = run_step(ctx, "multihop_decompose", d_rows, DECOMPOSE_SCHEMA)
+    return items, info, d_rows
+
+
+def _answer_rows(ctx: StepContext, dec: dict[str, Any], info: dict[str, dict[str, Any]],
+                 by_id: dict[str, Item], max_new: int) -> list[dict[str, Any]]:
+    """Reject the failed decompositions; the prompts answering each single question from
+    its shown paragraph (sample id ``SID/k``)."""
     a_rows = []
     for sid, res in sorted(dec.items()):
         if res["obj"] is None:
@@ -159,8 +192,14 @@ def run_multihop(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_di
         for k, q in enumerate(res["obj"]["sub_questions"]):
             a_rows.append(prompt_row(ctx, f"{sid}/{k}", _answer_messages(
                 ctx, info[sid]["shots"], info[sid]["shown"][k], q), ANSWER_SCHEMA, max_new))
-    greedy = {**ctx.sampling, "temperature": scfg.long_answer_temperature}
-    ans = run_step(ctx, "multihop_answers", a_rows, ANSWER_SCHEMA, sampling=greedy)
+    return a_rows
+
+
+def _final_rows(ctx: StepContext, dec: dict[str, Any], ans: dict[str, Any],
+                info: dict[str, dict[str, Any]], by_id: dict[str, Item], max_new: int
+                ) -> list[dict[str, Any]]:
+    """Reject the items with a failed single answer; keep the others' sub-questions in
+    ``info[sid]["subs"]`` and return their final-answer prompts."""
     f_rows = []
     for sid, res in sorted(dec.items()):
         if res["obj"] is None:
@@ -182,19 +221,7 @@ def run_multihop(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_di
         user = f"{FINAL_INSTRUCTION}\n\nQuestion: {res['obj']['question']}\n\n{steps}"
         f_rows.append(prompt_row(ctx, sid, [{"role": "user", "content": user}], FINAL_SCHEMA,
                                  max_new))
-    fin = run_step(ctx, "multihop_final", f_rows, FINAL_SCHEMA)
-    for sid, res in fin.items():
-        it = by_id[sid]
-        it.prompt_hash = res["prompt_hash"]
-        if res["obj"] is None:
-            it.reject("multihop_final", res["reason"], res["detail"], res["text"])
-            continue
-        it.record = {"question": dec[sid]["obj"]["question"],
-                     "final_answer": res["obj"]["final_answer"],
-                     "thought": res["obj"]["thought"], "sub_questions": info[sid]["subs"],
-                     "doc_ids": info[sid]["doc_ids"]}
-    return items, {"documents": len(docs), "pairs": len(pairs),
-                   "unanswerable_items": sum(1 for v in info.values() if v["unans"])}
+    return f_rows
 
 
 def record_types() -> Any:

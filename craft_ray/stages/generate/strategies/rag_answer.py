@@ -151,36 +151,9 @@ def run_rag_answer(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_
     doc_chunks = [chunk_text(d["text"], scfg.chunk_chars) for d in docs]
     max_new = ctx.cfg.max_new_tokens or 256
     q_schema = questions_schema(scfg.questions_per_prompt)
-    instr = QUESTION_INSTRUCTION.format(n=scfg.questions_per_prompt, topics=scfg.topics)
-    wins: dict[str, tuple[int, str, list[Any]]] = {}
-    q_rows = []
-    for di, d in enumerate(docs):
-        for s, text in windows(doc_chunks[di], scfg.chunks_per_prompt, scfg.max_windows_per_doc):
-            wid = f"{d['doc_id']}#rag:c{s}"
-            shots = ctx.draw_shots(wid)
-            wins[wid] = (di, text, shots)
-            q_rows.append(prompt_row(ctx, wid, [{"role": "user",
-                                                 "content": f"{instr}\n\nText: {text}"}],
-                                     q_schema, max_new))
+    wins, q_rows = _question_prompts(ctx, docs, doc_chunks, scfg, q_schema, max_new)
     qs = run_step(ctx, "rag_questions", q_rows, q_schema)
-    items: list[Item] = []
-    by_id: dict[str, Item] = {}
-    questions: dict[str, tuple[str, str]] = {}  # item id -> (window id, question)
-    for wid, res in sorted(qs.items()):
-        di, _, shots = wins[wid]
-        d = docs[di]
-        base = dict(doc_id=d["doc_id"], corpus=d["corpus"], fewshot_ids=[s.id for s in shots],
-                    retrieved_by=d["fewshot_ids"])
-        if res["obj"] is None:
-            it = Item(wid, **base)
-            it.reject("rag_questions", res["reason"], res["detail"], res["text"])
-            items.append(it)
-            continue
-        for k, q in enumerate(dict.fromkeys(res["obj"]["questions"])):  # dedup within a window
-            it = Item(f"{wid}/q{k}", **base)
-            items.append(it)
-            by_id[it.sample_id] = it
-            questions[it.sample_id] = (wid, q)
+    items, by_id, questions = _question_items(qs, wins, docs)
     e_rows, e_prompts = [], []
     for sid, (wid, q) in questions.items():
         p = EVAL_INSTRUCTION.format(scenario=scfg.scenario, context=wins[wid][1], question=q)
@@ -202,16 +175,8 @@ def run_rag_answer(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_
                                          scfg.noisy_chunks, rng, gold)
         chunks, gi = mix_chunks(gold, noise, rng)
         mixed[sid] = (chunks, gi, [docs[j]["doc_id"] for j in noise_docs])
-        msgs: list[dict[str, str]] = []
-        for s in shots:
-            msgs.append({"role": "user", "content": rag_prompt(
-                scfg.system_prompt, [ctx.shot_text(s)], s.instruction) +
-                f"\n\n{ANSWER_INSTRUCTION}"})
-            msgs.append({"role": "assistant",
-                         "content": json.dumps({"answer": s.output.strip()}, ensure_ascii=False)})
-        msgs.append({"role": "user", "content": rag_prompt(scfg.system_prompt, chunks, q) +
-                     f"\n\n{ANSWER_INSTRUCTION}"})
-        a_rows.append(prompt_row(ctx, sid, msgs, ANSWER_SCHEMA, max_new))
+        a_rows.append(prompt_row(ctx, sid, _answer_messages(ctx, scfg, shots, chunks, q),
+                                 ANSWER_SCHEMA, max_new))
     ans = run_step(ctx, "rag_answers", a_rows, ANSWER_SCHEMA)
     for sid, res in ans.items():
         it = by_id[sid]
@@ -227,6 +192,68 @@ def run_rag_answer(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_
         it.extra = {"noise_doc_ids": noise_docs}
     return items, {"documents": len(docs), "windows": len(wins), "questions": len(questions),
                    "evaluator": scfg.evaluator.model if scfg.evaluator else "generator"}
+
+
+def _question_prompts(ctx: StepContext, docs: list[dict[str, Any]],
+                      doc_chunks: list[list[str]], scfg: Any, q_schema: dict[str, Any],
+                      max_new: int) -> tuple[dict[str, tuple[int, str, list[Any]]],
+                                             list[dict[str, Any]]]:
+    """Each window of chunks as (document index, text, few-shots) by window id, and the
+    prompts asking for its questions."""
+    instr = QUESTION_INSTRUCTION.format(n=scfg.questions_per_prompt, topics=scfg.topics)
+    wins: dict[str, tuple[int, str, list[Any]]] = {}
+    q_rows = []
+    for di, d in enumerate(docs):
+        for s, text in windows(doc_chunks[di], scfg.chunks_per_prompt, scfg.max_windows_per_doc):
+            wid = f"{d['doc_id']}#rag:c{s}"
+            shots = ctx.draw_shots(wid)
+            wins[wid] = (di, text, shots)
+            q_rows.append(prompt_row(ctx, wid, [{"role": "user",
+                                                 "content": f"{instr}\n\nText: {text}"}],
+                                     q_schema, max_new))
+    return wins, q_rows
+
+
+def _question_items(qs: dict[str, Any], wins: dict[str, tuple[int, str, list[Any]]],
+                    docs: list[dict[str, Any]]
+                    ) -> tuple[list[Item], dict[str, Item], dict[str, tuple[str, str]]]:
+    """One item per distinct question of a window (a window whose output failed is one
+    rejected item); the question items by id, and their (window id, question)."""
+    items: list[Item] = []
+    by_id: dict[str, Item] = {}
+    questions: dict[str, tuple[str, str]] = {}  # item id -> (window id, question)
+    for wid, res in sorted(qs.items()):
+        di, _, shots = wins[wid]
+        d = docs[di]
+        base = dict(doc_id=d["doc_id"], corpus=d["corpus"], fewshot_ids=[s.id for s in shots],
+                    retrieved_by=d["fewshot_ids"])
+        if res["obj"] is None:
+            it = Item(wid, **base)
+            it.reject("rag_questions", res["reason"], res["detail"], res["text"])
+            items.append(it)
+            continue
+        for k, q in enumerate(dict.fromkeys(res["obj"]["questions"])):  # dedup within a window
+            it = Item(f"{wid}/q{k}", **base)
+            items.append(it)
+            by_id[it.sample_id] = it
+            questions[it.sample_id] = (wid, q)
+    return items, by_id, questions
+
+
+def _answer_messages(ctx: StepContext, scfg: Any, shots: list[Any], chunks: list[str],
+                     question: str) -> list[dict[str, str]]:
+    """The answer prompt: each few-shot answered from its own text, then ``question`` from
+    the mixed gold and noise ``chunks``."""
+    msgs: list[dict[str, str]] = []
+    for s in shots:
+        msgs.append({"role": "user", "content": rag_prompt(
+            scfg.system_prompt, [ctx.shot_text(s)], s.instruction) +
+            f"\n\n{ANSWER_INSTRUCTION}"})
+        msgs.append({"role": "assistant",
+                     "content": json.dumps({"answer": s.output.strip()}, ensure_ascii=False)})
+    msgs.append({"role": "user", "content": rag_prompt(scfg.system_prompt, chunks, question) +
+                 f"\n\n{ANSWER_INSTRUCTION}"})
+    return msgs
 
 
 def record_types() -> Any:
