@@ -25,6 +25,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,91 @@ def _max_cos_dist(store: Path, base: np.ndarray, per: int) -> tuple[float, int]:
     return worst, n
 
 
+@dataclass
+class _Runs:
+    """What the sides leave behind: the vectors of the in-process sides, the stats of the
+    stage's runs (by side), the threads plain encode used."""
+
+    base: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    threads_encode: dict[str, Any] = field(default_factory=dict)
+
+
+def _sides(tmp: Path, texts: list[str], cfg: Any, overrides: list[str], int8: bool
+           ) -> tuple[dict[str, Any], dict[str, Any], _Runs]:
+    """The timed sides and their lighter warm-ups (see the module docstring)."""
+    ecfg = cfg.embed
+    model = load_sentence_transformer(ecfg.model, None, ecfg.max_seq_length, ecfg.fp16)
+    runs_done = _Runs(threads_encode=thread_report())
+    counter = iter(range(10_000))
+
+    def encode_side(m: Any, key: str) -> float:
+        t0 = time.perf_counter()
+        runs_done.base[key] = plain_encode(m, texts, ecfg.encode_batch_size)
+        return time.perf_counter() - t0
+
+    def stage_side(extra: list[str], key: str, corpus: str = "corpus") -> float:
+        run_cfg = _stage_config(tmp, tmp / corpus, f"run-{next(counter)}", overrides + extra)
+        t0 = time.perf_counter()
+        st = run_embed(run_cfg)
+        took = time.perf_counter() - t0
+        if corpus == "corpus":
+            st["seconds_wall"] = took
+            st["store"] = Path(run_cfg.run_dir) / "embed" / "store"
+            runs_done.stats[key] = st
+        return took
+
+    sides = {"encode": lambda: encode_side(model, "encode"),
+             "stage": lambda: stage_side([], "stage")}
+    warm = {"encode": lambda: model.encode(texts[:64]),
+            "stage": lambda: stage_side([], "warm", "warm")}
+    if int8:
+        int8_opts = ["embed.backend=onnx", "embed.quantize=int8"]
+        q8 = load_sentence_transformer(ecfg.model, None, ecfg.max_seq_length, False,
+                                       backend="onnx", quantize="int8",
+                                       cache_dir=tmp / "_models")
+        sides["int8_stage"] = lambda: stage_side(int8_opts, "int8_stage")
+        sides["int8_encode"] = lambda: encode_side(q8, "int8_encode")
+        warm["int8_stage"] = lambda: stage_side(int8_opts, "warm", "warm")
+        warm["int8_encode"] = lambda: q8.encode(texts[:64])
+    return sides, warm, runs_done
+
+
+def _figures(n_docs: int, times: dict[str, list[float]], runs: _Runs, per: int,
+             ecfg: Any) -> dict[str, Any]:
+    """The JSON figures of the torch sides (and the int8 ones when they ran)."""
+    worst, n = _max_cos_dist(runs.stats["stage"]["store"], runs.base["encode"], per)
+    if n != n_docs:
+        raise RuntimeError(f"stage embedded {n} of {n_docs} texts")
+    ratio = paired_ratio(times["encode"], times["stage"])
+    result: dict[str, Any] = {
+        "docs": n_docs, "repeats": len(times["encode"]),
+        "baseline": "sentence-transformers encode in float32, one process, all texts in "
+                    "one call",
+        "encode_s": summary(times["encode"]), "stage_s": summary(times["stage"]),
+        "ratio": ratio["median"], "ratio_summary": ratio,
+        "baseline_docs_per_s": round(n_docs / summary(times["encode"])["median"], 2),
+        "stage_docs_per_s": round(n_docs / summary(times["stage"])["median"], 2),
+        "max_cos_dist": float(f"{worst:.3g}"),
+        "stage_time": _where_time_goes(runs.stats["stage"]),
+        "threads_encode": runs.threads_encode,
+        "stage_config": {k: v for k, v in ecfg.model_dump(mode="json").items()
+                         if k not in ("corpora",)},
+    }
+    if "int8_stage" in times:
+        worst8, _ = _max_cos_dist(runs.stats["int8_stage"]["store"], runs.base["encode"], per)
+        ratio8 = paired_ratio(times["encode"], times["int8_stage"])
+        result.update({
+            "int8_stage_s": summary(times["int8_stage"]),
+            "int8_encode_s": summary(times["int8_encode"]),
+            "ratio_int8": ratio8["median"], "ratio_int8_summary": ratio8,
+            "ratio_int8_encode": paired_ratio(times["encode"], times["int8_encode"])["median"],
+            "int8_max_cos_dist": float(f"{worst8:.3g}"),
+            "int8_stage_time": _where_time_goes(runs.stats["int8_stage"]),
+        })
+    return result
+
+
 def run_bench_embed(data: Path, *, min_docs: int = 2000, overrides: list[str] | None = None,
                     shards: int = 8, repeats: int = 3, int8: bool = True,
                     max_docs: int | None = None) -> dict[str, Any]:
@@ -115,74 +201,10 @@ def run_bench_embed(data: Path, *, min_docs: int = 2000, overrides: list[str] | 
         per = _write_corpus(texts, tmp / "corpus", shards)
         _write_corpus(texts[:64], tmp / "warm", 1)
         cfg = _stage_config(tmp, tmp / "corpus", "run", overrides)
-        ecfg = cfg.embed
-        model = load_sentence_transformer(ecfg.model, None, ecfg.max_seq_length, ecfg.fp16)
-        threads_encode = thread_report()
-        base: dict[str, np.ndarray] = {}
-        runs = iter(range(10_000))
-        stats: dict[str, dict[str, Any]] = {}
-
-        def encode_side(m: Any, key: str) -> float:
-            t0 = time.perf_counter()
-            base[key] = plain_encode(m, texts, ecfg.encode_batch_size)
-            return time.perf_counter() - t0
-
-        def stage_side(extra: list[str], key: str, corpus: str = "corpus") -> float:
-            run_cfg = _stage_config(tmp, tmp / corpus, f"run-{next(runs)}", overrides + extra)
-            t0 = time.perf_counter()
-            st = run_embed(run_cfg)
-            took = time.perf_counter() - t0
-            if corpus == "corpus":
-                st["seconds_wall"] = took
-                st["store"] = Path(run_cfg.run_dir) / "embed" / "store"
-                stats[key] = st
-            return took
-
-        int8_opts = ["embed.backend=onnx", "embed.quantize=int8"]
-        sides = {"encode": lambda: encode_side(model, "encode"),
-                 "stage": lambda: stage_side([], "stage")}
-        warm = {"encode": lambda: model.encode(texts[:64]),
-                "stage": lambda: stage_side([], "warm", "warm")}
-        if int8:
-            q8 = load_sentence_transformer(ecfg.model, None, ecfg.max_seq_length, False,
-                                           backend="onnx", quantize="int8",
-                                           cache_dir=tmp / "_models")
-            sides["int8_stage"] = lambda: stage_side(int8_opts, "int8_stage")
-            sides["int8_encode"] = lambda: encode_side(q8, "int8_encode")
-            warm["int8_stage"] = lambda: stage_side(int8_opts, "warm", "warm")
-            warm["int8_encode"] = lambda: q8.encode(texts[:64])
+        sides, warm, runs = _sides(tmp, texts, cfg, overrides, int8)
         init_ray(cfg.ray)
         times = interleave(sides, repeats=repeats, warmup=warm)
-        worst, n = _max_cos_dist(stats["stage"]["store"], base["encode"], per)
-        if n != len(texts):
-            raise RuntimeError(f"stage embedded {n} of {len(texts)} texts")
-        result: dict[str, Any] = {
-            "docs": len(texts), "repeats": repeats,
-            "baseline": "sentence-transformers encode in float32, one process, all texts in "
-                        "one call",
-            "encode_s": summary(times["encode"]), "stage_s": summary(times["stage"]),
-            "ratio": paired_ratio(times["encode"], times["stage"])["median"],
-            "ratio_summary": paired_ratio(times["encode"], times["stage"]),
-            "baseline_docs_per_s": round(len(texts) / summary(times["encode"])["median"], 2),
-            "stage_docs_per_s": round(len(texts) / summary(times["stage"])["median"], 2),
-            "max_cos_dist": float(f"{worst:.3g}"),
-            "stage_time": _where_time_goes(stats["stage"]),
-            "threads_encode": threads_encode,
-            "stage_config": {k: v for k, v in ecfg.model_dump(mode="json").items()
-                             if k not in ("corpora",)},
-        }
-        if int8:
-            worst8, _ = _max_cos_dist(stats["int8_stage"]["store"], base["encode"], per)
-            result.update({
-                "int8_stage_s": summary(times["int8_stage"]),
-                "int8_encode_s": summary(times["int8_encode"]),
-                "ratio_int8": paired_ratio(times["encode"], times["int8_stage"])["median"],
-                "ratio_int8_summary": paired_ratio(times["encode"], times["int8_stage"]),
-                "ratio_int8_encode": paired_ratio(times["encode"],
-                                                  times["int8_encode"])["median"],
-                "int8_max_cos_dist": float(f"{worst8:.3g}"),
-                "int8_stage_time": _where_time_goes(stats["int8_stage"]),
-            })
+        result = _figures(len(texts), times, runs, per, cfg.embed)
     result.update(conditions(load_before))
     logger.info("bench embed: ratio %.3f (median of %d), int8 %s", result["ratio"], repeats,
                 result.get("ratio_int8"))

@@ -93,81 +93,31 @@ def build_random_store(path: Path, rows: int, dim: int, shards: int, seed: int =
     return info
 
 
-def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
-                       num_queries: int = 32, k: int = 1000, shards: int = 16,
-                       concurrency: int = 2, chunk_rows: int = 32_768,
-                       blas_threshold: int = 20, repeats: int = 3) -> dict[str, Any]:
-    """Time the stage and FAISS on the same vectors; recall of the stage against FAISS."""
+def _build_store(store: Path, rows: int, dim: int, shards: int) -> tuple[StoreInfo, float]:
+    """The random store, built in a child process (so this process' peak RSS stays the
+    stage's); its info and the seconds it took."""
     import multiprocessing as mp
 
-    import faiss
-    import ray
-
-    from craft_ray.stages.retrieve import StoreSearcher, cache_file, ranked_lists
-
-    load_before = load_average()
-    store = workdir / "store"
     t = time.time()
-    # Built in a child process, so this process' peak RSS below is the stage's alone.
     proc = mp.get_context("spawn").Process(target=build_random_store,
                                            args=(store, rows, dim, shards))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f"building the random store in {store} failed")
-    info = read_info(store)
-    build_s = time.time() - t
-    rng = np.random.default_rng(123)
-    q = rng.standard_normal((num_queries, dim), dtype=np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return read_info(store), time.time() - t
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=concurrency, include_dashboard=False,
-                 log_to_driver=False)
-    import shutil
 
-    shutil.rmtree(store / "_vector_cache", ignore_errors=True)
-    driver_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Ray up, no search
+def _faiss_index(store: Path, info: StoreInfo, dim: int, blas_threshold: int
+                 ) -> tuple[Any, list[str], float, float]:
+    """FAISS ``IndexFlatIP`` over the whole matrix in memory as float32 (doc ids in store
+    order), read from the same raw float32 copies the stage's warm searches map (decoding the
+    Parquet files would cost FAISS far more than its search); index, ids, load and add
+    seconds."""
+    import faiss
 
-    def search(searcher: StoreSearcher) -> tuple[float, list[list[str]], Any]:
-        # timed: the search and the ranked lists (doc indices), as FAISS returns row indices;
-        # turning either side's indices into id strings is left out of both timings
-        t = time.time()
-        res = searcher.search(q, {"*": (k, 0)})
-        pool = res.pools["*"]
-        per, _ = ranked_lists(pool, num_queries, k, 0)
-        took = time.time() - t
-        return took, [[str(pool.doc_id[u]) for u in lst] for lst in per], res
+    from craft_ray.stages.retrieve import cache_file
 
-    def start() -> tuple[float, StoreSearcher]:
-        t = time.time()
-        s = StoreSearcher(store, info, chunk_rows=chunk_rows, num_cpus=1,
-                          concurrency=concurrency, vector_cache=True)
-        ray.get([a.__ray_ready__.remote() for a in s.actors])
-        return time.time() - t, s
-
-    # 1) first search ever: new actors, Parquet decoded, the vector cache written.
-    startup_cold_s, searcher = start()
-    stage_cold_s, _, _ = search(searcher)
-    searcher.close()
-    # 2) a fresh `craft-ray retrieve` on a store with its cache: new actors, one search.
-    startup_s, searcher = start()
-    stage_first_s, _, _ = search(searcher)
-    # 3) the search itself, actors up and vectors cached (as FAISS's index is built and in
-    # memory). One search here for the memory figures, before FAISS loads its matrix.
-    search(searcher)
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res = search(searcher)[2]
-    actor_peak = max(res.actor_peak_rss_mb.values(), default=0.0)
-    # What the search itself held: each process' peak above its RSS before it searched
-    # (interpreter, numpy, pyarrow and Ray's worker are a fixed cost, whatever the store size).
-    actor_ws = [res.actor_peak_rss_mb[p] - res.actor_base_rss_mb.get(p, 0.0)
-                for p in res.actor_peak_rss_mb]
-    working_set = (driver_peak - driver_base) + sum(actor_ws)
-
-    # FAISS: the whole matrix in memory as float32 (doc ids in store order), read from the
-    # same raw float32 copies the stage's warm searches map (decoding the Parquet files
-    # would cost FAISS far more than its search).
     t = time.time()
     ids: list[str] = []
     xb = np.empty((info.num_rows, dim), dtype=np.float32)
@@ -183,29 +133,122 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
     index = faiss.IndexFlatIP(dim)
     t = time.time()
     index.add(xb)
-    add_s = time.time() - t
-    del xb
+    return index, ids, load_s, time.time() - t
+
+
+class _StageRuns:
+    """The stage's side: searches over one store with a :class:`StoreSearcher`."""
+
+    def __init__(self, store: Path, info: StoreInfo, q: np.ndarray, k: int, chunk_rows: int,
+                 concurrency: int) -> None:
+        self.store, self.info, self.q, self.k = store, info, q, k
+        self.chunk_rows, self.concurrency = chunk_rows, concurrency
+
+    def start(self) -> tuple[float, Any]:
+        """New actors, ready: seconds, searcher."""
+        import ray
+
+        from craft_ray.stages.retrieve import StoreSearcher
+
+        t = time.time()
+        s = StoreSearcher(self.store, self.info, chunk_rows=self.chunk_rows, num_cpus=1,
+                          concurrency=self.concurrency, vector_cache=True)
+        ray.get([a.__ray_ready__.remote() for a in s.actors])
+        return time.time() - t, s
+
+    def search(self, searcher: Any) -> tuple[float, list[list[str]], Any]:
+        """Timed: the search and the ranked lists (doc indices), as FAISS returns row indices;
+        turning either side's indices into id strings is left out of both timings."""
+        from craft_ray.stages.retrieve import ranked_lists
+
+        t = time.time()
+        res = searcher.search(self.q, {"*": (self.k, 0)})
+        pool = res.pools["*"]
+        per, _ = ranked_lists(pool, len(self.q), self.k, 0)
+        took = time.time() - t
+        return took, [[str(pool.doc_id[u]) for u in lst] for lst in per], res
+
+
+def _memory(res: Any, driver_base: float) -> dict[str, Any]:
+    """Peak RSS of the driver and the actors, and the search's working set: each process'
+    peak above its RSS before it searched (interpreter, numpy, pyarrow and Ray's worker are a
+    fixed cost, whatever the store size)."""
+    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    actor_peak = max(res.actor_peak_rss_mb.values(), default=0.0)
+    actor_ws = [res.actor_peak_rss_mb[p] - res.actor_base_rss_mb.get(p, 0.0)
+                for p in res.actor_peak_rss_mb]
+    return {
+        "peak_rss_mb": round(driver_peak + sum(res.actor_peak_rss_mb.values()), 1),
+        "stage_working_set_mb": round((driver_peak - driver_base) + sum(actor_ws), 1),
+        "driver_working_set_mb": round(driver_peak - driver_base, 1),
+        "actor_working_set_mb": round(max(actor_ws, default=0.0), 1),
+        "driver_peak_rss_mb": round(driver_peak, 1), "actor_peak_rss_mb": round(actor_peak, 1),
+        "actors": len(res.actor_peak_rss_mb),
+    }
+
+
+def _interleaved(stage: _StageRuns, searcher: Any, index: Any, ids: list[str], repeats: int
+                 ) -> tuple[dict[str, list[float]], float]:
+    """The stage's search and FAISS's, interleaved after a warm-up of each: their seconds and
+    the stage's recall@k against FAISS (on the last round)."""
     last: dict[str, Any] = {}
 
     def stage_side() -> float:
-        took, last["stage"], _ = search(searcher)
+        took, last["stage"], _ = stage.search(searcher)
         return took
 
     def faiss_side() -> float:
         t = time.perf_counter()
-        _, last["faiss"] = index.search(q, k)
+        _, last["faiss"] = index.search(stage.q, stage.k)
         return time.perf_counter() - t
 
     times = interleave({"stage": stage_side, "faiss": faiss_side}, repeats=repeats)
-    searcher.close()
-    stage_ids = last["stage"]
     faiss_ids = [[ids[j] for j in row] for row in last["faiss"]]
+    recall = float(np.mean([len(set(a) & set(b)) / stage.k
+                            for a, b in zip(last["stage"], faiss_ids)]))
+    return times, recall
+
+
+def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
+                       num_queries: int = 32, k: int = 1000, shards: int = 16,
+                       concurrency: int = 2, chunk_rows: int = 32_768,
+                       blas_threshold: int = 20, repeats: int = 3) -> dict[str, Any]:
+    """Time the stage and FAISS on the same vectors; recall of the stage against FAISS."""
+    import faiss
+    import ray
+
+    load_before = load_average()
+    store = workdir / "store"
+    info, build_s = _build_store(store, rows, dim, shards)
+    rng = np.random.default_rng(123)
+    q = rng.standard_normal((num_queries, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=concurrency, include_dashboard=False,
+                 log_to_driver=False)
+    import shutil
+
+    shutil.rmtree(store / "_vector_cache", ignore_errors=True)
+    driver_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Ray up, no search
+    stage = _StageRuns(store, info, q, k, chunk_rows, concurrency)
+    # 1) first search ever: new actors, Parquet decoded, the vector cache written.
+    startup_cold_s, searcher = stage.start()
+    stage_cold_s, _, _ = stage.search(searcher)
+    searcher.close()
+    # 2) a fresh `craft-ray retrieve` on a store with its cache: new actors, one search.
+    startup_s, searcher = stage.start()
+    stage_first_s, _, _ = stage.search(searcher)
+    # 3) the search itself, actors up and vectors cached (as FAISS's index is built and in
+    # memory); the memory figures before FAISS loads its matrix.
+    stage.search(searcher)
+    memory = _memory(stage.search(searcher)[2], driver_base)
+    index, ids, load_s, add_s = _faiss_index(store, info, dim, blas_threshold)
+    times, recall = _interleaved(stage, searcher, index, ids, repeats)
+    searcher.close()
     index.reset()  # frees the matrix
-    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(stage_ids, faiss_ids)]))
     ratio = paired_ratio(times["stage"], times["faiss"])
-    faiss_s = summary(times["faiss"])["median"]
     fresh_s = startup_s + stage_first_s
-    faiss_fresh_s = load_s + add_s + faiss_s
+    faiss_fresh_s = load_s + add_s + summary(times["faiss"])["median"]
     return {
         "stage_s": summary(times["stage"]), "faiss_s": summary(times["faiss"]),
         "ratio": ratio["median"], "ratio_range": [ratio["min"], ratio["max"]],
@@ -214,13 +257,7 @@ def run_bench_retrieve(workdir: Path, rows: int = 1_000_000, dim: int = 384,
         "ratio_fresh": round(fresh_s / faiss_fresh_s, 3) if faiss_fresh_s > 0 else None,
         "stage_cold_s": round(startup_cold_s + stage_cold_s, 3),
         "actor_startup_s": round(startup_s, 3), "stage_first_search_s": round(stage_first_s, 3),
-        "recall": round(recall, 6),
-        "peak_rss_mb": round(driver_peak + sum(res.actor_peak_rss_mb.values()), 1),
-        "stage_working_set_mb": round(working_set, 1),
-        "driver_working_set_mb": round(driver_peak - driver_base, 1),
-        "actor_working_set_mb": round(max(actor_ws, default=0.0), 1),
-        "driver_peak_rss_mb": round(driver_peak, 1), "actor_peak_rss_mb": round(actor_peak, 1),
-        "actors": len(res.actor_peak_rss_mb),
+        "recall": round(recall, 6), **memory,
         "store_mb": round(info.num_rows * dim * 2 / 2**20, 1),
         "faiss_add_s": round(add_s, 3), "faiss_load_s": round(load_s, 3),
         "build_store_s": round(build_s, 3), "rows": info.num_rows, "dim": dim,

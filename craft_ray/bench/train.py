@@ -133,12 +133,24 @@ def run_bench_train(*, rows: int = 64, steps: int = 30, overrides: list[str] | N
                           "ray_1worker": lambda: ray_side(1),
                           "ray_2workers": lambda: ray_side(2)}, repeats=repeats,
                          warmup=warmup)
+    out = _train_figures(tps, walls, cfg1.train, hidden_size, rows, steps, repeats)
+    out.update(conditions(load_before))
+    logger.info("bench train: plain %.0f tok/s, Ray 1 worker %.0f tok/s (%.3f), "
+                "2 workers %.0f tok/s (%.3f)", out["a_plain_tokens_per_s"]["median"],
+                out["b_ray_1worker_tokens_per_s"]["median"], out["ratio"],
+                out["c_ray_2workers_tokens_per_s"]["median"], out["ratio_c_over_a"]["median"])
+    return out
+
+
+def _train_figures(tps: dict[str, list[float]], walls: dict[int, list[float]], cfg: Any,
+                   hidden_size: int, rows: int, steps: int, repeats: int) -> dict[str, Any]:
+    """The JSON figures: tokens/s of each side, ratios pair by pair, Ray's wall times."""
     b = paired_ratio(tps["ray_1worker"], tps["plain"])
     c = paired_ratio(tps["ray_2workers"], tps["plain"])
-    out = {
-        "model": f"tiny llama, 2 layers, hidden {hidden_size}, LoRA r={cfg1.train.lora.r}",
-        "rows": rows, "steps": steps, "repeats": repeats, "batch_size": cfg1.train.batch_size,
-        "per_device_batch_size": cfg1.train.per_device_batch_size,
+    return {
+        "model": f"tiny llama, 2 layers, hidden {hidden_size}, LoRA r={cfg.lora.r}",
+        "rows": rows, "steps": steps, "repeats": repeats, "batch_size": cfg.batch_size,
+        "per_device_batch_size": cfg.per_device_batch_size,
         "baseline": "plain single-process PEFT loop (same model, LoRA, AdamW, train_step; "
                     "collation timed)",
         "a_plain_tokens_per_s": summary(tps["plain"], 1),
@@ -150,9 +162,3 @@ def run_bench_train(*, rows: int = 64, steps: int = 30, overrides: list[str] | N
         "threads_plain": thread_report(),
         "note": "c on a 2-core machine measures data-parallel overhead, not speed-up",
     }
-    out.update(conditions(load_before))
-    logger.info("bench train: plain %.0f tok/s, Ray 1 worker %.0f tok/s (%.3f), "
-                "2 workers %.0f tok/s (%.3f)", out["a_plain_tokens_per_s"]["median"],
-                out["b_ray_1worker_tokens_per_s"]["median"], b["median"],
-                out["c_ray_2workers_tokens_per_s"]["median"], c["median"])
-    return out

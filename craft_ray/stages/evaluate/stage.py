@@ -207,6 +207,18 @@ def _answer_model(cfg: EvaluateConfig, model: ModelSpec, todo: dict[str, list[An
     return pending
 
 
+def _write_set_rejects(loaded: dict[str, Any], out: Path) -> StageStats:
+    """Each eval set's malformed items to ``rejects/SET.jsonl``; the stage's stats, counting
+    them (rows in: every item read)."""
+    stats = StageStats("evaluate")
+    for name, (_es, items, rejects, _t) in loaded.items():
+        stats.rows_in += len(items) + len(rejects)
+        stats.rejects.update(f"{name}:{r.reason}" for r in rejects)
+        atomic_write_text(out / "rejects" / f"{name}.jsonl", "".join(
+            json.dumps(r.__dict__) + "\n" for r in rejects))
+    return stats
+
+
 def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
                  base_dir: str | Path | None = None,
                  judge_generate: Any | None = None) -> dict[str, Any]:
@@ -239,13 +251,7 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     loaded = _load_sets(cfg, base_dir)
     check_models(cfg, models)
     stage.begin(cfg)
-    stats = StageStats("evaluate")
-    for name, (_es, items, rejects, _t) in loaded.items():
-        stats.rows_in += len(items) + len(rejects)
-        stats.rejects.update(f"{name}:{r.reason}" for r in rejects)
-        atomic_write_text(stage.path / "rejects" / f"{name}.jsonl", "".join(
-            json.dumps(r.__dict__) + "\n" for r in rejects))
-
+    stats = _write_set_rejects(loaded, stage.path)
     results: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # generated pairs waiting for ROUGE-L / the judge
     planned = 0  # the console's line: items of the models seen so far
