@@ -65,6 +65,33 @@ def bench_generate(
     typer.echo(json.dumps(r))
 
 
+@bench_app.command("quality")
+def bench_quality(
+    workdir: Annotated[Path, typer.Option(help="Run directories (one per task).")] = Path(
+        "runs/bench-quality"),
+    model: Annotated[str, typer.Option(help="Generator and LoRA base: HF folder/id, .gguf or "
+                                       "pkg://.")] = SMOLLM2,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: medqa, summarization.")] = (
+        "medqa,summarization"),
+    docs: Annotated[int, typer.Option(help="Documents retrieved (prompts) per task.")] = 32,
+    generated: Annotated[int, typer.Option(help="Generated samples in dataset S.")] = 16,
+    eval_items: Annotated[int, typer.Option(help="Evaluation items per task.")] = 60,
+    epochs: Annotated[int, typer.Option(help="LoRA epochs.")] = 2,
+    set_: SetOpt = None,
+) -> None:
+    """The whole pipeline with a real model on the bundled data (one MC, one generative task):
+    parse yield, rejects by reason, base vs adapter with 95% intervals, seconds per stage."""
+    from craft_ray.bench.quality import QualitySizes, report_lines, run_bench_quality
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    sizes = QualitySizes(docs=docs, generated=generated, eval_items=eval_items, epochs=epochs)
+    r = guarded(lambda: run_bench_quality(workdir, model=model, tasks=names, sizes=sizes,
+                                          overrides=set_ or []))
+    for line in report_lines(r):
+        typer.echo(line)
+    typer.echo(json.dumps(r))
+
+
 @bench_app.command("train")
 def bench_train(
     rows: Annotated[int, typer.Option(help="Training examples (real CRAFT few-shots, "
