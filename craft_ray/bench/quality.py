@@ -83,7 +83,7 @@ def task_pipeline(task: str, workdir: Path, model: str, sizes: QualitySizes,
         "generate": {
             "task": task, "fewshots": shots, "backend": "hf", "model": model, "num_shots": 1,
             "fewshot_text_max_chars": 600 if mc else 1200,
-            "max_prompt_tokens": 900 if mc else 1600,
+            "max_prompt_tokens": 900 if mc else 3072,  # a summarization shot: ~1,500 tokens
             "max_new_tokens": sizes.gen_max_new_tokens_mc if mc
             else sizes.gen_max_new_tokens_generative,
             "guided_decoding": True, "max_error_rate": 1.0,
