@@ -109,6 +109,18 @@ def batch_rows(batch: Any, columns: tuple[str, ...]) -> list[dict[str, Any]]:
     return [{c: cols[c][i] for c in columns} for i in range(batch.num_rows)]
 
 
+def check_backend(backend: str, model: str, settings: Any, section: str) -> None:
+    """Check before any work that the backend can serve ``model``: for ``openai``, one
+    ``GET /models`` (:func:`craft_ray.backends.openai_compat.preflight`: reachable, key
+    accepted, model served; a :class:`~craft_ray.config.ConfigError` naming ``section``'s keys
+    otherwise). The local backends (hf, vllm) load their model in their actors; nothing to ask.
+    """
+    if backend == "openai":
+        from craft_ray.backends.openai_compat import preflight
+
+        preflight(settings, model, section)
+
+
 def run_backend(ds: Any, backend: str, model: str, settings: Any, sampling: dict[str, Any],
                 tokenizer: str | None = None) -> Any:
     """Lazy: prompt rows -> the chosen backend -> output rows (the one backend dispatch).

@@ -1,10 +1,34 @@
-"""``openai`` backend: any OpenAI-compatible HTTP server (vLLM serve, TGI, llama.cpp, hosted).
+"""``openai`` backend: any OpenAI-compatible HTTP server (vLLM serve, TGI, llama.cpp,
+``transformers serve``, hosted).
 
 Requests go out from a small Ray Data actor pool; inside an actor, a thread pool keeps up to
 ``max_concurrent_requests`` requests in flight under a QPS limit (the configured QPS is split
 evenly over the actors). Server errors (HTTP 429 / 5xx), timeouts and connection failures are
 retried with exponential backoff; what still fails becomes a row with a fixed ``error`` reason,
-so it ends in the rejects, never kills the stage. Only the standard library is used (urllib).
+so it ends in the rejects, never kills the stage. Before any work, :func:`preflight` asks the
+server for its models once (``GET /models``): an unreachable URL or a refused key is one clear
+error then, not a stage full of rejects (a model the list does not name: a warning). Only the
+standard library is used (urllib).
+
+Why not ``ray.data.llm``'s HTTP request processor (``HttpRequestProcessorConfig``, read in
+Ray 2.60's ``ray/llm/_internal/batch/stages/http_request_stage.py``)? It does retries and a QPS
+limit, but not with the semantics this stage needs:
+
+- a request that still fails after ``max_retries`` raises ``RuntimeError`` in the UDF, which
+  fails the whole batch (and, once Ray Data's task retries are spent, the dataset);
+  ``should_continue_on_error`` is honoured by the vLLM and Serve stages only. Here a failed
+  request must become a reject row with its reason (``raw = clean + rejects``).
+- only HTTP 429/408/502/503/504 are retried; an HTTP 500 (or any other error status) whose body
+  is JSON is handed on as if it were the response, without its status code, and one whose body
+  is not JSON raises (aiohttp's ``ContentTypeError`` is not caught) and fails the batch.
+- requests of a batch are sent one after another: the ``session.post(...)`` calls of its first
+  loop only create the requests, each is sent when awaited in the second loop, so an actor
+  never has more than one request in flight (no ``max_concurrent_requests``).
+- no per-request timeout (aiohttp's session default: 5 minutes in total); the QPS counter
+  restarts with every batch.
+
+So the hand-written client stays; it is small and tested against a fake server and a real
+``transformers serve`` (``tests/backends``).
 """
 
 from __future__ import annotations
@@ -72,7 +96,8 @@ class OpenAIBackendConfig(StrictModel):
     )
     send_top_k: bool = Field(
         default=True,
-        description="Send top_k (vLLM/TGI/llama.cpp accept it; the OpenAI API does not).",
+        description="Send top_k (vLLM/TGI/llama.cpp accept it; the OpenAI API does not, and "
+        "transformers serve answers HTTP 422 to it: set false there).",
     )
     guided_format: Literal["response_format", "none"] = Field(
         default="response_format",
@@ -85,6 +110,12 @@ class OpenAIBackendConfig(StrictModel):
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra JSON fields merged into every request (server-specific options).",
+    )
+    preflight: bool = Field(
+        default=True,
+        description="Before any work, GET {base_url}/models once: the server must answer and "
+        "accept the key (a model it does not list: a warning). false: skip (servers without "
+        "/models).",
     )
 
 
@@ -237,6 +268,69 @@ def _parse_response(data: dict[str, Any], api: str, max_tokens: int, seconds: fl
     return {"text": text, "tokens_in": int(usage.get("prompt_tokens", -1)),
             "tokens_out": tokens_out, "gen_seconds": seconds, "finish_reason": finish,
             "error": "", "error_detail": ""}
+
+
+PREFLIGHT_TIMEOUT_S = 10.0
+
+
+def _auth_headers(cfg: OpenAIBackendConfig) -> dict[str, str]:
+    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def preflight(cfg: OpenAIBackendConfig, model: str, section: str = "generate") -> list[str]:
+    """Ask the server for its models once, before any work; the ids it serves.
+
+    Raises :class:`~craft_ray.config.ConfigError` naming the URL and what to check when the
+    server cannot be reached, refuses the key or answers an error (``section`` names the
+    config section in the message, e.g. ``judge.judge``); a ``model`` the list does not name
+    is a warning. Skipped (returns []) with ``preflight: false``.
+    """
+    from craft_ray.config import ConfigError
+
+    if not cfg.preflight:
+        return []
+    url = cfg.base_url.rstrip("/") + "/models"
+    where = f"{section}.openai"
+    off = f"(or set {where}.preflight: false to skip this check)"
+    req = urllib.request.Request(url, headers=_auth_headers(cfg), method="GET")
+    try:
+        with urllib.request.urlopen(req, timeout=min(cfg.timeout_s, PREFLIGHT_TIMEOUT_S)) as resp:
+            payload = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()[:300].decode(errors="replace")
+        if exc.code in (401, 403):
+            key = (f"the key in ${cfg.api_key_env}" if cfg.api_key_env else "no key")
+            raise ConfigError(
+                f"{where}: the server at {url} refused the request with {key} (HTTP "
+                f"{exc.code}: {body}); check that {where}.api_key_env names a variable "
+                "holding a valid key for this server") from None
+        if exc.code == 404:
+            raise ConfigError(
+                f"{where}: GET {url} answered HTTP 404; check that {where}.base_url is the "
+                f"server's API root ending in /v1, e.g. http://host:8000/v1 {off}") from None
+        raise ConfigError(f"{where}: GET {url} answered HTTP {exc.code}: {body}; check the "
+                          f"server's log {off}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"{where}: cannot reach the server at {url} ({reason}); check that it is running "
+            f"and listening there and that {where}.base_url (host, port, /v1) is right"
+        ) from None
+    try:
+        ids = [str(m["id"]) for m in json.loads(payload).get("data", [])]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise ConfigError(f"{where}: GET {url} did not answer an OpenAI model list "
+                          f"({payload[:200].decode(errors='replace')!r}); is {where}.base_url "
+                          f"an OpenAI-compatible API? {off}") from None
+    if ids and model not in ids:
+        # A warning, not an error: some servers (llama.cpp) answer to any model name.
+        logger.warning("%s.model=%r is not among the models %s lists (%s); if the server "
+                       "refuses the requests, set %s.model to the served name", section, model,
+                       cfg.base_url, ids[:10], section)
+    else:
+        logger.info("openai backend: %s answers and serves %s", cfg.base_url, model)
+    return ids
 
 
 def openai_generate(ds: Any, model: str, cfg: OpenAIBackendConfig, sampling: dict[str, Any]

@@ -20,7 +20,12 @@ from craft_ray.backends import (
     ERR_TIMEOUT,
     cap_string_lengths,
 )
-from craft_ray.backends.openai_compat import OpenAIGenerator, _RateLimiter
+from craft_ray.backends.openai_compat import (
+    OpenAIBackendConfig,
+    OpenAIGenerator,
+    _RateLimiter,
+    preflight,
+)
 from craft_ray.backends.vllm import (
     VLLMBackendConfig,
     postprocess,
@@ -28,7 +33,7 @@ from craft_ray.backends.vllm import (
     processor_config,
     sampling_params,
 )
-from craft_ray.config import load_config
+from craft_ray.config import ConfigError, load_config
 from craft_ray.models.tokenizers import load_chat_tokenizer
 from craft_ray.stages.generate.config import GenerateStageConfig
 from craft_ray.stages.generate.prompts import (
@@ -106,7 +111,8 @@ class _Server:
 
     Markers in the last user message: [[canned]] a valid sample in prose, [[500-once]] one
     HTTP 500 then normal, [[500]] always HTTP 500, [[slow]] sleeps past the client's timeout,
-    [[400]] HTTP 400. Anything else: the tiny model's greedy continuation.
+    [[400]] HTTP 400. Anything else: the tiny model's greedy continuation. GET /v1/models
+    lists the model "tiny" (401 when ``required_key`` is set and not sent).
     """
 
     def __init__(self, model_dir):
@@ -122,11 +128,27 @@ class _Server:
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
         self.slow_s = 4.0  # how long [[slow]] sleeps: past the clients' timeout
+        self.required_key: str | None = None  # GET /v1/models answers 401 without it
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output quiet
                 pass
+
+            def do_GET(self):  # noqa: N802 - the preflight's GET /v1/models
+                key = server.required_key
+                if key and self.headers.get("Authorization") != f"Bearer {key}":
+                    code, payload = 401, {"error": {"message": "invalid api key"}}
+                elif self.path.rstrip("/") == "/v1/models":
+                    code, payload = 200, {"object": "list", "data": [{"id": "tiny"}]}
+                else:
+                    code, payload = 404, {"error": {"message": "not found"}}
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -238,6 +260,54 @@ def test_rate_limiter_spaces_requests():
     for _ in range(9):
         lim.wait()
     assert time.monotonic() - t0 >= 8 / 40 - 0.01
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_preflight_names_the_url_and_what_to_check(server, monkeypatch, caplog):
+    ok = OpenAIBackendConfig(base_url=server.url)
+    assert preflight(ok, "tiny") == ["tiny"]
+    caplog.set_level("WARNING")
+    assert preflight(ok, "other") == ["tiny"]  # a warning: some servers take any name
+    assert any("generate.model='other' is not among the models" in r.message
+               for r in caplog.records)
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(ConfigError, match=f"cannot reach the server at {dead}/models .*"
+                                          "check that it is running"):
+        preflight(OpenAIBackendConfig(base_url=dead), "tiny")
+    with pytest.raises(ConfigError, match="judge.judge.openai: GET .*/models answered HTTP "
+                                          "404; .*ending in /v1"):
+        preflight(OpenAIBackendConfig(base_url=server.url[:-3]), "tiny", "judge.judge")
+    assert preflight(OpenAIBackendConfig(base_url=dead, preflight=False), "tiny") == []
+    server.required_key = "sk-right"
+    try:
+        monkeypatch.setenv("CRAFT_TEST_KEY", "sk-wrong")
+        keyed = OpenAIBackendConfig(base_url=server.url, api_key_env="CRAFT_TEST_KEY")
+        with pytest.raises(ConfigError, match="refused the request with the key in "
+                                              "\\$CRAFT_TEST_KEY \\(HTTP 401"):
+            preflight(keyed, "tiny")
+        monkeypatch.setenv("CRAFT_TEST_KEY", "sk-right")
+        assert preflight(keyed, "tiny") == ["tiny"]
+    finally:
+        server.required_key = None
+
+
+def test_unreachable_server_fails_generate_before_any_work(tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    cfg = load_config(GenerateStageConfig, None, [
+        f"run_dir={tmp_path / 'run'}", "generate.task=bioqa", "generate.backend=openai",
+        "generate.model=tiny", f"generate.fewshots.path={GEN / 'fewshots_short.jsonl'}",
+        f"generate.input_path={GEN / 'corpus_samples.jsonl'}", "generate.num_shots=2",
+        f"generate.openai.base_url={dead}"])
+    with pytest.raises(ConfigError, match=f"generate.openai: cannot reach the server at {dead}"):
+        run_generate(cfg)  # no Ray needed: it fails before any work
+    assert not (tmp_path / "run" / "generate").exists()
 
 
 def test_openai_backend_end_to_end(ray_local, server, tmp_path):

@@ -294,7 +294,7 @@ def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, A
         gen = judge_generate
         if gen is None:
             assert cfg.judge is not None
-            gen = backend_generate(cfg.judge, cfg.judge_seed)
+            gen = backend_generate(cfg.judge, cfg.judge_seed, "evaluate.judge")
         logger.info("evaluate: judging %d pairs (%d items)", len(pending),
                     sum(len(p["rows"]) for p in pending))
         groups = [([r["instruction"] for r in p["rows"]], [r["reference"] for r in p["rows"]],

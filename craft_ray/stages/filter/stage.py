@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from craft_ray.backends import check_backend
 from craft_ray.runtime import StageDir, StageStats, atomic_write_json
 from craft_ray.stages.filter.actors import judge_dataset
 from craft_ray.stages.filter.config import (
@@ -179,7 +180,8 @@ def _check_inputs(cfg: FilterConfig, run_dir: Path) -> _Inputs:
             logger.warning("filter: decontamination enabled but no eval_sets configured; "
                            "skipping it")
     if cfg.judge.enabled:
-        resolve_judge(cfg.judge, run_dir)
+        judge = resolve_judge(cfg.judge, run_dir)
+        check_backend(judge["backend"], judge["model"], judge["settings"], "filter.judge")
     return _Inputs(input_path, task, cols, shots, fs_records, fs_texts, eval_texts)
 
 
@@ -306,7 +308,14 @@ def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str
     logger.info("filter: %d clean samples of task %s from %s", stats.rows_in, inp.task.name,
                 inp.path)
     decontam_report: dict[str, Any] = {"enabled": bool(inp.eval_texts)}
-    ds, order, seconds = _mark_rejects(ds, cfg, inp, decontam_report)
+    if stats.rows_in == 0:
+        # Nothing to filter (every generation was rejected): the shuffles of the dedup steps
+        # cannot run on zero rows, and no step has anything to drop.
+        logger.warning("filter: %s holds no clean samples (see the generate stage's "
+                       "rejects.parquet for why); the outputs will be empty", inp.path)
+        order, seconds = [], {}
+    else:
+        ds, order, seconds = _mark_rejects(ds, cfg, inp, decontam_report)
     steps = _count_steps(ds, stats, order, seconds, stage)
     survivors = survivors_of(ds)
     if cfg.judge.enabled:

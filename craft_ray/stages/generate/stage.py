@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from craft_ray.backends import run_backend
+from craft_ray.backends import check_backend, run_backend
 from craft_ray.config import ConfigError
 from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
@@ -201,6 +201,7 @@ def _plan(stage_cfg: GenerateStageConfig) -> _Plan:
             "export it, or set api_key_env: null for a server without a key"
         )
     input_path = input_path_of(stage_cfg)
+    check_backend(cfg.backend, cfg.model, cfg.openai, "generate")
     max_new = cfg.max_new_tokens or task.max_new_tokens
     load_chat_tokenizer(cfg.tokenizer_name())  # fails early on a tokenizer without chat template
     budget = prompt_budget(cfg, max_new)

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from craft_ray.backends import run_backend
+from craft_ray.backends import check_backend, run_backend
 from craft_ray.models.chat import chat_messages, render_chat
 from craft_ray.models.tokenizers import local_ref
 from craft_ray.stages.judge.config import JudgeConfig, JudgeModelConfig, JudgeStageConfig
@@ -45,11 +45,16 @@ def judge_rows(prompts: Sequence[str], cfg: JudgeModelConfig, tokenizer: Any | N
     return rows
 
 
-def backend_generate(cfg: JudgeModelConfig, seed: int = 0) -> Callable[[list[str]], list[str]]:
+def backend_generate(cfg: JudgeModelConfig, seed: int = 0, section: str = "judge.judge"
+                     ) -> Callable[[list[str]], list[str]]:
     """A ``prompts -> answers`` function running the judge on a generation backend (greedy).
 
-    Ray must be initialised. A failed request yields "" (an unparsable judgement).
+    Ray must be initialised. A failed request yields "" (an unparsable judgement). The backend
+    is checked now, before any judging (an openai server must answer; ``section`` names the
+    config keys in the error).
     """
+    check_backend(cfg.backend, cfg.model, getattr(cfg, cfg.backend), section)
+
     def run(prompts: list[str]) -> list[str]:
         import ray.data
         from transformers import AutoTokenizer

@@ -344,3 +344,23 @@ def test_judge_through_the_hf_backend(tmp_path, ray_local, tiny_causal_lm):
     for r in rejects:
         if r["reject_reason"] == "judge_low_score":
             assert r["judge_relevance"] < 4 or r["judge_coverage"] < 2
+
+
+def test_no_clean_samples_give_empty_outputs_and_a_too_few_message(tmp_path, ray_local, caplog):
+    """Generation can yield 0 clean samples (a weak generator): the filter then writes empty
+    outputs and says which sizes it could not build, instead of crashing in a dedup shuffle."""
+    cfg = _stage_cfg(tmp_path)
+    run_dir = Path(cfg.run_dir)
+    schema = pa.Table.from_pylist([_row("g0000", QUESTIONS[0], ["A. a", "B. b", "C. c",
+                                                                "D. d"])]).schema
+    pq.write_table(schema.empty_table(), run_dir / "generate" / "clean.parquet")
+    caplog.set_level("WARNING")
+    stats = run_filter(cfg)
+    assert stats["rows_in"] == 0 == stats["rows_out"] and stats["steps"] == []
+    assert stats["datasets"] == {} and set(stats["sizes_skipped"]) == {"S", "M", "L"}
+    assert stats["sizes_skipped"]["S"]["available"] == 0
+    messages = [r.message for r in caplog.records]
+    assert any("holds no clean samples" in m for m in messages)
+    assert any("too few surviving samples for size(s) S" in m and "built: none" in m
+               for m in messages)
+    assert (run_dir / "filter" / "_SUCCESS").is_file()

@@ -132,7 +132,8 @@ def _evaluate(ctx: StepContext, scfg: Any, rows: list[dict[str, Any]], prompts: 
     from craft_ray.stages.generate.strategies.common import StepTask
     from craft_ray.stages.judge import backend_generate
 
-    texts = backend_generate(scfg.evaluator, ctx.seed)(prompts) if prompts else []
+    texts = backend_generate(scfg.evaluator, ctx.seed, "generate.rag_answer.evaluator")(
+        prompts) if prompts else []
     task = StepTask("rag_evaluation", EVAL_SCHEMA)
     out = {}
     for r, t in zip(rows, texts):
