@@ -234,9 +234,7 @@ def test_lora_on_smollm2_lowers_held_out_loss_reloads_and_merges(smollm2, tmp_pa
 
 
 def test_judge_parses_smollm2_replies_or_rejects_them(ray_local, smollm2):
-    from craft_ray.stages.judge.config import JudgeModelConfig
-    from craft_ray.stages.judge.pairwise import judge_outputs
-    from craft_ray.stages.judge.stage import backend_generate
+    from craft_ray.judging import JudgeModelConfig, backend_generate, judge_outputs
 
     judge = JudgeModelConfig(model=SMOLLM2_SPEC, max_new_tokens=24)
     instructions = ["Summarize: cold brew steeps coarse coffee in cold water for hours.",

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from craft_ray.config import RayConfig, StrictModel
 from craft_ray.evalsets.base import EvalSetConfig
-from craft_ray.stages.judge import JUDGE_TEMPLATE, JudgeModelConfig
+from craft_ray.judging import JUDGE_TEMPLATE, JudgeModelConfig
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 

@@ -12,10 +12,10 @@ import numpy as np
 
 from craft_ray.config import StrictModel, config_hash
 from craft_ray.evalsets.base import LETTERS, EvalSetConfig
+from craft_ray.judging import JudgeModelConfig
 from craft_ray.runtime import atomic_path, atomic_write_json, atomic_write_text
 from craft_ray.stages.evaluate.config import EvaluateConfig, GenerationConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import NEG_INF, letter_token_ids, wilson_interval
-from craft_ray.stages.judge import JudgeModelConfig
 
 
 def pair_hash(cfg: EvaluateConfig, model: ModelSpec, es: EvalSetConfig) -> str:

@@ -18,7 +18,7 @@ model answers each prompt itself (greedy by default, ``generation.max_new_tokens
 CRAFT budget), on the same backends and with the model loaded the same way (hf actors; vLLM
 through :mod:`craft_ray.backends.vllm` with the adapter as a LoRA request). Every answer gets
 ROUGE-L F1 against the reference; with ``judge`` set, all (model, set) pairs then go to the LLM
-judge in one call (:func:`craft_ray.stages.judge.judge_groups`: pairwise vs the reference, seeded
+judge in one call (:func:`craft_ray.judging.judge_groups`: pairwise vs the reference, seeded
 order swap), and the win rate is reported CRAFT's way (ties and unparsable as losses, the
 metric) and over decided pairs only.
 
@@ -281,7 +281,7 @@ def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, A
                        judge_generate: Any | None) -> list[dict[str, Any]]:
     """ROUGE-L of every generated pair, then (with a judge) one judge call over all pairs;
     writes each pair's predictions and results; returns the results."""
-    from craft_ray.stages.judge import backend_generate, judge_groups, rouge_l
+    from craft_ray.judging import backend_generate, judge_groups, rouge_l
 
     if not pending:
         return []

@@ -1,15 +1,7 @@
-"""The judge stage: pairwise LLM-as-judge of two models' generations; also used by evaluate."""
+"""The judge stage: pairwise LLM-as-judge of a model's generations against references (the
+shared machinery is :mod:`craft_ray.judging`)."""
 
-from craft_ray.stages.judge.config import JudgeModelConfig, JudgeStageConfig
-from craft_ray.stages.judge.pairwise import JUDGE_TEMPLATE, judge_groups, rouge_l
-from craft_ray.stages.judge.stage import backend_generate, run_judge
+from craft_ray.stages.judge.config import JudgeConfig, JudgeStageConfig
+from craft_ray.stages.judge.stage import run_judge
 
-__all__ = [
-    "JUDGE_TEMPLATE",
-    "JudgeModelConfig",
-    "JudgeStageConfig",
-    "backend_generate",
-    "judge_groups",
-    "rouge_l",
-    "run_judge",
-]
+__all__ = ["JudgeConfig", "JudgeStageConfig", "run_judge"]

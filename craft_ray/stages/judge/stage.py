@@ -16,61 +16,11 @@ so any generation backend can serve it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from craft_ray.backends import check_backend, run_backend
-from craft_ray.models.chat import chat_messages, render_chat
-from craft_ray.models.tokenizers import local_ref
-from craft_ray.stages.judge.config import JudgeConfig, JudgeModelConfig, JudgeStageConfig
-from craft_ray.stages.judge.pairwise import judge_outputs
-
-
-def judge_rows(prompts: Sequence[str], cfg: JudgeModelConfig, tokenizer: Any | None
-               ) -> list[dict[str, Any]]:
-    """Prompt rows in the generation backends' input columns (see craft_ray.backends)."""
-    rows = []
-    for i, p in enumerate(prompts):
-        messages = chat_messages(p, cfg.system_prompt)
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            text, ids = render_chat(tokenizer, messages)
-        elif tokenizer is not None:
-            text = p
-            ids = list(tokenizer(text)["input_ids"])
-        else:
-            text, ids = p, []
-        rows.append({"sample_id": f"judge-{i:08d}", "prompt": text, "prompt_token_ids": ids,
-                     "messages": json.dumps(messages), "schema": "",
-                     "max_new_tokens": cfg.max_new_tokens})
-    return rows
-
-
-def backend_generate(cfg: JudgeModelConfig, seed: int = 0, section: str = "judge.judge"
-                     ) -> Callable[[list[str]], list[str]]:
-    """A ``prompts -> answers`` function running the judge on a generation backend (greedy).
-
-    Ray must be initialised. A failed request yields "" (an unparsable judgement). The backend
-    is checked now, before any judging (an openai server must answer; ``section`` names the
-    config keys in the error).
-    """
-    check_backend(cfg.backend, cfg.model, getattr(cfg, cfg.backend), section)
-
-    def run(prompts: list[str]) -> list[str]:
-        import ray.data
-        from transformers import AutoTokenizer
-
-        tok_name = cfg.tokenizer or (None if cfg.backend == "openai" else cfg.model)
-        tok = AutoTokenizer.from_pretrained(local_ref(tok_name)) if tok_name else None
-        ds = ray.data.from_items(judge_rows(prompts, cfg, tok))
-        sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": seed,
-                    "guided": False}
-        model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model)
-        out = run_backend(ds, cfg.backend, model, getattr(cfg, cfg.backend), sampling,
-                          tokenizer=local_ref(cfg.tokenizer))
-        got = {str(r["sample_id"]): str(r.get("text") or "") for r in out.take_all()}
-        return [got.get(f"judge-{i:08d}", "") for i in range(len(prompts))]
-
-    return run
+from craft_ray.judging import backend_generate, judge_outputs
+from craft_ray.stages.judge.config import JudgeConfig, JudgeStageConfig
 
 
 def read_predictions(cfg: JudgeConfig) -> tuple[list[str], list[str], list[str]]:

@@ -469,9 +469,9 @@ def test_generative_end_to_end_copy_model(ray_local, tmp_path):
     from rouge_score import rouge_scorer
     from transformers import AutoTokenizer
 
+    from craft_ray.judging.pairwise import build_pairs
     from craft_ray.models.tiny import build_tiny_causal_lm
     from craft_ray.stages.evaluate.stage import run_evaluate
-    from craft_ray.stages.judge.pairwise import build_pairs
     from craft_ray.tasks.registry import get_task
 
     build_tiny_causal_lm(tmp_path / "base", seed=TINY_SEED, hidden_size=32)

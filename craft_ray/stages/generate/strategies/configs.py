@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from craft_ray.config import StrictModel
-from craft_ray.stages.judge import JudgeModelConfig
+from craft_ray.judging import JudgeModelConfig
 from craft_ray.tasks.strategies import DEFAULT_RAG_SYSTEM
 
 DEFAULT_EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -111,7 +111,7 @@ class RagAnswerConfig(StrictModel):
         "coverage (1-5) must each reach it.")
     evaluator: JudgeModelConfig | None = Field(
         default=None,
-        description="Model scoring the questions (the judge machinery of craft_ray.stages.judge). "
+        description="Model scoring the questions (the judge machinery of craft_ray.judging). "
         "None: the generator itself, guided to the score schema.")
     system_prompt: str = Field(
         default=DEFAULT_RAG_SYSTEM, min_length=1,

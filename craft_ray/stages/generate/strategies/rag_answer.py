@@ -7,7 +7,7 @@
 3. ``rag_evaluation``: each question scored 1-5 for relevance (to its context), global
    relevance (to ``scenario``, the deployment described in the config) and coverage (how far
    the context answers it); a question below ``min_score`` on any of them is rejected. The
-   scorer is ``rag_answer.evaluator`` through the judge machinery of :mod:`craft_ray.stages.judge`
+   scorer is ``rag_answer.evaluator`` through the judge machinery of :mod:`craft_ray.judging`
    (any backend), or by default the generator itself, guided to the score schema.
 4. Noise: the gold document's nearest neighbours in the embedding store give ``noisy_chunks``
    irrelevant chunks (:func:`noise_chunks`); gold and noise are shuffled, the gold position
@@ -128,9 +128,9 @@ def _evaluate(ctx: StepContext, scfg: Any, rows: list[dict[str, Any]], prompts: 
     if scfg.evaluator is None:
         return run_step(ctx, "rag_evaluation", rows, EVAL_SCHEMA,
                         sampling={**ctx.sampling, "temperature": 0.0})
+    from craft_ray.judging import backend_generate
     from craft_ray.stages.generate.parse import parse_row
     from craft_ray.stages.generate.strategies.common import StepTask
-    from craft_ray.stages.judge import backend_generate
 
     texts = backend_generate(scfg.evaluator, ctx.seed, "generate.rag_answer.evaluator")(
         prompts) if prompts else []
