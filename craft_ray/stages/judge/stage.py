@@ -61,7 +61,7 @@ def backend_generate(cfg: JudgeModelConfig, seed: int = 0) -> Callable[[list[str
                     "guided": False}
         model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model)
         out = run_backend(ds, cfg.backend, model, getattr(cfg, cfg.backend), sampling,
-                          tokenizer=local_ref(cfg.tokenizer))
+                          tokenizer=local_ref(cfg.tokenizer), key=f"judge.judge.{cfg.backend}")
         got = {str(r["sample_id"]): str(r.get("text") or "") for r in out.take_all()}
         return [got.get(f"judge-{i:08d}", "") for i in range(len(prompts))]
 
