@@ -3,12 +3,14 @@
 A head with 0 CPUs and 1-CPU worker nodes, all local processes; the run directory is a local
 path every "node" sees. The module's cluster starts with two workers (the shape where
 ``embed.concurrency=2`` used to hang forever), then a third joins. Faults injected:
-``cluster.remove_node`` of the node running an embedding actor, a generation actor and a
-Ray Train worker while the stage runs. Each stage must finish with every document / sample
-once (train: every step once, resumed from its checkpoint).
+``cluster.remove_node(..., allow_graceful=False)`` (SIGKILL of every process of the node) of
+the node running an embedding actor (once part files exist), a generation actor (once it is
+up) and a Ray Train worker (once a checkpoint is registered; a replacement node then joins).
+Each stage must finish with every document / sample once (train: every step once, resumed
+from its checkpoint). Also: ``ray job submit`` of embed + retrieve to the cluster.
 
-Opt-in (about 5-10 minutes on 2 loaded cores): ``CRAFT_RAY_MULTINODE_TESTS=1``; run the file
-in its own pytest process (it connects this process to its own cluster).
+Opt-in (10 tests, 638 s on 2 loaded cores): ``CRAFT_RAY_MULTINODE_TESTS=1``; run the file in
+its own pytest process (it connects this process to its own cluster).
 """
 
 from __future__ import annotations
