@@ -122,16 +122,17 @@ def check_backend(backend: str, model: str, settings: Any, section: str) -> None
 
 
 def run_backend(ds: Any, backend: str, model: str, settings: Any, sampling: dict[str, Any],
-                tokenizer: str | None = None) -> Any:
+                tokenizer: str | None = None, key: str = "hf") -> Any:
     """Lazy: prompt rows -> the chosen backend -> output rows (the one backend dispatch).
 
     ``settings`` is the backend's own config section (``hf``, ``openai`` or ``vllm``);
-    ``tokenizer`` is used by ``hf`` only (the others tokenise with the served model).
+    ``tokenizer`` is used by ``hf`` only (the others tokenise with the served model);
+    ``key`` names the settings' config section in resource errors (``generate.hf``).
     """
     if backend == "hf":
         from craft_ray.backends.hf import hf_generate
 
-        return hf_generate(ds, model, tokenizer, settings, sampling)
+        return hf_generate(ds, model, tokenizer, settings, sampling, key=key)
     if backend == "openai":
         from craft_ray.backends.openai_compat import openai_generate
 

@@ -39,7 +39,8 @@ class HFBackendConfig(StrictModel):
     num_cpus: float | None = Field(
         default=None, gt=0, le=512,
         description="CPUs per actor (default: an equal share of the cluster's CPUs minus 1 "
-        "left to the stage's read tasks; 1 with a GPU). Torch threads: the share of all cores.")
+        "left to the stage's read tasks, lowered until the pool fits the nodes; 1 with a "
+        "GPU). Torch threads: the share of the cores. A pool that cannot fit fails first.")
     num_gpus: float = Field(default=0.0, ge=0, le=8, description="GPUs per actor.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=512, description="Torch threads per actor (default: num_cpus)."
@@ -214,12 +215,16 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def hf_generate(ds: Any, model: str, tokenizer: str | None, cfg: HFBackendConfig,
-                sampling: dict[str, Any]) -> Any:
-    """Lazy: ``ds`` (prompt rows) -> the same rows plus the generation columns."""
+                sampling: dict[str, Any], key: str = "hf") -> Any:
+    """Lazy: ``ds`` (prompt rows) -> the same rows plus the generation columns.
+
+    ``key`` is the config section of these settings (``generate.hf``), named in the error
+    when the pool cannot fit the cluster.
+    """
     import ray.data
 
     cpus, threads = actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,
-                                    cfg.torch_threads)
+                                    cfg.torch_threads, key=key)
     cfg = cfg.model_copy(update={"num_cpus": cpus, "torch_threads": threads})
     return ds.map_batches(
         HFGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",

@@ -52,7 +52,7 @@ def backend_generate(cfg: JudgeModelConfig, seed: int = 0, section: str = "judge
                     "guided": False}
         model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model)
         out = run_backend(ds, cfg.backend, model, getattr(cfg, cfg.backend), sampling,
-                          tokenizer=local_ref(cfg.tokenizer))
+                          tokenizer=local_ref(cfg.tokenizer), key=f"{section}.{cfg.backend}")
         got = {str(r["sample_id"]): str(r.get("text") or "") for r in out.take_all()}
         return [got.get(f"judge-{i:08d}", "") for i in range(len(prompts))]
 

@@ -57,7 +57,8 @@ class EmbedConfig(StrictModel):
     num_cpus: float | None = Field(
         default=None, gt=0,
         description="CPUs per embedding actor (default: an equal share of the cluster's CPUs "
-        "minus 1 left to the reader tasks; 1 with a GPU).")
+        "minus 1 left to the reader tasks, lowered until the pool and a reader fit the "
+        "nodes; 1 with a GPU). A pool that cannot fit fails before work starts.")
     torch_threads: int | None = Field(
         default=None, ge=1,
         description="Torch intra-op threads per actor (default: the actor's num_cpus).",

@@ -47,6 +47,8 @@ from craft_ray.store.vectors import (
 
 logger = logging.getLogger(__name__)
 
+WRITE_NUM_CPUS = 0.25  # CPUs of a part-writing task
+
 
 def write_parts(batch: dict[str, np.ndarray], store: str) -> dict[str, np.ndarray]:
     """Ray Data UDF: write a batch's vectors as one part per shard; return what was written."""
@@ -73,6 +75,16 @@ def model_cache_dir(cfg: EmbedConfig, stage_dir: str | Path) -> Path:
     return Path(cfg.model_cache_dir) if cfg.model_cache_dir else Path(stage_dir).parent / "_models"
 
 
+def pool_resources(cfg: EmbedConfig) -> tuple[float, int]:
+    """(CPUs, torch threads) of an embedding actor, sized from the cluster's nodes with room
+    for the readers and writers beside the pool; raises ResourceFitError when it cannot fit."""
+    size = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
+    return actor_resources(
+        cfg.num_cpus, size, cfg.num_gpus, cfg.torch_threads, key="embed",
+        task_cpus=max(cfg.read_num_cpus, WRITE_NUM_CPUS),
+        min_size=cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[0])
+
+
 def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
                   stage_dir: str | Path) -> Any:
     """The lazy Ray Data plan embedding ``shards`` into part files of ``store``.
@@ -89,8 +101,7 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
         fn_kwargs={"corpora": corpora, "store": str(store), "stage_dir": str(stage_dir),
                    "chunk_rows": cfg.read_chunk_rows},
     )
-    size = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
-    cpus, threads = actor_resources(cfg.num_cpus, size, cfg.num_gpus, cfg.torch_threads)
+    cpus, threads = pool_resources(cfg)
     if isinstance(cfg.concurrency, int):
         pool = ray.data.ActorPoolStrategy(size=cfg.concurrency)
     else:
@@ -108,7 +119,7 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
         },
     )
     return emb.map_batches(write_parts, batch_size=None, batch_format="numpy",
-                           num_cpus=0.25, fn_kwargs={"store": str(store)})
+                           num_cpus=WRITE_NUM_CPUS, fn_kwargs={"store": str(store)})
 
 # --- stage runner -------------------------------------------------------------------------
 
@@ -203,6 +214,7 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
         logger.info("embed: already complete in %s (same config); skipping", stage.path)
         return json.loads((stage.path / "stats.json").read_text())
     store = Path(cfg.store_dir) if cfg.store_dir else stage.path / "store"
+    pool_resources(cfg)  # a pool that cannot fit the cluster fails here, before any work
     _reset_if_changed(cfg, stage, store, force)
 
     shards = [s for c in cfg.corpora for s in list_shards(c, base_dir)]

@@ -143,7 +143,7 @@ def map_hf_actors(ds: Any, cfg: EvaluateConfig, model: ModelSpec, actor: type,
     import ray.data
 
     cpus, threads = actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,
-                                    cfg.torch_threads)
+                                    cfg.torch_threads, key="evaluate")
     return ds.map_batches(
         actor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

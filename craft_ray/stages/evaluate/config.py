@@ -170,7 +170,8 @@ class EvaluateConfig(StrictModel):
     num_cpus: float | None = Field(
         default=None, gt=0,
         description="CPUs per scoring actor (default: an equal share of the cluster's CPUs "
-        "minus 1 left to the stage's own tasks; 1 with a GPU).")
+        "minus 1 left to the stage's own tasks, lowered until the pool fits the nodes; 1 with "
+        "a GPU). A pool that cannot fit fails before work starts.")
     torch_threads: int | None = Field(default=None, ge=1,
                                       description="hf: torch threads per actor (default num_cpus).")
     concurrency: int = Field(default=1, ge=1, le=4096,

@@ -85,7 +85,7 @@ def judge_dataset(ds: Any, cfg: QualityJudgeConfig, run_dir: Path, task: Any) ->
     sampling = {"temperature": cfg.temperature, "top_p": 1.0, "top_k": -1, "seed": cfg.seed,
                 "guided": cfg.guided_decoding}
     gen = run_backend(prompts, r["backend"], r["model"], r["settings"], sampling,
-                      tokenizer=r["tokenizer"])
+                      tokenizer=r["tokenizer"], key=f"filter.judge.{r['backend']}")
     return gen.map_batches(judge_parse_batch, batch_format="pyarrow", batch_size=256,
                            num_cpus=0.25, fn_kwargs={"criteria": criteria,
                                                      "min_scores": dict(cfg.min_scores)})

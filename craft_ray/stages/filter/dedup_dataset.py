@@ -155,6 +155,10 @@ def semantic_duplicates_dataset(ds: Any, cfg: SemanticDedupConfig,
     """
     import ray
 
+    from craft_ray.resources import actor_resources
+
+    actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,  # fails first if it can't fit
+                    key="filter.dedup.semantic")
     emb = ds.select_columns(["sample_id", "sample_text"]).map_batches(
         SemanticEmbedder, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

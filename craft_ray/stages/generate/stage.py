@@ -85,7 +85,8 @@ def backend_dataset(kept: Any, cfg: GenerateConfig, sampling: dict[str, Any] | N
     greedy steps)."""
     model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model) or cfg.model
     return run_backend(kept, cfg.backend, model, getattr(cfg, cfg.backend),
-                       sampling or cfg.sampling(), tokenizer=local_ref(cfg.tokenizer))
+                       sampling or cfg.sampling(), tokenizer=local_ref(cfg.tokenizer),
+                       key=f"generate.{cfg.backend}")
 
 
 def _task_spec(cfg: GenerateConfig) -> Any:

@@ -34,6 +34,9 @@ class SearchResult:
 class StoreSearcher:
     """Similarity actors over one store, started once and reused by every search.
 
+    ``key`` is the config section of the actors' settings, named when they cannot fit the
+    cluster (:func:`craft_ray.resources.actor_resources`).
+
     Plain Ray actors (each with two files queued) rather than a Ray Data pipeline: the
     inputs are a list of files and the outputs small pools, so Ray Data's streaming buys
     nothing here, and its executor start-up (~1.5-2 s on 2 cores, measured with an empty
@@ -44,12 +47,18 @@ class StoreSearcher:
     def __init__(self, store: str | Path, info: StoreInfo, *, chunk_rows: int = 32_768,
                  query_block: int = 256, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  concurrency: int = 1, vector_cache: bool = False,
-                 cache_dtype: CacheDtype = "auto") -> None:
+                 cache_dtype: CacheDtype = "auto", key: str = "retrieve") -> None:
         import ray
+
+        from craft_ray.resources import actor_resources
 
         self.store, self.info = Path(store), info
         self._searches = 0
         files = [s for s in info.shards if s.num_rows]
+        # An actor too big for every node would wait forever: fail first, naming ``key``.
+        # Nothing else of the search runs beside the actors (no task reserve).
+        actor_resources(num_cpus, max(1, min(concurrency, len(files))), num_gpus, key=key,
+                        task_cpus=0.0)
         actor_cls = ray.remote(SimilarityScorer).options(
             num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=2, max_task_retries=2)
         cache = str(self.store / "_vector_cache") if vector_cache else None

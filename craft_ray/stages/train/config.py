@@ -152,7 +152,8 @@ class TrainConfig(StrictModel):
     cpus_per_worker: float | None = Field(
         default=None, gt=0, le=1024,
         description="CPUs per worker (default: an equal share of the cluster's CPUs minus 1 "
-        "left to the data tasks; 1 with a GPU). Torch threads: the share of all cores.")
+        "left to the data tasks, lowered until the workers fit the nodes; 1 with a GPU). "
+        "Torch threads: the share of the cores. Workers that cannot fit fail before work.")
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024,
         description="Torch threads per worker (default: cpus_per_worker).")

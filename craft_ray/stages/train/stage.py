@@ -46,8 +46,11 @@ def build_trainer(stage_cfg: TrainStageConfig, datasets: dict[str, Any], plan: d
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = stage_cfg.train
+    # the tokenising actor (data_num_cpus) runs beside the workers
     cpus, threads = actor_resources(cfg.cpus_per_worker, cfg.num_workers, float(cfg.use_gpu),
-                                    cfg.torch_threads)
+                                    cfg.torch_threads, key="train",
+                                    task_cpus=cfg.data_num_cpus,
+                                    names=("num_workers", "cpus_per_worker"))
     cfg = cfg.model_copy(update={"cpus_per_worker": cpus, "torch_threads": threads})  # workers too
     storage = cfg.storage_path or str((trial_dir / "ray").resolve())
     resources = {"CPU": cfg.cpus_per_worker}

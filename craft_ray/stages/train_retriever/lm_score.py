@@ -116,6 +116,10 @@ def score_examples(examples: list[Example], cfg: LMScoringSettings) -> int:
         return 0
     rows = [{"row": i, "query": examples[i].query, "answer": examples[i].answers[0],
              "keys": candidates(examples[i], cfg.max_candidates)} for i in todo]
+    from craft_ray.resources import actor_resources
+
+    actor_resources(cfg.num_cpus, cfg.concurrency, cfg.num_gpus,  # fails first if it can't fit
+                    key="lm_scoring")
     ds = ray.data.from_items(rows).map_batches(
         LMScorer, batch_size=cfg.rows_per_call, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_cpus=cfg.num_cpus,
