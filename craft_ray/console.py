@@ -150,7 +150,8 @@ def progress_text(stage: str, done: int, total: int | None, elapsed: float,
     parts = [f"{stage}: {done:,}/{f'{total:,}' if total else '?'}{unit}"]
     if total:
         parts[0] += f" ({100 * done // max(total, 1)}%)"
-    parts.append(_rate(done, elapsed))
+    if done:  # no rate before the first item is done (a batch of generations takes minutes)
+        parts.append(_rate(done, elapsed))
     rate = done / elapsed if elapsed > 0 else 0.0
     if total and rate > 0 and done < total:
         parts.append(f"ETA {_duration((total - done) / rate)}")

@@ -54,6 +54,10 @@ def test_progress_text_takes_the_stages_own_counts():
         "embed: 2/8 done (25%), 0.2/s, ETA 30s, 500 docs (50/s), 10s elapsed")
     assert console.progress_text("embed", 0, None, 10.0, {"done": 500, "unit": "docs"}) == (
         "embed: 500 docs (50/s), 10s elapsed")
+    # the first batch of generations still running: tokens/s, no rate of items yet
+    assert console.progress_text("generate", 0, 1, 60.0,
+                                 {"total": 12, "unit": "generations", "tokens": 600}) == (
+        "generate: 0/12 generations (0%), 10 tok/s, 1m00s elapsed")
     # nothing done yet, but rejects already: a heartbeat that says so
     assert console.progress_text("embed", 0, None, 5.0, {"rejects": 2}) == (
         "embed: running, 2 rejects so far, 5s elapsed")
