@@ -30,6 +30,9 @@ ACTOR_NAME = "craft_ray_progress"
 # This process's handle to the actor: None = not looked up yet, False = there is none (a
 # library call without the CLI): workers look it up once, not per batch.
 _handle: Any = None
+# The handle that created the actor, kept for the life of the process: Ray ends an actor (not
+# detached) once the handle that created it is gone, and a new stage must not lose it.
+_owner: Any = None
 
 
 class ProgressCounters:
@@ -57,15 +60,22 @@ class ProgressCounters:
 
 def start_progress() -> None:
     """Create (or reset) the counters actor for a new stage; a no-op without Ray."""
-    global _handle
+    global _handle, _owner
     try:
         import ray
 
         if not ray.is_initialized():
             return
-        actor = ray.remote(num_cpus=0)(ProgressCounters)
-        _handle = actor.options(name=ACTOR_NAME, get_if_exists=True).remote()
-        ray.get(_handle.reset.remote(), timeout=30)
+        for _attempt in range(2):
+            if _owner is None:
+                actor = ray.remote(num_cpus=0)(ProgressCounters)
+                _owner = actor.options(name=ACTOR_NAME, get_if_exists=True).remote()
+            try:
+                ray.get(_owner.reset.remote(), timeout=30)
+                break
+            except Exception:  # a handle from an earlier ray.init (tests): start anew
+                _owner = None
+        _handle = _owner
     except Exception as exc:  # progress is for the eye only; never fail a stage
         logger.debug("progress counters unavailable: %s", exc)
         _handle = None

@@ -72,3 +72,16 @@ def test_heartbeat_writes_the_line_while_ray_data_is_silent_and_stops_at_end(
     n = len(beats)
     time.sleep(0.5)
     assert len([r for r in caplog.records if r.getMessage().startswith("train:")]) == n
+
+
+def test_the_counters_outlive_a_stage(ray_local, monkeypatch):
+    # Ray ends an actor once the handle that created it is gone: a second stage's start must
+    # not drop it (seen: evaluate's line stayed "running" after train in the demo)
+    monkeypatch.setattr(progress, "_handle", None)
+    for stage in range(3):
+        progress.start_progress()
+        progress.report_progress(total=40 + stage, unit="items")
+        deadline = time.time() + 10
+        while not progress.read_progress() and time.time() < deadline:
+            time.sleep(0.05)
+        assert progress.read_progress() == {"total": 40 + stage, "unit": "items"}
