@@ -22,8 +22,14 @@ def test_counters_add_numbers_and_replace_total_and_unit():
 
 
 def test_report_without_ray_or_actor_is_silent(monkeypatch):
+    import ray
+
     monkeypatch.setattr(progress, "_handle", None)
-    progress.report_progress(done=1)  # no Ray here: dropped, no error
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a library call without Ray
+    progress.report_progress(done=1)  # dropped, no error
+    assert progress.read_progress() == {}
+    monkeypatch.setattr(progress, "_handle", False)  # Ray, but nobody watching: no actor
+    progress.report_progress(done=1)
     assert progress.read_progress() == {}
 
 
