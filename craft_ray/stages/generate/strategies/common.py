@@ -19,7 +19,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,20 @@ def prompt_row(ctx: StepContext, sample_id: str, messages: list[dict[str, str]],
     row["prompt_hash"] = hashlib.sha256(
         (row["prompt"] or row["messages"]).encode()).hexdigest()[:16]
     return row
+
+
+def final_results(results: dict[str, dict[str, Any]], by_id: dict[str, Any], step: str
+                  ) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """The last step's results, item by item: each item gets its prompt hash; an unparsed
+    result rejects it (reason from the step); the parsed ones are yielded as
+    ``(sample_id, item, result)`` for the strategy to build its record."""
+    for sid, res in results.items():
+        it = by_id[sid]
+        it.prompt_hash = res["prompt_hash"]
+        if res["obj"] is None:
+            it.reject(step, res["reason"], res["detail"], res["text"])
+            continue
+        yield sid, it, res
 
 
 def run_step(ctx: StepContext, name: str, rows: list[dict[str, Any]], schema: dict[str, Any],

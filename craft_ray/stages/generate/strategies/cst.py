@@ -28,6 +28,7 @@ import numpy as np
 from craft_ray.stages.generate.strategies.common import (
     Item,
     StepContext,
+    final_results,
     obj_schema,
     prompt_row,
     run_step,
@@ -173,12 +174,7 @@ def run_cst(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any) -> tuple[li
     a_rows = _answer_prompts(ctx, asked, qs, nodes, by_id,
                              scfg.answer_max_new_tokens or max_new)
     ans = run_step(ctx, "cst_answers", a_rows, ANSWER_SCHEMA)
-    for sid, res in ans.items():
-        it = by_id[sid]
-        it.prompt_hash = res["prompt_hash"]
-        if res["obj"] is None:
-            it.reject("cst_answers", res["reason"], res["detail"], res["text"])
-            continue
+    for sid, it, res in final_results(ans, by_id, "cst_answers"):
         node, context = nodes[sid]
         it.record = {"question": qs[sid]["obj"]["question"], "answer": res["obj"]["answer"],
                      "context": context, "depth": node.depth, "span_start": node.start,

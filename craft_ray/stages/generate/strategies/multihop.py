@@ -29,6 +29,7 @@ import numpy as np
 from craft_ray.stages.generate.strategies.common import (
     Item,
     StepContext,
+    final_results,
     obj_schema,
     prompt_row,
     run_step,
@@ -129,12 +130,7 @@ def run_multihop(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_di
     ans = run_step(ctx, "multihop_answers", a_rows, ANSWER_SCHEMA, sampling=greedy)
     f_rows = _final_rows(ctx, dec, ans, info, by_id, max_new)
     fin = run_step(ctx, "multihop_final", f_rows, FINAL_SCHEMA)
-    for sid, res in fin.items():
-        it = by_id[sid]
-        it.prompt_hash = res["prompt_hash"]
-        if res["obj"] is None:
-            it.reject("multihop_final", res["reason"], res["detail"], res["text"])
-            continue
+    for sid, it, res in final_results(fin, by_id, "multihop_final"):
         it.record = {"question": dec[sid]["obj"]["question"],
                      "final_answer": res["obj"]["final_answer"],
                      "thought": res["obj"]["thought"], "sub_questions": info[sid]["subs"],

@@ -28,6 +28,7 @@ import numpy as np
 from craft_ray.stages.generate.strategies.common import (
     Item,
     StepContext,
+    final_results,
     obj_schema,
     prompt_row,
     run_step,
@@ -179,12 +180,7 @@ def run_rag_answer(ctx: StepContext, docs: list[dict[str, Any]], scfg: Any, run_
         a_rows.append(prompt_row(ctx, sid, _answer_messages(ctx, scfg, shots, chunks, q),
                                  ANSWER_SCHEMA, max_new))
     ans = run_step(ctx, "rag_answers", a_rows, ANSWER_SCHEMA)
-    for sid, res in ans.items():
-        it = by_id[sid]
-        it.prompt_hash = res["prompt_hash"]
-        if res["obj"] is None:
-            it.reject("rag_answers", res["reason"], res["detail"], res["text"])
-            continue
+    for sid, it, res in final_results(ans, by_id, "rag_answers"):
         chunks, gi, noise_docs = mixed[sid]
         wid, q = questions[sid]
         it.record = {"system": scfg.system_prompt, "question": q, "context": wins[wid][1],
