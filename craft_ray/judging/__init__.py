@@ -5,7 +5,15 @@ rag_answer's evaluator all use it."""
 
 from craft_ray.judging.backend import backend_generate, judge_rows
 from craft_ray.judging.config import JudgeModelConfig
-from craft_ray.judging.pairwise import JUDGE_TEMPLATE, judge_groups, judge_outputs, rouge_l
+from craft_ray.judging.pairwise import (
+    JUDGE_TEMPLATE,
+    JudgeReply,
+    judge_groups,
+    judge_outputs,
+    reply_error,
+    rouge_l,
+    warn_judge_errors,
+)
 
-__all__ = ["JUDGE_TEMPLATE", "JudgeModelConfig", "backend_generate", "judge_groups",
-           "judge_outputs", "judge_rows", "rouge_l"]
+__all__ = ["JUDGE_TEMPLATE", "JudgeModelConfig", "JudgeReply", "backend_generate", "judge_groups",
+           "judge_outputs", "judge_rows", "reply_error", "rouge_l", "warn_judge_errors"]

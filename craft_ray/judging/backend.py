@@ -8,6 +8,7 @@ from typing import Any
 
 from craft_ray.backends import check_backend, run_backend
 from craft_ray.judging.config import JudgeModelConfig
+from craft_ray.judging.pairwise import JudgeReply
 from craft_ray.models.chat import chat_messages, render_chat
 from craft_ray.models.tokenizers import local_ref
 
@@ -32,16 +33,17 @@ def judge_rows(prompts: Sequence[str], cfg: JudgeModelConfig, tokenizer: Any | N
 
 
 def backend_generate(cfg: JudgeModelConfig, seed: int = 0, section: str = "judge.judge"
-                     ) -> Callable[[list[str]], list[str]]:
+                     ) -> Callable[[list[str]], list[JudgeReply]]:
     """A ``prompts -> answers`` function running the judge on a generation backend (greedy).
 
-    Ray must be initialised. A failed request yields "" (an unparsable judgement). The backend
+    Ray must be initialised. A failed request yields an empty :class:`JudgeReply` carrying the
+    backend's reason (an unparsable judgement whose cause is recorded). The backend
     is checked now, before any judging (an openai server must answer; ``section`` names the
     config keys in the error).
     """
     check_backend(cfg.backend, cfg.model, getattr(cfg, cfg.backend), section)
 
-    def run(prompts: list[str]) -> list[str]:
+    def run(prompts: list[str]) -> list[JudgeReply]:
         import ray.data
         from transformers import AutoTokenizer
 
@@ -53,7 +55,10 @@ def backend_generate(cfg: JudgeModelConfig, seed: int = 0, section: str = "judge
         model = cfg.model if cfg.backend == "openai" else local_ref(cfg.model)
         out = run_backend(ds, cfg.backend, model, getattr(cfg, cfg.backend), sampling,
                           tokenizer=local_ref(cfg.tokenizer), key=f"{section}.{cfg.backend}")
-        got = {str(r["sample_id"]): str(r.get("text") or "") for r in out.take_all()}
-        return [got.get(f"judge-{i:08d}", "") for i in range(len(prompts))]
+        got = {str(r["sample_id"]): JudgeReply(str(r.get("text") or ""), str(r.get("error") or ""),
+                                               str(r.get("error_detail") or ""))
+               for r in out.take_all()}
+        missing = JudgeReply("", "No reply from the backend.", "row missing from its output")
+        return [got.get(f"judge-{i:08d}", missing) for i in range(len(prompts))]
 
     return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 Verdict = Literal["1", "2", "tie"]
 
@@ -56,6 +59,36 @@ def build_pairs(instructions: Sequence[str], references: Sequence[str],
         s = bool(swap[i])
         pairs.append(JudgePair(i, ins, cand if s else ref, ref if s else cand, s))
     return pairs
+
+
+class JudgeReply(str):
+    """A judge's answer (the text itself); a failed request is an empty reply whose ``error``
+    (a fixed reason, e.g. "Connection failed after retries.") and ``detail`` say why, so the
+    failure reaches the judgements and stats instead of passing for an unparsable answer."""
+
+    error: str
+    detail: str
+
+    def __new__(cls, text: str, error: str = "", detail: str = "") -> JudgeReply:
+        obj = super().__new__(cls, text)
+        obj.error, obj.detail = error, detail
+        return obj
+
+
+def reply_error(answer: str) -> tuple[str, str]:
+    """``(error, detail)`` of a judge answer: empty for a plain string or a successful reply."""
+    return getattr(answer, "error", ""), getattr(answer, "detail", "")
+
+
+def warn_judge_errors(where: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Log how many judge requests failed, by reason, with the first failure's detail (they
+    count as unparsable judgements, i.e. losses in CRAFT's win rate)."""
+    failed = [r for r in rows if r.get("judge_error")]
+    if failed:
+        by_reason = dict(Counter(r["judge_error"] for r in failed))
+        logger.warning("%s: %d of %d judge requests failed %s (counted as unparsable); first: "
+                       "%s", where, len(failed), len(rows), by_reason,
+                       failed[0].get("judge_error_detail", "")[:300])
 
 
 def judge_prompt(pair: JudgePair, template: str = JUDGE_TEMPLATE) -> str:
@@ -167,11 +200,15 @@ def _judged(pairs: list[JudgePair], references: Sequence[str], candidates: Seque
             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     verdicts = [parse_verdict(a) for a in answers]
     outs = [outcome(v, p.swapped) for v, p in zip(verdicts, pairs)]
+    errors = [reply_error(a) for a in answers]
     rouge = rouge_l(candidates, references)
     rows = [{"index": p.index, "instruction": p.instruction, "reference": references[i],
-             "prediction": candidates[i], "swapped": p.swapped, "judge_answer": a,
-             "verdict": v, "outcome": o, "rougeL_f1": rouge["per_item"][i]}
-            for i, (p, a, v, o) in enumerate(zip(pairs, answers, verdicts, outs))]
+             "prediction": candidates[i], "swapped": p.swapped, "judge_answer": str(a),
+             "verdict": v, "outcome": o, "judge_error": err, "judge_error_detail": detail,
+             "rougeL_f1": rouge["per_item"][i]}
+            for i, (p, a, v, o, (err, detail)) in enumerate(zip(pairs, answers, verdicts, outs,
+                                                                errors))]
     summary = {**win_rates(outs), "rougeL_f1": rouge["rougeL_f1"], "seed": seed,
-               "swapped": int(sum(p.swapped for p in pairs))}
+               "swapped": int(sum(p.swapped for p in pairs)),
+               "judge_errors": dict(sorted(Counter(e for e, _ in errors if e).items()))}
     return summary, rows

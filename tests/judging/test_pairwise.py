@@ -88,3 +88,18 @@ def test_judge_outputs_with_content_and_position_biased_judges():
     assert summary["ties"] == 50 and summary["unparsable"] == 150
     assert summary["win_rate"] == 0.0 and summary["win_rate_decided"] == 0.0
     assert 0 < summary["rougeL_f1"] < 1
+
+
+def test_failed_judge_replies_carry_their_reason():
+    from craft_ray.judging import JudgeReply, judge_outputs
+
+    def gen(prompts):
+        return [JudgeReply("Output (1)") if i % 2 else JudgeReply("", "Server error.", "HTTP 503")
+                for i in range(len(prompts))]
+
+    summary, rows = judge_outputs(["q"] * 4, ["ref"] * 4, ["cand"] * 4, gen, seed=0)
+    assert summary["unparsable"] == 2 and summary["judge_errors"] == {"Server error.": 2}
+    assert [r["judge_error"] for r in rows] == ["Server error.", "", "Server error.", ""]
+    assert rows[0]["judge_error_detail"] == "HTTP 503" and rows[1]["verdict"] == "1"
+    plain, prow = judge_outputs(["q"], ["ref"], ["cand"], lambda ps: [""] * len(ps), seed=0)
+    assert plain["judge_errors"] == {} and prow[0]["judge_error"] == ""

@@ -196,6 +196,7 @@ def summarise_generative(rows: list[dict[str, Any]], level: float,
         out.update({k: judged[k] for k in ("wins", "losses", "ties", "unparsable", "win_rate",
                                            "win_rate_decided", "win_rate_ties_half",
                                            "swapped")})
+        out["judge_errors"] = judged.get("judge_errors", {})
         out.update(metric="win_rate", ci_low=lo_w, ci_high=hi_w, ci_method="wilson",
                    win_rate_decided_ci_low=lo_d, win_rate_decided_ci_high=hi_d,
                    judge_seed=judged["seed"])

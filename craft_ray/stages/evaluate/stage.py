@@ -281,7 +281,7 @@ def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, A
                        judge_generate: Any | None) -> list[dict[str, Any]]:
     """ROUGE-L of every generated pair, then (with a judge) one judge call over all pairs;
     writes each pair's predictions and results; returns the results."""
-    from craft_ray.judging import backend_generate, judge_groups, rouge_l
+    from craft_ray.judging import backend_generate, judge_groups, rouge_l, warn_judge_errors
 
     if not pending:
         return []
@@ -303,7 +303,10 @@ def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, A
                                                           cfg.judge_template)):
             judged[i] = summary
             for r, j in zip(pending[i]["rows"], jrows):
-                r.update({k: j[k] for k in ("swapped", "judge_answer", "verdict", "outcome")})
+                r.update({k: j[k] for k in ("swapped", "judge_answer", "verdict", "outcome",
+                                            "judge_error", "judge_error_detail")})
+            warn_judge_errors(f"evaluate: {pending[i]['model'].name} on {pending[i]['name']}",
+                              jrows)
     results = []
     for p, summary in zip(pending, judged):
         model, name = p["model"], p["name"]

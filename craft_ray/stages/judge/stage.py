@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from craft_ray.judging import backend_generate, judge_outputs
+from craft_ray.judging import backend_generate, judge_outputs, warn_judge_errors
 from craft_ray.stages.judge.config import JudgeConfig, JudgeStageConfig
 
 
@@ -77,7 +77,11 @@ def run_judge(stage_cfg: JudgeStageConfig, *, force: bool = False,
               "judge_model": cfg.judge.model, **summary}
     atomic_write_json(stage.path / "results.json", result)
     stats = StageStats("judge", rows_in=len(rows), rows_out=len(rows))
-    stats.rejects.update({"tie": summary["ties"], "unparsable": summary["unparsable"]})
+    failed = sum(summary["judge_errors"].values())
+    warn_judge_errors(f"judge: {cfg.name}", rows)
+    stats.rejects.update({"tie": summary["ties"], "unparsable": summary["unparsable"] - failed})
+    stats.rejects.update({f"judge_backend_error: {k}": v
+                          for k, v in summary["judge_errors"].items()})
     stats.extra.update({k: summary[k] for k in ("win_rate", "win_rate_decided",
                                                  "win_rate_ties_half", "rougeL_f1")})
     stats.extra["outputs"] = str(stage.path)

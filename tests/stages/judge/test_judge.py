@@ -63,3 +63,32 @@ def test_judge_cli_on_the_hf_backend(ray_local, tmp_path):
             (tmp_path / "run/evaluate/judge/tiny/judgements.jsonl").read_text().splitlines()]
     assert all(isinstance(r["judge_answer"], str) for r in rows)
     assert any(r["judge_answer"] for r in rows)  # the backend really generated text
+
+
+def test_failed_judge_requests_keep_the_backends_reason(ray_local, tmp_path):
+    """An openai judge whose server is gone (the check before work turned off): every request
+    fails; each judgement row and the stats say why, instead of a bare 'unparsable'."""
+    import json
+    import socket
+
+    from craft_ray.stages.judge.config import JudgeStageConfig
+    from craft_ray.stages.judge.stage import run_judge
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _write_preds(tmp_path / "preds.jsonl", n=3)
+    cfg = JudgeStageConfig.model_validate({"run_dir": str(tmp_path / "run"), "judge": {
+        "input_path": str(tmp_path / "preds.jsonl"), "name": "gone", "judge": {
+            "backend": "openai", "model": "m", "max_new_tokens": 4, "openai": {
+                "base_url": f"http://127.0.0.1:{port}/v1", "preflight": False,
+                "max_retries": 1, "backoff_s": 0.01, "timeout_s": 5}}}})
+    stats = run_judge(cfg)
+    rows = [json.loads(x) for x in
+            (tmp_path / "run/evaluate/judge/gone/judgements.jsonl").read_text().splitlines()]
+    assert [r["judge_error"] for r in rows] == ["Connection failed after retries."] * 3
+    assert all("attempts" in r["judge_error_detail"] for r in rows)
+    res = json.loads((tmp_path / "run/evaluate/judge/gone/results.json").read_text())
+    assert res["judge_errors"] == {"Connection failed after retries.": 3}
+    assert stats["rejects"] == {"judge_backend_error: Connection failed after retries.": 3,
+                                "tie": 0, "unparsable": 0}

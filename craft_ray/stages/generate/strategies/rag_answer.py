@@ -129,7 +129,7 @@ def _evaluate(ctx: StepContext, scfg: Any, rows: list[dict[str, Any]], prompts: 
     if scfg.evaluator is None:
         return run_step(ctx, "rag_evaluation", rows, EVAL_SCHEMA,
                         sampling={**ctx.sampling, "temperature": 0.0})
-    from craft_ray.judging import backend_generate
+    from craft_ray.judging import backend_generate, reply_error
     from craft_ray.stages.generate.parse import parse_row
     from craft_ray.stages.generate.strategies.common import StepTask
 
@@ -138,7 +138,8 @@ def _evaluate(ctx: StepContext, scfg: Any, rows: list[dict[str, Any]], prompts: 
     task = StepTask("rag_evaluation", EVAL_SCHEMA)
     out = {}
     for r, t in zip(rows, texts):
-        obj, reason, detail = parse_row(task, t, "", "")
+        error, error_detail = reply_error(t)
+        obj, reason, detail = (None, error, error_detail) if error else parse_row(task, t, "", "")
         out[r["sample_id"]] = {"obj": obj, "reason": reason, "detail": detail, "text": t,
                                "prompt_hash": r["prompt_hash"]}
     ctx.step_stats["rag_evaluation"] = {"prompts": len(rows), "evaluator": scfg.evaluator.model}
