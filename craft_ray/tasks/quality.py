@@ -28,6 +28,9 @@ _WORDS = re.compile(r"\w+")
 FILLER_WORDS = frozenset(
     "a an the of to in on at for and or is are was were be been do does did that this it "
     "its there their".split())
+# Words that make a term a question ("what does X mean?") without adding content to it.
+QUESTION_WORDS = frozenset(
+    "what which who whom whose where when why how mean means meaning called".split())
 
 
 def check_options(texts: list[str], min_chars: int = MIN_OPTION_CHARS) -> None:
@@ -48,14 +51,22 @@ def check_options(texts: list[str], min_chars: int = MIN_OPTION_CHARS) -> None:
         raise TaskValidationError(NEAR_DUPLICATE_OPTIONS)
 
 
+def _content_words(text: str) -> list[str]:
+    return [w for w in _WORDS.findall(text.lower())
+            if w not in FILLER_WORDS and w not in QUESTION_WORDS]
+
+
 def check_question(question: str, labelled: list[str], texts: list[str]) -> None:
     """Reject a question that stops without terminal punctuation, lists two or more of the
-    labelled options (``"A. ..."``) or is one option's text."""
+    labelled options (``"A. ..."``) or is one option's text once filler and question words are
+    dropped ("What is a heracleum?" with option "Heracleum"; no question of the 1,273 MedQA
+    test or 1,221 CommonsenseQA dev items does that)."""
     if not question.rstrip().endswith(_TERMINAL):
         raise TaskValidationError(QUESTION_CUT_OFF)
     q = question.lower()
     inline = sum(1 for o in labelled if o.lower() in q)
-    if inline >= 2 or any(t and q.rstrip("?.!: ") == t for t in texts):
+    words = _content_words(question)
+    if inline >= 2 or any(words and _content_words(t) == words for t in texts):
         raise TaskValidationError(QUESTION_REPEATS_OPTION)
 
 

@@ -44,6 +44,13 @@ DEGENERATE = [
     (dict(GOOD, question="Which enzyme: A. Beta-amylase, B. Lipase, C. Protease or D. Invertase?"),
      QUESTION_REPEATS_OPTION),
     (dict(GOOD, answer="E"), "Answer does not include A, B, C, or D."),
+    # seen in the quiet demo run of session 6: the question is only an option's term
+    ({"question": "What does bottom fermented?", "options": [
+        "A. Bottom fermented", "B. Top fermented", "C. Bottom fermenting yeast",
+        "D. Top fermentation yeast"], "answer": "C"}, QUESTION_REPEATS_OPTION),
+    ({"question": "What is a heracleum?", "options": [
+        "A. Heracleum", "B. Cow Parsnip", "C. Floral Cypress", "D. Heracleum Dulce"],
+      "answer": "C"}, QUESTION_REPEATS_OPTION),
 ]
 
 
@@ -69,6 +76,26 @@ def test_mc_good_sample_and_short_real_options_pass():
     csqa = get_task("csqa")
     assert csqa.validate({"statement": "Cold brew coffee is steeped for many hours.",
                           "options": ["A. Yes", "B. No"], "answer": "A"})["answer"] == "A"
+
+
+def test_human_questions_do_not_trip_the_question_guard():
+    """The bundled human-written questions (60 MedQA, 100 CommonsenseQA) all pass
+    check_question: the guard rejects what the model gets wrong, not real questions."""
+    from pathlib import Path
+
+    from craft_ray.tasks.quality import check_question
+
+    root = Path(__file__).resolve().parents[2]
+    medqa = [json.loads(x) for x in
+             (root / "data/eval/medqa_usmle_4opt_test_first60.jsonl").read_text().splitlines()]
+    csqa = [json.loads(x) for x in (root / "tests/fixtures/eval/"
+                                    "commonsenseqa_dev_first100.jsonl").read_text().splitlines()]
+    items = [(r["question"], [f"{k}. {v}" for k, v in r["options"].items()]) for r in medqa]
+    items += [(r["question"]["stem"], [f"{c['label']}. {c['text']}"
+                                       for c in r["question"]["choices"]]) for r in csqa]
+    assert len(items) == 160
+    for question, labelled in items:
+        check_question(question, labelled, [o[3:].lower() for o in labelled])
 
 
 @pytest.mark.parametrize("name", ["bioqa", "medqa", "csqa"])
