@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import Field
@@ -66,7 +67,7 @@ class HFGenerator:
     def __init__(self, model: str, tokenizer: str | None, cfg: dict[str, Any],
                  sampling: dict[str, Any]) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.cfg = HFBackendConfig.model_validate(cfg)
         self.sampling = sampling
@@ -78,11 +79,13 @@ class HFGenerator:
         dtype = self.cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
-        self.model.to(device).eval()
+        # The tokenizer (and, guided, xgrammar's import) load in a thread while the model's
+        # weights load: the actor's start-up is on the stage's critical path.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tok = pool.submit(_load_tokenizer, tokenizer or model, bool(sampling.get("guided")))
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+            self.model.to(device).eval()
+            self.tokenizer = tok.result()
         self.vocab_size = int(self.model.config.vocab_size)
         self._grammars: dict[str, Any] = {}
         self._compiler: Any = None
@@ -204,6 +207,19 @@ def compile_schema(compiler: Any, schema: str, any_whitespace: bool = False) -> 
     indentation), so every whitespace token the model could loop on is masked out.
     """
     return compiler.compile_json_schema(schema, any_whitespace=any_whitespace)
+
+
+def _load_tokenizer(name: str, guided: bool) -> Any:
+    """The generator's tokenizer (pad = eos when it has none); ``guided`` also imports
+    xgrammar, so the first guided batch does not wait for it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if guided:
+        import xgrammar  # noqa: F401
+    return tok
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
