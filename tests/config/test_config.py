@@ -61,7 +61,7 @@ def test_a_stage_reads_its_section_of_a_whole_pipeline_yaml(tmp_path: Path):
 
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     cfg = load_config(RetrieveStageConfig, demo)
-    assert cfg.retrieve.k == 12 and cfg.run_dir == "runs/demo"
+    assert cfg.retrieve.k == 16 and cfg.run_dir == "runs/demo"
     assert load_config(EmbedStageConfig, demo).embed.max_seq_length == 128
     bad = demo.read_text().replace("retrieve:", "retreive:")
     p = tmp_path / "bad.yaml"
