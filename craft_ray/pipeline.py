@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from craft_ray.config import ConfigError, RayConfig, StrictModel
-from craft_ray.runtime import SUCCESS, StageDir
+from craft_ray.runtime import StageDir
 from craft_ray.stages.embed import EmbedConfig, EmbedStageConfig, run_embed
 from craft_ray.stages.evaluate import EvaluateConfig, EvaluateStageConfig, run_evaluate
 from craft_ray.stages.evaluate import stage_root as evaluate_root
@@ -164,10 +164,10 @@ def plan(cfg: PipelineConfig, from_stage: str | None = None) -> list[tuple[Stage
             invalid = invalid or f"--from {from_stage}"
             out.append((st, scfg, f"rerun: {invalid}"))
         elif invalid:
-            out.append((st, scfg, f"rerun: {invalid}" if sdir.path.exists() else "run"))
+            out.append((st, scfg, f"rerun: {invalid}" if sdir.exists() else "run"))
         elif sdir.is_complete(section):
             out.append((st, scfg, "skip"))
-        elif (sdir.path / SUCCESS).is_file():
+        elif sdir.has_marker():
             invalid = f"config of {st.name} changed"
             out.append((st, scfg, f"rerun: {invalid}"))
         else:
