@@ -13,8 +13,9 @@ Layout of a run directory::
 written once in a single PUT (see :mod:`craft_ray.runtime.storage`).
 
 Invariant: ``_SUCCESS`` is written only after every output of the stage is in place (renamed
-locally, PUT on an object store), so a reader that sees it never sees partial outputs. ``_SUCCESS`` holds the hash of the
-resolved config, so a rerun with a changed config knows the old outputs are stale.
+locally, PUT on an object store), so a reader that sees it never sees partial outputs.
+``_SUCCESS`` holds the hash of the resolved config, so a rerun with a changed config knows the
+old outputs are stale.
 """
 
 from __future__ import annotations

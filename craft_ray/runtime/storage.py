@@ -124,6 +124,15 @@ def filesystem(location: str | Path) -> tuple[Any, str]:
     return fs, f"{parts.netloc}{parts.path}".rstrip("/")
 
 
+def ray_storage(location: str | Path) -> tuple[Any, str]:
+    """``(storage_filesystem, storage_path)`` for Ray Train / Tune's RunConfig: an object
+    store through this module's pyarrow filesystem (so AWS_ENDPOINT_URL applies), a local
+    path as Ray takes it (absolute, no filesystem)."""
+    if is_uri(location):
+        return filesystem(location)
+    return None, str(Path(location).expanduser().resolve())
+
+
 def join(location: str | Path, *parts: str) -> str:
     """``location/part/...`` (``/`` between the parts of a URI, os.path.join locally)."""
     s = str(location)
@@ -190,6 +199,26 @@ def read_table(location: str | Path, columns: list[str] | None = None) -> Any:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def parquet_file(location: str | Path) -> Any:
+    """A ``pyarrow.parquet.ParquetFile`` of ``location`` (read in ranges from object stores)."""
+    import pyarrow.parquet as pq
+
+    if not is_uri(location):
+        return pq.ParquetFile(location)
+    fs, path = filesystem(location)
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
+def mtime(location: str | Path) -> float:
+    """Last modification time of a file (seconds since the epoch)."""
+    if not is_uri(location):
+        return os.stat(location).st_mtime
+    info = _info(location)
+    if info.mtime is None:
+        return 0.0
+    return float(info.mtime.timestamp())
+
+
 def read_text(location: str | Path) -> str:
     return read_bytes(location).decode("utf-8")
 
@@ -217,6 +246,18 @@ def write_text(location: str | Path, text: str) -> None:
 def write_json(location: str | Path, obj: Any) -> None:
     """JSON (sorted keys, indented), written whole."""
     write_text(location, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def append_text(location: str | Path, text: str) -> None:
+    """Append ``text`` to a file. An object cannot be appended to: it is read and written
+    whole again (one PUT), so keep such files small and give them a single writer."""
+    if not is_uri(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        with open(location, "a", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    old = read_text(location) if is_file(location) else ""
+    write_text(location, old + text)
 
 
 @contextmanager
@@ -318,29 +359,50 @@ def cache_root() -> Path:
                                Path.home() / ".cache" / "craft_ray" / "storage"))
 
 
+def _listing(location: str) -> list[tuple[str, int, float]]:
+    """``(path relative to location, size, mtime)`` of a file or of every file under a
+    prefix (empty when nothing is there)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(
+        pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    return sorted((posixpath.relpath(i.path, path) if i.path != path else "", i.size or 0,
+                   i.mtime.timestamp() if i.mtime else 0.0)
+                  for i in infos if i.type == pafs.FileType.File)
+
+
 def local_copy(location: str | Path) -> Path:
     """A local path holding ``location`` (a file or folder): itself when local, else a
-    download into a cache folder keyed by the URI (for readers that need a local folder,
-    such as ``from_pretrained``). Downloaded again on each call, so a changed object is seen.
+    download into this machine's cache (``$CRAFT_RAY_STORAGE_CACHE``) keyed by the URI and the
+    objects' sizes and times, for readers that need a local folder (``from_pretrained``,
+    ``load_from_disk``). A changed object is downloaded again; several processes of one node
+    share a download (each writes a temporary folder, the first rename wins).
     """
     if not is_uri(location):
         return Path(location)
-    key = hashlib.sha256(redact(location).encode()).hexdigest()[:16]
-    dest = cache_root() / key / name(location)
-    if is_file(location):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dest) as tmp:
-            Path(tmp).write_bytes(read_bytes(location))
-        return dest
-    files = list_files(location, recursive=True)
-    if not files:
+    listing = _listing(str(location))
+    if not listing:
         raise FileNotFoundError(f"{redact(location)} does not exist (no such object or prefix)")
-    shutil.rmtree(dest, ignore_errors=True)
-    for f in files:
-        rel = f[len(str(location).rstrip("/")) + 1:]
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(f))
+    key = hashlib.sha256(json.dumps([redact(location), listing]).encode()).hexdigest()[:20]
+    dest = cache_root() / key / name(location)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    try:
+        for rel, _size, _mtime in listing:
+            target = tmp / "x" / rel if rel else tmp / "x"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read_bytes(join(location, rel) if rel else location))
+        try:
+            os.replace(tmp / "x", dest)
+        except OSError:  # another process of this node finished first
+            if not dest.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

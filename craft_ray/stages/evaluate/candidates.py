@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from craft_ray.runtime import storage
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec, SweepModelsConfig
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def check_models(cfg: EvaluateConfig, models: Sequence[ModelSpec] | None = None)
     from craft_ray.config import ConfigError
 
     for m in (cfg.models if models is None else models):
-        if m.adapter and not (Path(m.adapter) / "adapter_config.json").is_file():
+        if m.adapter and not storage.is_file(storage.join(m.adapter, "adapter_config.json")):
             raise ConfigError(f"model {m.name!r}: adapter {m.adapter} has no adapter_config.json "
                               "(point adapter at a PEFT folder, e.g. RUN_DIR/train/TRIAL/adapter)")
         if m.model.startswith((".", "/")) and not Path(m.model).exists():
