@@ -98,3 +98,55 @@ def test_missing_bucket_is_one_clear_error_before_ray(s3_env, tmp_path: Path, mo
                                  "embed.corpora.0.paths=[s3://no-such-bucket/c4]"])
     assert r.exit_code == 2 and "s3://no-such-bucket/c4" in r.output, r.output
     assert started == []  # every error came before Ray would start
+
+
+@pytest.mark.slow
+def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal_lm: Path):
+    """`craft-ray run --config configs/demo.yaml --set run_dir=s3://...` as a user types it,
+    its corpus, few-shots and eval set read from the bucket too; the tiny random LM stands in
+    for SmolLM2 (guided JSON keeps its samples parseable), one StackExchange site."""
+    for local, key in [("data/stackexchange/coffee.stackexchange.com",
+                        "corpora/stackexchange/coffee.stackexchange.com"),
+                       ("data/fewshots/medqa.jsonl", "fewshots/medqa.jsonl"),
+                       ("data/eval/medqa_usmle_4opt_test_first60.jsonl", "eval/medqa.jsonl")]:
+        storage.upload(ROOT / local, f"{s3_bucket}/{key}")
+    run, lm = f"{s3_bucket}/run", str(tiny_causal_lm)
+    shots = f"{{path: {s3_bucket}/fewshots/medqa.jsonl, limit: 8}}"
+    sets = [f"run_dir={run}", f"embed.corpora.0.paths=[{s3_bucket}/corpora/stackexchange]",
+            f"retrieve.fewshots={shots}", f"generate.fewshots={shots}",
+            f"filter.fewshots={shots}", f"generate.model={lm}", f"train.base_model={lm}",
+            "generate.max_new_tokens=96", "generate.max_prompt_tokens=600",
+            f"evaluate.models=[{{name: base, model: {lm}}}, {{name: lora-S, model: {lm}, "
+            f"adapter: {run}/train/S-seed1234/adapter, size: S}}]",
+            f"evaluate.sets=[{{name: medqa, path: {s3_bucket}/eval/medqa.jsonl, limit: 8}}]"]
+    proc = _cli(["run", "--config", "configs/demo.yaml",
+                 *[a for s in sets for a in ("--set", s)]])
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-6000:]
+    for stage in ("embed", "retrieve", "generate", "filter", "train/S-seed1234", "evaluate"):
+        assert storage.is_file(f"{run}/{stage}/_SUCCESS"), stage
+        assert storage.is_file(f"{run}/{stage}/stats.json"), stage
+    assert storage.read_json(f"{run}/embed/stats.json")["rows_out"] == 224
+    assert storage.is_file(f"{run}/embed/embeddings.h5")
+    assert storage.is_file(f"{run}/retrieve/corpus_samples.parquet")
+    assert storage.is_file(f"{run}/generate/clean.parquet")
+    assert storage.is_file(f"{run}/filter/datasets/S/hf/dataset_info.json")
+    assert storage.is_file(f"{run}/train/S-seed1234/adapter/adapter_config.json")
+    assert storage.list_files(f"{run}/train/S-seed1234/ray", recursive=True)  # Ray Train's
+    assert storage.is_file(f"{run}/train/S-seed1234/metrics.jsonl")
+    assert storage.read_json(f"{run}/evaluate/stats.json")["rows_out"] == 16  # 2 models x 8
+    assert storage.is_file(f"{run}/evaluate/lora-S/medqa/predictions.parquet")
+    summary = storage.read_json(f"{run}/summary.json")
+    assert set(summary["stages"]) >= {"embed", "retrieve", "generate", "filter", "train",
+                                      "evaluate"}
+    assert "<html" in storage.read_text(f"{run}/report.html").lower()
+    assert f"{run}/report.html" in out
+
+    # A rerun skips every stage: the markers and config hashes live in the bucket.
+    proc = _cli(["run", "--config", "configs/demo.yaml",
+                 *[a for s in sets for a in ("--set", s)], "--json"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-6000:]
+    results = json.loads(out.strip().splitlines()[-1])
+    assert all(results[s].get("skipped") for s in ("embed", "retrieve", "generate", "filter",
+                                                   "train", "evaluate")), results
