@@ -117,7 +117,7 @@ def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal
             f"filter.fewshots={shots}", f"generate.model={lm}", f"train.base_model={lm}",
             "generate.max_new_tokens=96", "generate.max_prompt_tokens=600",
             f"evaluate.models=[{{name: base, model: {lm}}}, {{name: lora-S, model: {lm}, "
-            f"adapter: {run}/train/S-seed1234/adapter, size: S}}]",
+            "adapter: '{run_dir}/train/S-seed1234/adapter', size: S}]",
             f"evaluate.sets=[{{name: medqa, path: {s3_bucket}/eval/medqa.jsonl, limit: 8}}]"]
     proc = _cli(["run", "--config", "configs/demo.yaml",
                  *[a for s in sets for a in ("--set", s)]])
