@@ -110,3 +110,15 @@ def test_missing_bucket_and_unreachable_store_are_one_clear_error(s3_env, monkey
     with pytest.raises(storage.StorageError, match="s3://b/run") as err:
         storage.check_location("s3://b/run")
     assert "AWS_ENDPOINT_URL" in str(err.value)
+
+
+def test_a_filesystem_shipped_to_ray_workers_carries_no_secret(s3_env, monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-only-in-the-env")
+    storage.clear_cache()
+    fs, path = storage.filesystem("s3://bucket/run/embed")
+    assert path == "bucket/run/embed"
+    # Ray pickles the filesystem into tasks (Ray Data, Ray Train's storage_filesystem): the
+    # workers must find their credentials in their own environment, never in the pickle.
+    assert b"s3cr3t-only-in-the-env" not in pickle.dumps(fs)
