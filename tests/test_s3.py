@@ -150,3 +150,26 @@ def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal
     results = json.loads(out.strip().splitlines()[-1])
     assert all(results[s].get("skipped") for s in ("embed", "retrieve", "generate", "filter",
                                                    "train", "evaluate")), results
+
+
+def test_refused_credentials_are_one_clear_error_before_ray(tmp_path: Path, monkeypatch):
+    """A second moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``): the
+    dummy key is unknown to it, as a wrong or expired key is to S3."""
+    import craft_ray.runtime
+    from tests.conftest import moto_server
+
+    started: list[object] = []
+    monkeypatch.setattr(craft_ray.runtime, "init_ray", lambda *a, **k: started.append(a))
+    (tmp_path / "a.txt").write_text("x" * 300)
+    cfg = _embed_config(tmp_path, str(tmp_path / "run"), str(tmp_path / "a.txt"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0") as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        storage.clear_cache()
+        r = CliRunner().invoke(app, ["embed", "--config", str(cfg),
+                                     "--set", "run_dir=s3://some-bucket/run"])
+    storage.clear_cache()
+    assert r.exit_code == 2, r.output
+    assert "s3://some-bucket/run" in r.output and "credentials were refused" in r.output
+    assert "AWS_ACCESS_KEY_ID" in r.output and started == []
