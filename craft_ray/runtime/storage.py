@@ -109,8 +109,8 @@ def filesystem(location: str | Path) -> tuple[Any, str]:
 
     s = str(location)
     if not is_uri(s):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(s.removeprefix(
-            "file://")))
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(_local(
+            s.removeprefix("file://"))))
     check_no_credentials(s)
     parts = urlsplit(s)
     scheme = "gs" if parts.scheme == "gcs" else parts.scheme
@@ -138,12 +138,18 @@ def join(location: str | Path, *parts: str) -> str:
     s = str(location)
     if is_uri(s):
         return posixpath.join(s.rstrip("/"), *parts)
+    return os.path.join(str(_local(s)), *parts)
+
+
+def _local(location: str | Path) -> Path:
+    """A local location as a Path; refuses a URI that went through ``Path()``."""
+    s = str(location)
     if _MANGLED_URI.match(s):
         # Path("s3://b/x") is "s3:/b/x": a local folder named "s3:" would be written silently
         raise StorageError(
             f"{s!r} is an object-store URI turned into a local path (Path() drops one '/'); "
             "this code path does not support object storage yet: use a local run_dir here")
-    return os.path.join(s, *parts)
+    return Path(s)
 
 
 def parent(location: str | Path) -> str:
@@ -230,7 +236,7 @@ def read_json(location: str | Path) -> Any:
 def write_bytes(location: str | Path, data: bytes) -> None:
     """Write ``data`` whole: a rename locally, one PUT on an object store."""
     if not is_uri(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        _local(location).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(location) as tmp:
             Path(tmp).write_bytes(data)
         return
@@ -252,7 +258,7 @@ def append_text(location: str | Path, text: str) -> None:
     """Append ``text`` to a file. An object cannot be appended to: it is read and written
     whole again (one PUT), so keep such files small and give them a single writer."""
     if not is_uri(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        _local(location).parent.mkdir(parents=True, exist_ok=True)
         with open(location, "a", encoding="utf-8") as fh:
             fh.write(text)
         return
@@ -270,7 +276,7 @@ def write_once(location: str | Path) -> Iterator[Path]:
     the block raises.
     """
     if not is_uri(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        _local(location).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(location) as tmp:
             yield tmp
         return
@@ -285,7 +291,7 @@ def upload(local: str | Path, location: str | Path) -> None:
     local = Path(local)
     if not is_uri(location):
         if local.is_dir():
-            shutil.copytree(local, location, dirs_exist_ok=True)
+            shutil.copytree(local, _local(location), dirs_exist_ok=True)
         else:
             write_bytes(location, local.read_bytes())
         return
@@ -317,7 +323,7 @@ def list_files(location: str | Path, suffix: str = "", recursive: bool = False) 
 def remove(location: str | Path) -> None:
     """Delete a file or a folder tree; nothing there is fine."""
     if not is_uri(location):
-        p = Path(location)
+        p = _local(location)
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -338,7 +344,7 @@ def remove(location: str | Path) -> None:
 def makedirs(location: str | Path) -> None:
     """Create a local folder; a no-op on object stores (prefixes need no creation)."""
     if not is_uri(location):
-        Path(location).mkdir(parents=True, exist_ok=True)
+        _local(location).mkdir(parents=True, exist_ok=True)
 
 
 @contextmanager
@@ -410,20 +416,22 @@ def _explain(location: str, exc: BaseException) -> str:
     """A storage error as one message: the URI, what went wrong, what to check."""
     msg = str(exc)
     low = msg.lower()
-    where = redact(location)
-    if "access_denied" in low or "accessdenied" in low or "invalidaccesskeyid" in low \
-            or "signaturedoesnotmatch" in low or "403" in low or "credentials" in low:
+    if any(k in low for k in ("network_connection", "curlcode", "couldn't connect",
+                              "could not resolve", "timed out", "timeout")):
+        hint = ("the store cannot be reached: check AWS_ENDPOINT_URL (MinIO-style stores) and "
+                "the network")
+    elif any(k in low for k in ("access_denied", "accessdenied", "invalidaccesskeyid",
+                                "signaturedoesnotmatch", "expiredtoken", "forbidden",
+                                "credentials", "403")):
         hint = ("the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                 "/ AWS_SESSION_TOKEN or the node's IAM role (gs://: application-default "
                 "credentials), and the bucket's policy")
-    elif "nosuchbucket" in low or "bucket" in low and "not" in low:
+    elif "nosuchbucket" in low or "bucket does not exist" in low:
         hint = "the bucket does not exist: create it, or fix the bucket name"
-    elif "connect" in low or "curl" in low or "resolve" in low or "timeout" in low:
-        hint = ("the store cannot be reached: check AWS_ENDPOINT_URL (MinIO-style stores) and "
-                "the network")
     else:
         hint = "check the URI, the credentials in the environment and AWS_ENDPOINT_URL"
-    return f"storage {where}: {hint} ({msg.splitlines()[0][:300] if msg else type(exc).__name__})"
+    detail = msg.splitlines()[0][:300] if msg else type(exc).__name__
+    return f"storage {redact(location)}: {hint} ({detail})"
 
 
 def check_location(location: str | Path, what: str = "run_dir") -> None:
