@@ -426,7 +426,8 @@ def _explain(location: str, exc: BaseException) -> str:
         hint = ("the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                 "/ AWS_SESSION_TOKEN or the node's IAM role (gs://: application-default "
                 "credentials), and the bucket's policy")
-    elif "nosuchbucket" in low or "bucket does not exist" in low:
+    elif "nosuchbucket" in low or "bucket does not exist" in low or (
+            "bucket" in low and "not found" in low):  # region lookup of a missing bucket
         hint = "the bucket does not exist: create it, or fix the bucket name"
     else:
         hint = "check the URI, the credentials in the environment and AWS_ENDPOINT_URL"
