@@ -116,6 +116,8 @@ def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal
             f"retrieve.fewshots={shots}", f"generate.fewshots={shots}",
             f"filter.fewshots={shots}", f"generate.model={lm}", f"train.base_model={lm}",
             "generate.max_new_tokens=96", "generate.max_prompt_tokens=600",
+            # S = the 8 few-shots (+ any survivor): buildable whatever the random LM writes
+            "filter.datasets.sizes={S: 8}",
             f"evaluate.models=[{{name: base, model: {lm}}}, {{name: lora-S, model: {lm}, "
             "adapter: '{run_dir}/train/S-seed1234/adapter', size: S}]",
             f"evaluate.sets=[{{name: medqa, path: {s3_bucket}/eval/medqa.jsonl, limit: 8}}]"]
