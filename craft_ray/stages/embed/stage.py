@@ -176,6 +176,18 @@ def _reset_if_changed(cfg: EmbedConfig, stage: StageDir, store: str, force: bool
     storage.write_text(hash_file, config_hash(cfg))
 
 
+def _clear_unfinished(store: str, todo: list[Shard]) -> None:
+    """Half-done shards start again from nothing: their parts and manifest go. One listing
+    each (not a request per shard: an object store may hold thousands of shards)."""
+    left = set(storage.list_files(storage.join(store, "_manifests"), recursive=True))
+    left |= {storage.parent(f) for f in
+             storage.list_files(storage.join(store, "_parts"), recursive=True)}
+    for s in todo:
+        for loc in (parts_dir(store, s.corpus, s.shard), manifest_path(store, s.corpus, s.shard)):
+            if loc in left:
+                storage.remove(loc)
+
+
 def _embed_waves(todo: list[Shard], cfg: EmbedConfig, store: str, stage: StageDir
                  ) -> tuple[int, float]:
     """Embed shards a wave at a time, each finalised into the store; documents embedded, and
@@ -235,9 +247,7 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
     todo = [s for s in shards if data_path(store, s.corpus, s.shard) not in finished]
     logger.info("embed: %d shards (%d already embedded, %d to do) -> %s",
                 len(shards), len(done), len(todo), storage.redact(store))
-    for s in todo:  # half-done shards start again from nothing
-        storage.remove(parts_dir(store, s.corpus, s.shard))
-        storage.remove(manifest_path(store, s.corpus, s.shard))
+    _clear_unfinished(store, todo)
 
     if cfg.backend == "onnx" and todo:  # export once here, not in every actor
         export_onnx(cfg.model, model_cache_dir(cfg, stage.location), cfg.trust_remote_code)
