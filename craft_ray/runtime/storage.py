@@ -189,7 +189,7 @@ def read_bytes(location: str | Path) -> bytes:
         return Path(location).read_bytes()
     fs, path = filesystem(location)
     try:
-        with fs.open_input_stream(path) as fh:
+        with fs.open_input_stream(path, compression=None) as fh:
             return bytes(fh.read())
     except FileNotFoundError:
         raise
@@ -241,7 +241,8 @@ def write_bytes(location: str | Path, data: bytes) -> None:
             Path(tmp).write_bytes(data)
         return
     fs, path = filesystem(location)
-    with fs.open_output_stream(path) as out:
+    # compression=None everywhere: bytes as they are (pyarrow would gzip a "*.gz" name again)
+    with fs.open_output_stream(path, compression=None) as out:
         out.write(data)
 
 
@@ -300,7 +301,7 @@ def upload(local: str | Path, location: str | Path) -> None:
         rel = f.relative_to(local).as_posix() if f != local else ""
         dest = join(location, rel) if rel else str(location)
         fs, path = filesystem(dest)
-        with f.open("rb") as src, fs.open_output_stream(path) as out:
+        with f.open("rb") as src, fs.open_output_stream(path, compression=None) as out:
             shutil.copyfileobj(src, out, 8 << 20)
 
 
