@@ -245,29 +245,31 @@ OUTPUT_KEYS = {"embed": "store", "generate": "output_dir", "train": "adapter",
                "evaluate": "outputs", "sweep": "table"}
 
 
-def write_summary(run_dir: str | Path, results: dict[str, Any]) -> Path:
+def write_summary(run_dir: str | Path, results: dict[str, Any]) -> str:
     """Merge ``{stage: stats}`` into ``RUN_DIR/summary.json`` (stages of earlier commands are
     kept); returns its path."""
-    from craft_ray.runtime import atomic_write_json
+    from craft_ray.runtime import storage
 
-    path = Path(run_dir) / "summary.json"
+    path = storage.join(run_dir, "summary.json")
     old: dict[str, Any] = {}
-    if path.is_file():
+    if storage.is_file(path):
         try:
-            old = json.loads(path.read_text())
+            old = storage.read_json(path)
         except (OSError, json.JSONDecodeError):
             old = {}
     stages = dict(old.get("stages", {}))
     stages.update({k: v for k, v in results.items() if isinstance(v, dict)})
     extra = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    atomic_write_json(path, {**{k: v for k, v in old.items() if k != "stages"}, **extra,
-                             "stages": stages, "updated": time.time()})
+    storage.write_json(path, {**{k: v for k, v in old.items() if k != "stages"}, **extra,
+                              "stages": stages, "updated": time.time()})
     return path
 
 
-def _output_of(name: str, stats: dict[str, Any], run_dir: Path) -> str:
+def _output_of(name: str, stats: dict[str, Any], run_dir: str) -> str:
+    from craft_ray.runtime import storage
+
     v = stats.get(OUTPUT_KEYS.get(name, ""))
-    return v if isinstance(v, str) and v else str(run_dir / name)
+    return v if isinstance(v, str) and v else storage.join(run_dir, name)
 
 
 def stage_rows(results: dict[str, Any], run_dir: str | Path) -> list[list[str]]:
@@ -277,7 +279,7 @@ def stage_rows(results: dict[str, Any], run_dir: str | Path) -> list[list[str]]:
         if not isinstance(st, dict):
             continue
         if st.get("skipped"):
-            rows.append([name, "-", "-", "-", "skipped", str(Path(run_dir) / name)])
+            rows.append([name, "-", "-", "-", "skipped", _output_of(name, {}, str(run_dir))])
             continue
         def num(key: str, st: dict[str, Any] = st) -> str:
             v = st.get(key)
@@ -285,7 +287,7 @@ def stage_rows(results: dict[str, Any], run_dir: str | Path) -> list[list[str]]:
         secs = st.get("seconds")
         rows.append([name, num("rows_in"), num("rows_out"), num("rejects_total"),
                      f"{secs:.1f}" if isinstance(secs, int | float) else "-",
-                     _output_of(name, st, Path(run_dir))])
+                     _output_of(name, st, str(run_dir))])
     return rows
 
 
@@ -307,7 +309,7 @@ def print_summary(results: dict[str, Any], run_dir: str | Path,
         for r in rows:
             table.add_row(*r)
         console.print(table)
-    console.print(f"summary: {Path(run_dir) / 'summary.json'}")
+    console.print(f"summary: {_output_of('summary.json', {}, str(run_dir))}")
     if report is not None:
         console.print(f"report:  {report}")
 
@@ -318,16 +320,17 @@ def error_line(exc: BaseException, run_dir: str | Path | None) -> str:
     import tempfile
     import traceback
 
+    from craft_ray.runtime import storage
+
     text = "".join(traceback.format_exception(exc))
-    path: Path | None = None
-    for folder in ([Path(run_dir)] if run_dir else []) + [Path(tempfile.gettempdir())]:
+    path: str | None = None
+    tmp = os.path.join(tempfile.gettempdir(), f"craft-ray-error-{os.getpid()}.log")
+    for target in ([storage.join(run_dir, "error.log")] if run_dir else []) + [tmp]:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / ("error.log" if folder != Path(tempfile.gettempdir())
-                             else f"craft-ray-error-{os.getpid()}.log")
-            path.write_text(text, encoding="utf-8")
+            storage.write_text(target, text)
+            path = storage.redact(target)
             break
-        except OSError:
+        except Exception:  # an unwritable folder or store: the local temporary file then
             path = None
     first = (str(exc).strip().splitlines() or [""])[-1][:300]
     where = f"full traceback in {path}; " if path else ""

@@ -20,8 +20,10 @@ from craft_ray.config import (
     absolutize_paths,
     apply_overrides,
     read_yaml,
+    refuse_credentials_in_uris,
     validate,
 )
+from craft_ray.runtime import storage
 
 
 def load_demo_config(overrides: Sequence[str] = ()) -> Any:
@@ -36,7 +38,10 @@ def load_demo_config(overrides: Sequence[str] = ()) -> Any:
     path = bundled_path(DEMO_CONFIG)
     data = apply_overrides(read_yaml(path), overrides)
     data = absolutize_paths(resolve_bundled_paths(data))
-    return validate(PipelineConfig, data, str(path))
+    refuse_credentials_in_uris(data)
+    cfg = validate(PipelineConfig, data, str(path))
+    storage.check_location(cfg.run_dir)  # a missing bucket, refused credentials: stop here
+    return cfg
 
 
 def prepare_demo_models(generator: str, base_model: str) -> list[Path]:
@@ -61,18 +66,16 @@ def prepare_demo_models(generator: str, base_model: str) -> list[Path]:
 def demo_samples(run_dir: str | Path, n: int = 3) -> list[dict[str, str]]:
     """``n`` clean generated samples beside their source document's title (its first line),
     spread over the documents (at most one per document)."""
-    import pyarrow.parquet as pq
 
-    run = Path(run_dir)
-    clean = run / "generate" / "clean.parquet"
-    docs = run / "retrieve" / "corpus_samples.parquet"
-    if not clean.is_file() or not docs.is_file():
+    clean = storage.join(run_dir, "generate", "clean.parquet")
+    docs = storage.join(run_dir, "retrieve", "corpus_samples.parquet")
+    if not storage.is_file(clean) or not storage.is_file(docs):
         return []
     titles = {r["doc_id"]: (r["text"] or "").strip().split("\n", 1)[0]
-              for r in pq.read_table(docs, columns=["doc_id", "text"]).to_pylist()}
+              for r in storage.read_table(docs, columns=["doc_id", "text"]).to_pylist()}
     out: list[dict[str, str]] = []
     seen: set[str] = set()
-    for row in sorted(pq.read_table(clean).to_pylist(), key=lambda r: r["sample_id"]):
+    for row in sorted(storage.read_table(clean).to_pylist(), key=lambda r: r["sample_id"]):
         if row["doc_id"] in seen:
             continue
         seen.add(row["doc_id"])
@@ -90,7 +93,7 @@ def demo_with_run_dir(cfg: Any) -> Any:
     is trained elsewhere, so adapter paths under the default run directory follow it.
     """
     default = str((Path.cwd() / "runs" / "demo").resolve())
-    run_dir = str(Path(cfg.run_dir).resolve())
+    run_dir = cfg.run_dir if storage.is_uri(cfg.run_dir) else str(Path(cfg.run_dir).resolve())
     if cfg.evaluate is None or run_dir == default:
         return cfg
     data = cfg.model_dump(mode="json")

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from craft_ray.config import ConfigError, RayConfig, StrictModel
-from craft_ray.runtime import SUCCESS, StageDir
+from craft_ray.runtime import StageDir, storage
 from craft_ray.stages.embed import EmbedConfig, EmbedStageConfig, run_embed
 from craft_ray.stages.evaluate import EvaluateConfig, EvaluateStageConfig, run_evaluate
 from craft_ray.stages.evaluate import stage_root as evaluate_root
@@ -81,12 +81,12 @@ def _section_marker(name: str) -> Callable[[Any], tuple[StageDir, BaseModel]]:
 
 def _train_marker(scfg: TrainStageConfig) -> tuple[StageDir, BaseModel]:
     d = trial_dir_of(scfg)
-    return StageDir(d.parent, d.name), scfg.train
+    return StageDir(storage.parent(d), storage.name(d)), scfg.train
 
 
 def _evaluate_marker(scfg: EvaluateStageConfig) -> tuple[StageDir, BaseModel]:
     d = evaluate_root(scfg)
-    return StageDir(d.parent, d.name), scfg.evaluate
+    return StageDir(storage.parent(d), storage.name(d)), scfg.evaluate
 
 
 def _embed(c: EmbedStageConfig, force: bool) -> dict[str, Any]:
@@ -164,10 +164,10 @@ def plan(cfg: PipelineConfig, from_stage: str | None = None) -> list[tuple[Stage
             invalid = invalid or f"--from {from_stage}"
             out.append((st, scfg, f"rerun: {invalid}"))
         elif invalid:
-            out.append((st, scfg, f"rerun: {invalid}" if sdir.path.exists() else "run"))
+            out.append((st, scfg, f"rerun: {invalid}" if sdir.exists() else "run"))
         elif sdir.is_complete(section):
             out.append((st, scfg, "skip"))
-        elif (sdir.path / SUCCESS).is_file():
+        elif sdir.has_marker():
             invalid = f"config of {st.name} changed"
             out.append((st, scfg, f"rerun: {invalid}"))
         else:

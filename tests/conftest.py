@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,82 @@ def smollm2() -> str:
     from craft_ray.models.gguf import resolve_model_path
 
     return resolve_model_path(SMOLLM2_SPEC)
+
+
+# --- a real S3-compatible server (moto's server mode) ----------------------------------------
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_server(log_dir: Path, **env: str) -> Iterator[dict[str, str]]:
+    """moto's S3 server (``moto[server]``, what s3fs and pyarrow test against) on a free port
+    of 127.0.0.1 as a subprocess (``env``: extra settings of the server, e.g.
+    ``INITIAL_NO_AUTH_ACTION_COUNT="0"`` to refuse every request's credentials); yields the
+    environment a client needs (endpoint and dummy credentials)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    if find_spec("moto") is None:
+        pytest.skip('needs moto\'s server: pip install "moto[server]" (the dev extra has it)')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (log_dir / f"moto-{port}.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **env})
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"moto server did not start (see {log.name})")
+                time.sleep(0.2)
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_CREDENTIALS}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One moto S3 server for the session (see :func:`moto_server`). The test process'
+    environment is left alone: :func:`s3_env` sets it per test, and subprocesses get it in
+    their ``env``."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as env:
+        yield env
+
+
+@pytest.fixture()
+def s3_env(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch
+           ) -> Iterator[dict[str, str]]:
+    """This test's process environment pointed at the moto server (undone after the test)."""
+    from craft_ray.runtime import storage
+
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    storage.clear_cache()  # filesystems made with another environment
+    yield s3_server
+    storage.clear_cache()
+
+
+@pytest.fixture()
+def s3_bucket(s3_env: dict[str, str]) -> str:
+    """A new, empty bucket of the moto server: ``s3://NAME``."""
+    import uuid
+
+    import boto3
+
+    name = f"craft-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -76,7 +76,7 @@ def test_summary_json_merges_stages_and_the_table_rows(tmp_path: Path):
                                                "store": "/x/store"}})
     path = console.write_summary(tmp_path, {"retrieve": {"skipped": True},
                                             "report": "/x/report.html"})
-    data = json.loads(path.read_text())
+    data = json.loads(Path(path).read_text())
     assert set(data["stages"]) == {"embed", "retrieve"} and data["report"] == "/x/report.html"
     rows = console.stage_rows(data["stages"], tmp_path)
     assert rows[0] == ["embed", "10", "9", "1", "2.5", "/x/store"]

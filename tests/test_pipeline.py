@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from craft_ray.config import ConfigError, load_config
-from craft_ray.pipeline import PipelineConfig, plan
+from craft_ray.pipeline import PipelineConfig, plan, stage_config
 from craft_ray.runtime import StageStats
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -59,3 +59,14 @@ def test_sweep_replaces_single_training_and_needs_a_train_section(tmp_path: Path
     assert "sweep" in names and "train" not in names
     with pytest.raises(ConfigError, match="needs a train section"):
         load_config(PipelineConfig, DEMO, [f"run_dir={tmp_path}", "train=", "sweep.seeds=[1]"])
+
+
+def test_the_demo_evaluates_the_adapter_of_its_own_run_dir(tmp_path: Path):
+    from craft_ray.pipeline import stages
+
+    for run_dir in (str(tmp_path / "elsewhere"), "s3://bucket/runs/demo"):
+        cfg = load_config(PipelineConfig, DEMO, [f"run_dir={run_dir}"])
+        evaluate = next(st for st in stages() if st.name == "evaluate")
+        scfg = stage_config(cfg, evaluate)
+        adapters = [m.adapter for m in scfg.evaluate.models if m.adapter]
+        assert adapters == [f"{run_dir}/train/S-seed1234/adapter"]

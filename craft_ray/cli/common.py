@@ -132,6 +132,10 @@ def load_stage_config(model: type[Any], config: Path, overrides: list[str] | Non
         sets.append(f"ray.address={address}")
     cfg = load_config(model, config, sets, absolute_paths=True)
     CliState.run_dir = getattr(cfg, "run_dir", None)
+    if CliState.run_dir is not None:
+        from craft_ray.runtime.storage import check_location
+
+        check_location(CliState.run_dir)  # a missing bucket, refused credentials: stop here
     return cfg
 
 

@@ -43,7 +43,7 @@ def run(
         plan(cfg, from_stage)  # validates --from before Ray starts
         init_ray(cfg.ray)
         results = run_pipeline(cfg, from_stage, on_stage=on_stage)
-        results["report"] = str(build_report(cfg.run_dir).resolve())
+        results["report"] = str(build_report(cfg.run_dir))
         return results
 
     results = guarded(body)
@@ -229,7 +229,8 @@ def aggregate(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory.")],
+    run_dir: Annotated[str, typer.Option("--run-dir", help="Run directory (a path or an "
+                                         "s3:// / gs:// URI).")],
 ) -> None:
     """Write RUN_DIR/report.html from the stages that have run."""
     from craft_ray.report.html import build_report

@@ -36,7 +36,7 @@ def demo(
     )
     from craft_ray.pipeline import plan, run_pipeline
     from craft_ray.report.html import build_report
-    from craft_ray.runtime import init_ray
+    from craft_ray.runtime import init_ray, storage
 
     def body() -> dict[str, Any]:
         # The bundled config and data, outputs under ./runs/demo (see load_demo_config).
@@ -51,8 +51,9 @@ def demo(
         init_ray(cfg.ray)
         CliState.run_dir = cfg.run_dir
         results = run_pipeline(cfg, from_stage, on_stage=on_stage)
-        results["report"] = str(build_report(cfg.run_dir).resolve())
-        results["run_dir"] = str(Path(cfg.run_dir).resolve())
+        results["report"] = str(build_report(cfg.run_dir))
+        results["run_dir"] = (cfg.run_dir if storage.is_uri(cfg.run_dir)
+                              else str(Path(cfg.run_dir).resolve()))
         return results
 
     results = guarded(body)

@@ -17,6 +17,7 @@ from craft_ray.config.loading import (
     load_config,
     parse_override,
     read_yaml,
+    refuse_credentials_in_uris,
     validate,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "STAGE_SECTIONS",
     "StrictModel",
     "absolutize_paths",
+    "refuse_credentials_in_uris",
     "apply_overrides",
     "config_hash",
     "dump_yaml",

@@ -168,4 +168,20 @@ def load_config(
             if k not in STAGE_SECTIONS or k in model.model_fields}
     if absolute_paths:
         data = absolutize_paths(data)
+    refuse_credentials_in_uris(data)
     return validate(model, data, str(path) if path else "<overrides>")
+
+
+def refuse_credentials_in_uris(data: Any) -> None:
+    """A URI in a config must not carry credentials (``s3://KEY:SECRET@bucket``): configs are
+    written next to every stage's outputs and shipped to Ray workers. Raises ConfigError."""
+    from craft_ray.runtime.storage import check_no_credentials
+
+    if isinstance(data, dict):
+        for value in data.values():
+            refuse_credentials_in_uris(value)
+    elif isinstance(data, list):
+        for value in data:
+            refuse_credentials_in_uris(value)
+    elif isinstance(data, str) and "://" in data:
+        check_no_credentials(data)

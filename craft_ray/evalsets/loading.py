@@ -194,6 +194,18 @@ def craft_subset_rows(n_rows: int, size: int, seed: int) -> list[int]:
     return [int(i) for i in np.random.RandomState(seed).permutation(n_rows)[:size]]
 
 
+def _local_file(cfg: EvalSetConfig) -> Path:
+    """The set's file, downloaded first when ``path`` is an object-store URI."""
+    from craft_ray.runtime import storage
+
+    if not storage.is_uri(cfg.path or ""):
+        return Path(cfg.path or "")
+    if not storage.is_file(cfg.path or ""):
+        raise EvalSetError(f"eval set {cfg.display_name!r}: {storage.redact(cfg.path or '')} "
+                           "does not exist (fix `path`)")
+    return storage.local_copy(cfg.path or "")
+
+
 def load_eval_set(cfg: EvalSetConfig, base_dir: str | Path | None = None
                   ) -> tuple[list[Any], list[EvalReject]]:
     """Load one evaluation set: its items (shuffled/limited as configured) and its rejects.
@@ -202,7 +214,7 @@ def load_eval_set(cfg: EvalSetConfig, base_dir: str | Path | None = None
     unreachable); a bad row is a reject, never an error.
     """
     if cfg.path:
-        path = Path(cfg.path)
+        path = _local_file(cfg)
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
         if not path.is_file():

@@ -28,6 +28,7 @@ def load_hf_model(model: str, adapter: str | None, merge_adapter: bool, dtype: s
     model = resolve_model_path(model)
     if os.path.isdir(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    adapter = local_adapter(adapter)
     tok = AutoTokenizer.from_pretrained(adapter if adapter and has_tokenizer(adapter)
                                         else model)
     net = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(dtype, device))
@@ -58,6 +59,14 @@ def _check_mergeable(net: Any, adapter: str) -> None:
         raise ValueError(f"adapter {adapter} has a LoRA on {bad} of a model with tied word "
                          "embeddings: merging would change the input embeddings too; "
                          "evaluate it unmerged (merge_adapter: false)")
+
+
+def local_adapter(adapter: str | None) -> str | None:
+    """The adapter as a local folder: an object-store URI (``s3://RUN/train/TRIAL/adapter``)
+    is downloaded into this machine's cache (``from_pretrained`` reads local folders)."""
+    from craft_ray.runtime import storage
+
+    return str(storage.local_copy(adapter)) if adapter and storage.is_uri(adapter) else adapter
 
 
 def has_tokenizer(path: str) -> bool:

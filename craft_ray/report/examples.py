@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from craft_ray.runtime import storage
+
 SNIPPET = 280  # characters of a text shown in a table cell
 
 
@@ -67,10 +69,10 @@ def _fewshot_texts(run: Path) -> dict[str, str]:
     try:
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
         fs = (cfg.get("generate") or cfg).get("fewshots") or {}
-        path = Path(fs["path"])
         field = fs.get("instruction_field", "Instruction")
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        stem = Path(storage.name(fs["path"])).stem  # few-shot ids: {file stem}:{line}
+        lines = storage.read_text(fs["path"]).splitlines()  # a path or an s3:// URI
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         return {}
     out = {}
     for i, line in enumerate(lines):
@@ -79,7 +81,7 @@ def _fewshot_texts(run: Path) -> dict[str, str]:
         except json.JSONDecodeError:
             continue
         if isinstance(rec, dict):
-            out[f"{path.stem}:{i}"] = str(rec.get(field, ""))
+            out[f"{stem}:{i}"] = str(rec.get(field, ""))
     return out
 
 

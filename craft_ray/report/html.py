@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from craft_ray.runtime import SUCCESS, atomic_write_text
+from craft_ray.runtime import SUCCESS, atomic_write_text, storage
 
 logger = logging.getLogger(__name__)
 
@@ -315,11 +315,50 @@ def _samples_section(run: Path, per_group: int = 3) -> list[Block]:
 # --- end samples per strategy ---
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Write ``RUN_DIR/report.html`` from whatever stages have run; returns its path."""
+# What the report reads of a run on an object store: small files, not the store, checkpoints,
+# adapters, HF datasets or intermediate Parquet folders (fnmatch patterns, relative to RUN_DIR).
+REPORT_SUFFIXES = (".json", ".jsonl", ".yaml", ".png", ".parquet", SUCCESS)
+REPORT_SKIPPED = ("embed/store/*", "*/ray/*", "sweep/tune/*", "*/adapter/*",
+                  "*/adapter_partial/*", "generate/prompts/*", "generate/generations/*",
+                  "filter/survivors/*", "filter/datasets/*/hf/*")
+
+
+def _report_inputs(run_dir: str, local: Path) -> None:
+    """Download the files the report reads from a run on an object store into ``local``."""
+    import fnmatch
+
+    base = run_dir.rstrip("/")
+    for f in storage.list_files(base, recursive=True):
+        rel = f[len(base) + 1:]
+        if rel.endswith(REPORT_SUFFIXES) and not any(fnmatch.fnmatch(rel, p)
+                                                     for p in REPORT_SKIPPED):
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            (local / rel).write_bytes(storage.read_bytes(f))
+
+
+def build_report(run_dir: str | Path) -> Path | str:
+    """Write ``RUN_DIR/report.html`` from whatever stages have run; returns where it is (a
+    local path, or the URI of a run on an object store, whose small files are read from a
+    temporary local copy)."""
+    import tempfile
+
+    if not storage.is_uri(run_dir):
+        return _build_report(Path(run_dir)).resolve()
+    if not storage.exists(run_dir):
+        raise FileNotFoundError(f"run directory {storage.redact(run_dir)} does not exist")
+    out = storage.join(run_dir, "report.html")
+    with tempfile.TemporaryDirectory(prefix="craft_ray_report_") as tmp:
+        local = Path(tmp) / storage.name(run_dir)
+        local.mkdir()
+        _report_inputs(str(run_dir), local)
+        storage.upload(_build_report(local, storage.redact(run_dir)), out)
+    return out
+
+
+def _build_report(run: Path, shown: str | None = None) -> Path:
+    """``run/report.html`` of a local run folder (``shown``: the run's name in the page)."""
     from craft_ray.report.examples import reject_examples_section, samples_section
 
-    run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
     overview, stats = _stages_section(run)
@@ -334,7 +373,7 @@ def build_report(run_dir: str | Path) -> Path:
         ("Training loss", _loss_section(run)),
         ("Evaluation", _eval_section(run)),
     ]
-    page = render_page(run.name, str(run.resolve()), sections)
+    page = render_page(run.name, shown or str(run.resolve()), sections)
     out = run / "report.html"
     atomic_write_text(out, page)
     return out

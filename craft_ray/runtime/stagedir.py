@@ -9,15 +9,18 @@ Layout of a run directory::
         _SUCCESS           written last: its existence means the stage's outputs are complete
       retrieve/ ...
 
-Invariant: ``_SUCCESS`` is written only after every output of the stage has been renamed into
-place, so a reader that sees it never sees partial outputs. ``_SUCCESS`` holds the hash of the
-resolved config, so a rerun with a changed config knows the old outputs are stale.
+``RUN_DIR`` may be an object-store URI (``s3://bucket/run``): every file then is one object,
+written once in a single PUT (see :mod:`craft_ray.runtime.storage`).
+
+Invariant: ``_SUCCESS`` is written only after every output of the stage is in place (renamed
+locally, PUT on an object store), so a reader that sees it never sees partial outputs.
+``_SUCCESS`` holds the hash of the resolved config, so a rerun with a changed config knows the
+old outputs are stale.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from craft_ray.config import config_hash, dump_yaml
-from craft_ray.runtime.files import atomic_write_json, atomic_write_text
+from craft_ray.runtime import storage
 
 SUCCESS = "_SUCCESS"
 
@@ -64,42 +67,73 @@ class StageStats:
 
 
 class StageDir:
-    """One stage's folder in a run directory: resolved config, stats, success marker."""
+    """One stage's folder in a run directory (a local path or an object-store URI): resolved
+    config, stats, success marker.
+
+    ``location`` is the folder as a string, for :mod:`craft_ray.runtime.storage`; ``path`` is
+    the same folder as a :class:`~pathlib.Path` for stages that write local files only (an
+    object-store run directory there is a clear error, never a silent local write).
+    """
 
     def __init__(self, run_dir: str | Path, stage: str) -> None:
-        self.run_dir = Path(run_dir)
+        self.run_dir = str(run_dir)
         self.stage = stage
-        self.path = self.run_dir / stage
+        self.location = storage.join(self.run_dir, stage)
 
     @property
-    def success_path(self) -> Path:
-        return self.path / SUCCESS
+    def path(self) -> Path:
+        if storage.is_uri(self.location):
+            raise storage.StorageError(
+                f"the {self.stage} stage cannot write to object storage yet "
+                f"({storage.redact(self.location)}); give it a local or shared-filesystem "
+                "run_dir")
+        return Path(self.location)
+
+    def file(self, name: str) -> str:
+        """The location of ``name`` in the stage's folder."""
+        return storage.join(self.location, name)
+
+    @property
+    def success_path(self) -> str:
+        return self.file(SUCCESS)
+
+    def exists(self) -> bool:
+        """True when the stage's folder holds anything."""
+        return storage.exists(self.location)
 
     def is_complete(self, cfg: BaseModel | None = None) -> bool:
         """True when the success marker exists (and, given ``cfg``, its hash matches)."""
-        if not self.success_path.is_file():
+        if not storage.is_file(self.success_path):
             return False
         if cfg is None:
             return True
         try:
-            info = json.loads(self.success_path.read_text())
+            info = storage.read_json(self.success_path)
         except (OSError, json.JSONDecodeError):
             return False
         return info.get("config_hash") == config_hash(cfg)
 
+    def has_marker(self) -> bool:
+        """True when a success marker exists, whatever config it was written for."""
+        return storage.is_file(self.success_path)
+
+    def read_stats(self) -> dict[str, Any]:
+        """The stage's ``stats.json``."""
+        return dict(storage.read_json(self.file("stats.json")))
+
     def begin(self, cfg: BaseModel, *, clean: bool = False) -> None:
         """Start (or restart) the stage: drop a stale marker, write the resolved config."""
-        if clean and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.success_path.unlink(missing_ok=True)
-        atomic_write_text(self.path / "config.yaml", dump_yaml(cfg))
+        if clean:
+            storage.remove(self.location)
+        storage.makedirs(self.location)
+        storage.remove(self.success_path)
+        storage.write_text(self.file("config.yaml"), dump_yaml(cfg))
 
     def finish(self, cfg: BaseModel, stats: StageStats) -> dict[str, Any]:
         """Write ``stats.json``, then the success marker (last)."""
         data = stats.finish()
-        atomic_write_json(self.path / "stats.json", data)
-        atomic_write_json(
+        storage.write_json(self.file("stats.json"), data)
+        storage.write_json(
             self.success_path, {"config_hash": config_hash(cfg), "finished": time.time()}
         )
         return data

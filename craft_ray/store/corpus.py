@@ -12,11 +12,13 @@ A bad record never stops a reader: it comes out as a reject with a reason
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import html
 import json
 import os
+import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import IO, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from craft_ray.config import StrictModel
+from craft_ray.runtime import storage
 
 CorpusFormat = Literal["c4", "jsonl", "stackexchange", "parquet", "text"]
 
@@ -136,6 +139,10 @@ def list_shards(cfg: CorpusConfig, base_dir: str | Path | None = None) -> list[S
     patterns = cfg.glob or list(_DEFAULT_GLOBS[cfg.format])
     named: dict[str, str] = {}  # absolute file -> shard name
     for raw in cfg.paths:
+        if storage.is_uri(raw):
+            for f, root in _uri_files(cfg, raw, patterns):
+                named.setdefault(f, _shard_name(cfg, f, posixpath.relpath(f, root)))
+            continue
         p = Path(os.path.expanduser(raw))
         p = p if p.is_absolute() else base / p
         if any(ch in raw for ch in "*?["):
@@ -168,10 +175,7 @@ def list_shards(cfg: CorpusConfig, base_dir: str | Path | None = None) -> list[S
             raise CorpusError(f"corpus {cfg.name!r}: path {p} does not exist")
         for f, root in found:
             name = os.path.relpath(f, os.path.abspath(root)).replace(os.sep, "/")
-            if cfg.format == "stackexchange" and "/" not in name:
-                # Every dump is called Posts.xml: the site folder is what tells them apart.
-                name = f"{Path(f).parent.name}/{name}"
-            named.setdefault(f, name)
+            named.setdefault(f, _shard_name(cfg, f, name))
     by_name: dict[str, str] = {}
     for f, name in named.items():
         if name in by_name and by_name[name] != f:
@@ -181,9 +185,43 @@ def list_shards(cfg: CorpusConfig, base_dir: str | Path | None = None) -> list[S
             )
         by_name[name] = f
     for f in named:
-        if not os.access(f, os.R_OK):
+        if not storage.is_uri(f) and not os.access(f, os.R_OK):
             raise CorpusError(f"corpus {cfg.name!r}: file {f} is not readable")
     return [Shard(cfg.name, f, name) for name, f in sorted(by_name.items())]
+
+
+def _shard_name(cfg: CorpusConfig, file: str, name: str) -> str:
+    if cfg.format == "stackexchange" and "/" not in name:
+        # Every dump is called Posts.xml: the site folder is what tells them apart.
+        return f"{Path(file).parent.name}/{name}"
+    return name
+
+
+def _uri_files(cfg: CorpusConfig, raw: str, patterns: list[str]) -> list[tuple[str, str]]:
+    """``(file, root its shard name is relative to)`` of an object-store path: a glob pattern
+    (over the objects under its fixed leading part), an object, or a prefix searched with the
+    format's patterns (as a local folder is)."""
+    where = storage.redact(raw)
+    if any(ch in raw for ch in "*?["):
+        parts = raw.split("/")
+        fixed = "/".join(parts[:next(i for i, x in enumerate(parts) if any(c in x for c in "*?["))])
+        found = [(f, fixed) for f in storage.list_files(fixed, recursive=True)
+                 if fnmatch.fnmatchcase(f, raw)]
+        if not found:
+            raise CorpusError(f"corpus {cfg.name!r}: pattern {where!r} matches no object")
+        return found
+    if storage.is_file(raw):
+        return [(raw.rstrip("/"), storage.parent(raw))]
+    root = raw.rstrip("/")
+    found = [(f, root) for f in storage.list_files(root, recursive=True)
+             if any(fnmatch.fnmatchcase(posixpath.relpath(f, root), pat)
+                    or fnmatch.fnmatchcase(posixpath.relpath(f, root), f"*/{pat}")
+                    for pat in patterns)]
+    if not found:
+        raise CorpusError(
+            f"corpus {cfg.name!r}: {where} holds no object matching {patterns} (or does not "
+            "exist); set `glob` for other file names")
+    return found
 
 
 # --- records ------------------------------------------------------------------------------
@@ -222,7 +260,12 @@ def _bounded(shard: Shard, row: int, text: str, metadata: dict[str, Any], cfg: C
 
 
 def _open_binary(path: str) -> IO[bytes]:
+    """A shard's bytes (gunzipped for ``.gz``), streamed from an object store for a URI."""
     try:
+        if storage.is_uri(path):
+            fs, where = storage.filesystem(path)
+            fh = fs.open_input_file(where)
+            return gzip.open(fh, "rb") if path.endswith(".gz") else fh  # type: ignore[return-value]
         if path.endswith(".gz"):
             return gzip.open(path, "rb")
         return open(path, "rb")  # noqa: SIM115
@@ -306,7 +349,11 @@ def read_parquet_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, An
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(shard.path)
+        if storage.is_uri(shard.path):
+            fs, where = storage.filesystem(shard.path)
+            pf = pq.ParquetFile(fs.open_input_file(where))
+        else:
+            pf = pq.ParquetFile(shard.path)
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError
         raise CorpusError(f"cannot read Parquet file {shard.path}: {exc}") from exc
     names = set(pf.schema_arrow.names)

@@ -19,8 +19,6 @@ reader's manifest, through a temporary file and a rename). ``store.json`` is wri
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from craft_ray.config import StrictModel
-from craft_ray.runtime import atomic_path, atomic_write_json
+from craft_ray.runtime import storage
 
 STORE_INFO = "store.json"
 
@@ -69,16 +67,16 @@ class StoreInfo(StrictModel):
         return sum(s.num_rows for s in self.shards)
 
 
-def data_path(store: str | Path, corpus: str, shard: str) -> Path:
-    return Path(store) / "data" / corpus / f"{shard}.parquet"
+def data_path(store: str | Path, corpus: str, shard: str) -> str:
+    return storage.join(store, "data", corpus, f"{shard}.parquet")
 
 
-def parts_dir(store: str | Path, corpus: str, shard: str) -> Path:
-    return Path(store) / "_parts" / corpus / shard
+def parts_dir(store: str | Path, corpus: str, shard: str) -> str:
+    return storage.join(store, "_parts", corpus, shard)
 
 
-def manifest_path(store: str | Path, corpus: str, shard: str) -> Path:
-    return Path(store) / "_manifests" / corpus / f"{shard}.json"
+def manifest_path(store: str | Path, corpus: str, shard: str) -> str:
+    return storage.join(store, "_manifests", corpus, f"{shard}.json")
 
 
 def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -112,20 +110,20 @@ def write_store_table(table: pa.Table, path: str | Path) -> None:
 
 
 def write_part(store: str | Path, corpus: str, shard: str, rows: np.ndarray, doc_ids: list[str],
-               text_lens: np.ndarray, vectors: np.ndarray) -> Path:
+               text_lens: np.ndarray, vectors: np.ndarray) -> str:
     """Write one part of a shard. Its name is a hash of its rows, so a retried write of the same
-    rows replaces the same file instead of adding a duplicate."""
+    rows replaces the same file (or object) instead of adding a duplicate."""
     rows = np.asarray(rows, dtype=np.int64)
     digest = hashlib.sha1(rows.tobytes()).hexdigest()[:20]
-    out = parts_dir(store, corpus, shard) / f"part-{int(rows.min()):012d}-{digest}.parquet"
+    out = storage.join(parts_dir(store, corpus, shard),
+                       f"part-{int(rows.min()):012d}-{digest}.parquet")
     table = pa.table({
         "doc_id": pa.array(doc_ids, type=pa.string()),
         "row": pa.array(rows, type=pa.int64()),
         "text_len": pa.array(np.asarray(text_lens, dtype=np.int32), type=pa.int32()),
         "embedding": embedding_array(vectors),
     })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
+    with storage.write_once(out) as tmp:
         write_store_table(table, tmp)
     return out
 
@@ -138,14 +136,15 @@ def finalize_shard(store: str | Path, corpus: str, shard: str) -> int:
     Returns the number of rows written.
     """
     man_p = manifest_path(store, corpus, shard)
-    if not man_p.is_file():
+    if not storage.is_file(man_p):
         raise StoreError(f"shard {corpus}/{shard}: reader manifest missing; rerun the stage")
-    manifest = json.loads(man_p.read_text())
+    manifest = storage.read_json(man_p)
     expected = int(manifest["num_docs"])
     pdir = parts_dir(store, corpus, shard)
-    files = sorted(pdir.glob("part-*.parquet")) if pdir.is_dir() else []
+    files = [f for f in storage.list_files(pdir, suffix=".parquet")
+             if storage.name(f).startswith("part-")]
     if files:
-        table = pa.concat_tables([pq.read_table(f) for f in files])
+        table = pa.concat_tables([storage.read_table(f) for f in files])
         table = table.sort_by("row")
         rows = table.column("row").to_numpy()
         keep = np.ones(len(rows), dtype=bool)
@@ -161,33 +160,32 @@ def finalize_shard(store: str | Path, corpus: str, shard: str) -> int:
             f"shard {corpus}/{shard}: {table.num_rows} embedded rows but the reader accepted "
             f"{expected}; the parts are incomplete. Rerun the stage (finished shards are kept)."
         )
-    out = data_path(store, corpus, shard)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
+    # the data file is written whole (renamed, or one PUT) before the parts go
+    with storage.write_once(data_path(store, corpus, shard)) as tmp:
         write_store_table(table, tmp)
-    shutil.rmtree(pdir, ignore_errors=True)
+    storage.remove(pdir)
     return table.num_rows
 
 
 def read_info(store: str | Path) -> StoreInfo:
     """Read ``store.json``; a missing or unfinished store is a :class:`StoreError`."""
-    p = Path(store) / STORE_INFO
-    if not p.is_file():
+    p = storage.join(store, STORE_INFO)
+    if not storage.is_file(p):
         raise StoreError(
-            f"{store} is not a finished embedding store (no {STORE_INFO}); run "
+            f"{storage.redact(store)} is not a finished embedding store (no {STORE_INFO}); run "
             "`craft-ray embed --config ...` first, or point at RUN_DIR/embed/store"
         )
-    return StoreInfo.model_validate_json(p.read_text())
+    return StoreInfo.model_validate_json(storage.read_text(p))
 
 
 def write_info(store: str | Path, info: StoreInfo) -> None:
-    atomic_write_json(Path(store) / STORE_INFO, info.model_dump(mode="json"))
+    storage.write_json(storage.join(store, STORE_INFO), info.model_dump(mode="json"))
 
 
 def read_shard_table(store: str | Path, shard: ShardInfo,
                      columns: list[str] | None = None) -> pa.Table:
     """One data file of the store as an Arrow table."""
-    return pq.read_table(Path(store) / shard.file, columns=columns)
+    return storage.read_table(storage.join(store, shard.file), columns=columns)
 
 
 def export_h5(store: str | Path, out: str | Path) -> dict[str, Any]:
@@ -196,15 +194,14 @@ def export_h5(store: str | Path, out: str | Path) -> dict[str, Any]:
     One group per corpus, one dataset per source shard (``/`` in a shard name becomes
     ``__``), shape [N, dim], float16, row i = the i-th embedded document of that shard in
     source order. The source row numbers are kept beside them in ``/_rows/{corpus}/{name}``
-    (int64), so an h5 row maps back to a document id. Written to a temporary file, then renamed.
+    (int64), so an h5 row maps back to a document id. Written to a temporary file, then renamed
+(or uploaded in one piece to an object store).
     """
     import h5py
 
     info = read_info(store)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with storage.write_once(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["model"] = info.model
         f.attrs["dim"] = info.dim
         f.attrs["normalized"] = info.normalized

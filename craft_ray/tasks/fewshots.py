@@ -58,7 +58,14 @@ def read_json_lines(path: str | Path, base_dir: str | Path | None, error: type[E
     A relative ``path`` is taken from ``base_dir``; a missing file or a line that is not JSON
     raises ``error`` with ``label`` (e.g. ``"few-shot file"``) and the line number.
     """
-    p = Path(path)
+    from craft_ray.runtime import storage
+
+    if storage.is_uri(path):  # s3://, gs://: read from a local copy
+        if not storage.is_file(str(path)):
+            raise error(f"{label} {storage.redact(path)} does not exist")
+        p = storage.local_copy(str(path))
+    else:
+        p = Path(path)
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir) / p
     if not p.is_file():
@@ -75,10 +82,10 @@ def read_json_lines(path: str | Path, base_dir: str | Path | None, error: type[E
 
 def load_fewshots(cfg: FewShotConfig, base_dir: str | Path | None = None) -> list[FewShot]:
     """Read and check a few-shot file; every problem is one clear :class:`FewShotError`."""
-    p = Path(cfg.path)
+    p = Path(cfg.path.rsplit("/", 1)[-1]) if "://" in cfg.path else Path(cfg.path)
     shots: list[FewShot] = []
     needed = (cfg.text_field, cfg.instruction_field, cfg.output_field)
-    for i, rec in read_json_lines(p, base_dir, FewShotError, "few-shot file"):
+    for i, rec in read_json_lines(cfg.path, base_dir, FewShotError, "few-shot file"):
         if not isinstance(rec, dict):
             raise FewShotError(f"{p}:{i + 1}: a few-shot must be a JSON object")
         missing = [f for f in needed if not isinstance(rec.get(f), str)]

@@ -177,3 +177,25 @@ def test_corpus_config_errors_name_the_key():
         validate(CorpusConfig, {"name": "a b", "format": "csv", "paths": [], "min_char": 3}, "t")
     msg = str(exc.value)
     assert "name:" in msg and "format:" in msg and "paths:" in msg and "min_char: unknown key" in msg
+
+
+def test_corpora_on_s3_give_the_same_shards_and_records_as_on_disk(tmp_path: Path,
+                                                                   s3_bucket: str):
+    from craft_ray.runtime import storage
+
+    (tmp_path / "se" / "coffee.stackexchange.com").mkdir(parents=True)
+    (tmp_path / "se" / "coffee.stackexchange.com" / "Posts.xml").write_text(
+        POSTS.format(pad="pad " * 50))
+    (tmp_path / "c4" / "en").mkdir(parents=True)
+    with gzip.open(tmp_path / "c4" / "en" / "c4-train.00000-of-00002.json.gz", "wt") as fh:
+        fh.write(json.dumps({"text": LONG, "url": "u"}) + "\n{broken\n")
+    pq.write_table(pa.table({"text": [LONG, None]}), tmp_path / "c4" / "p.parquet")
+    storage.upload(tmp_path, f"{s3_bucket}/corpora")
+    for fmt, rel, glob in [("stackexchange", "se", None), ("c4", "c4", None),
+                           ("parquet", "c4/*.parquet", None), ("c4", "c4", ["en/*.gz"])]:
+        local = CorpusConfig(name="x", format=fmt, paths=[str(tmp_path / rel)], glob=glob)
+        remote = local.model_copy(update={"paths": [f"{s3_bucket}/corpora/{rel}"]})
+        assert [s.shard for s in list_shards(remote)] == [s.shard for s in list_shards(local)]
+        assert _all(remote, tmp_path) == _all(local, tmp_path), (fmt, rel)
+    with pytest.raises(CorpusError, match=f"{s3_bucket}/corpora/nothing"):
+        list_shards(CorpusConfig(name="x", format="c4", paths=[f"{s3_bucket}/corpora/nothing"]))

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import atomic_path, atomic_write_json
+from craft_ray.runtime import storage
 from craft_ray.runtime.progress import report_progress
 from craft_ray.store.corpus import CorpusConfig, Shard, read_shard
 from craft_ray.store.vectors import (
@@ -21,10 +21,10 @@ from craft_ray.store.vectors import (
 
 
 class _RejectWriter:
-    """Streams a shard's rejects to Parquet through :func:`atomic_path`: the temporary file
-    opened with the first rejects is renamed on close."""
+    """Streams a shard's rejects to Parquet through :func:`storage.write_once`: the temporary
+    file opened with the first rejects is renamed (or uploaded) on close."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         self.writer: Any = None
@@ -45,8 +45,7 @@ class _RejectWriter:
             return
         table = pa.Table.from_pylist(self.rows, schema=REJECT_SCHEMA())
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._tmp.enter_context(atomic_path(self.path))
+            tmp = self._tmp.enter_context(storage.write_once(self.path))
             self.writer = pq.ParquetWriter(tmp, table.schema)
         self.writer.write_table(table)
         self.rows = []
@@ -55,9 +54,9 @@ class _RejectWriter:
         self._flush()
         if self.writer is not None:
             self.writer.close()
-            self._tmp.close()  # the rename
+            self._tmp.close()  # the rename (or the upload)
         else:
-            self.path.unlink(missing_ok=True)
+            storage.remove(self.path)
 
 
 def REJECT_SCHEMA() -> Any:  # noqa: N802 - a constant built lazily (pyarrow import)
@@ -69,8 +68,8 @@ def REJECT_SCHEMA() -> Any:  # noqa: N802 - a constant built lazily (pyarrow imp
                       ("raw", pa.string())])
 
 
-def rejects_path(stage_dir: str | Path, corpus: str, shard: str) -> Path:
-    return Path(stage_dir) / "rejects" / corpus / f"{shard}.parquet"
+def rejects_path(stage_dir: str | Path, corpus: str, shard: str) -> str:
+    return storage.join(stage_dir, "rejects", corpus, f"{shard}.parquet")
 
 
 def _docs_batch(buf: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -116,7 +115,7 @@ def read_shards(batch: dict[str, np.ndarray], corpora: dict[str, dict[str, Any]]
         rejects.close()
         if reasons:  # for the console's line: rejects so far
             report_progress(rejects=sum(reasons.values()))
-        atomic_write_json(manifest_path(store, shard.corpus, shard.shard), {
+        storage.write_json(manifest_path(store, shard.corpus, shard.shard), {
             "corpus": shard.corpus, "shard": shard.shard, "path": shard.path,
             "num_records": n_records, "num_docs": n_docs, "chars": chars,
             "rejects": dict(reasons),

@@ -14,10 +14,8 @@ uninterrupted one: no id lost, none doubled.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.models.embedder import export_onnx, load_sentence_transformer, resolve_model
+from craft_ray.models.embedder import (
+    default_cache_dir,
+    export_onnx,
+    load_sentence_transformer,
+    resolve_model,
+)
 from craft_ray.resources import actor_resources
-from craft_ray.runtime import StageDir, StageStats
+from craft_ray.runtime import StageDir, StageStats, storage
 from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.embed.actors import Embedder
 from craft_ray.stages.embed.config import ERROR_REASONS, EmbedConfig, EmbedStageConfig
@@ -71,8 +74,14 @@ def write_parts(batch: dict[str, np.ndarray], store: str) -> dict[str, np.ndarra
 
 
 def model_cache_dir(cfg: EmbedConfig, stage_dir: str | Path) -> Path:
-    """Where the embedder's exports live: ``embed.model_cache_dir`` or RUN_DIR/_models."""
-    return Path(cfg.model_cache_dir) if cfg.model_cache_dir else Path(stage_dir).parent / "_models"
+    """Where the embedder's exports live: ``embed.model_cache_dir``, else RUN_DIR/_models, or
+    each node's own cache (``$CRAFT_RAY_CACHE``) when the run directory is an object store
+    (an ONNX runtime loads a local folder; each node exports once)."""
+    if cfg.model_cache_dir:
+        return Path(cfg.model_cache_dir)
+    if storage.is_uri(stage_dir):
+        return default_cache_dir() / "models"
+    return Path(storage.parent(stage_dir)) / "_models"
 
 
 def pool_resources(cfg: EmbedConfig) -> tuple[float, int]:
@@ -149,23 +158,37 @@ def preflight(stage_cfg: EmbedStageConfig, base_dir: str | Path | None = None) -
     return [s for c in stage_cfg.embed.corpora for s in list_shards(c, base_dir)]
 
 
-def _reset_if_changed(cfg: EmbedConfig, stage: StageDir, store: Path, force: bool) -> None:
+def _reset_if_changed(cfg: EmbedConfig, stage: StageDir, store: str, force: bool) -> None:
     """A changed config (or ``force``) discards the stage folder and a separate store."""
     from craft_ray.config import config_hash
 
-    hash_file = stage.path / "_config_hash"
-    same_cfg = hash_file.is_file() and hash_file.read_text().strip() == config_hash(cfg)
-    if (stage.path.exists() and not same_cfg) or force:
-        if stage.path.exists():
-            logger.warning("embed: config changed (or --force); discarding %s", stage.path)
-        shutil.rmtree(stage.path, ignore_errors=True)
+    hash_file = stage.file("_config_hash")
+    same_cfg = storage.is_file(hash_file) and \
+        storage.read_text(hash_file).strip() == config_hash(cfg)
+    if force or (not same_cfg and stage.exists()):
+        if stage.exists():
+            logger.warning("embed: config changed (or --force); discarding %s",
+                           storage.redact(stage.location))
+        storage.remove(stage.location)
         if cfg.store_dir:
-            shutil.rmtree(store, ignore_errors=True)
+            storage.remove(store)
     stage.begin(cfg)
-    hash_file.write_text(config_hash(cfg))
+    storage.write_text(hash_file, config_hash(cfg))
 
 
-def _embed_waves(todo: list[Shard], cfg: EmbedConfig, store: Path, stage: StageDir
+def _clear_unfinished(store: str, todo: list[Shard]) -> None:
+    """Half-done shards start again from nothing: their parts and manifest go. One listing
+    each (not a request per shard: an object store may hold thousands of shards)."""
+    left = set(storage.list_files(storage.join(store, "_manifests"), recursive=True))
+    left |= {storage.parent(f) for f in
+             storage.list_files(storage.join(store, "_parts"), recursive=True)}
+    for s in todo:
+        for loc in (parts_dir(store, s.corpus, s.shard), manifest_path(store, s.corpus, s.shard)):
+            if loc in left:
+                storage.remove(loc)
+
+
+def _embed_waves(todo: list[Shard], cfg: EmbedConfig, store: str, stage: StageDir
                  ) -> tuple[int, float]:
     """Embed shards a wave at a time, each finalised into the store; documents embedded, and
     the embedding actors' model seconds (summed over actors)."""
@@ -177,7 +200,7 @@ def _embed_waves(todo: list[Shard], cfg: EmbedConfig, store: Path, stage: StageD
     finalize = ray.remote(num_cpus=0.5)(finalize_shard)
     for w, wave in enumerate(waves, 1):
         logger.info("embed: wave %d/%d (%d shards)", w, len(waves), len(wave))
-        for row in embed_dataset(wave, cfg, store, stage.path).iter_rows():
+        for row in embed_dataset(wave, cfg, store, stage.location).iter_rows():
             encode_s += float(row["encode_s"])
             report_progress(done=int(row["num_rows"]), unit="docs")
         embedded_now += sum(ray.get([finalize.remote(str(store), s.corpus, s.shard)
@@ -185,18 +208,18 @@ def _embed_waves(todo: list[Shard], cfg: EmbedConfig, store: Path, stage: StageD
     return embedded_now, encode_s
 
 
-def _collect_manifests(shards: list[Shard], store: Path, stats: StageStats) -> list[ShardInfo]:
+def _collect_manifests(shards: list[Shard], store: str, stats: StageStats) -> list[ShardInfo]:
     """Rows in/out and rejects of every shard (from its manifest) into stats; shard infos."""
     shard_infos = []
     reasons: Counter[str] = Counter()
     for s in shards:
-        man = json.loads(manifest_path(store, s.corpus, s.shard).read_text())
+        man = storage.read_json(manifest_path(store, s.corpus, s.shard))
         stats.rows_in += man["num_records"]
         stats.rows_out += man["num_docs"]
         reasons.update(man["rejects"])
         shard_infos.append(ShardInfo(
             corpus=s.corpus, shard=s.shard, num_rows=man["num_docs"],
-            file=str(data_path(store, s.corpus, s.shard).relative_to(store))))
+            file=data_path(".", s.corpus, s.shard).replace(os.sep, "/").removeprefix("./")))
     stats.rejects = reasons
     return shard_infos
 
@@ -211,23 +234,23 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
     cfg = stage_cfg.embed
     stage = StageDir(stage_cfg.run_dir, "embed")
     if not force and stage.is_complete(cfg):
-        logger.info("embed: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
-    store = Path(cfg.store_dir) if cfg.store_dir else stage.path / "store"
+        logger.info("embed: already complete in %s (same config); skipping",
+                    storage.redact(stage.location))
+        return stage.read_stats()
+    store = cfg.store_dir or stage.file("store")
     pool_resources(cfg)  # a pool that cannot fit the cluster fails here, before any work
     _reset_if_changed(cfg, stage, store, force)
 
     shards = [s for c in cfg.corpora for s in list_shards(c, base_dir)]
-    done = [s for s in shards if data_path(store, s.corpus, s.shard).is_file()]
-    todo = [s for s in shards if not data_path(store, s.corpus, s.shard).is_file()]
+    finished = set(storage.list_files(storage.join(store, "data"), ".parquet", recursive=True))
+    done = [s for s in shards if data_path(store, s.corpus, s.shard) in finished]
+    todo = [s for s in shards if data_path(store, s.corpus, s.shard) not in finished]
     logger.info("embed: %d shards (%d already embedded, %d to do) -> %s",
-                len(shards), len(done), len(todo), store)
-    for s in todo:  # half-done shards start again from nothing
-        shutil.rmtree(parts_dir(store, s.corpus, s.shard), ignore_errors=True)
-        manifest_path(store, s.corpus, s.shard).unlink(missing_ok=True)
+                len(shards), len(done), len(todo), storage.redact(store))
+    _clear_unfinished(store, todo)
 
     if cfg.backend == "onnx" and todo:  # export once here, not in every actor
-        export_onnx(cfg.model, model_cache_dir(cfg, stage.path), cfg.trust_remote_code)
+        export_onnx(cfg.model, model_cache_dir(cfg, stage.location), cfg.trust_remote_code)
     stats = StageStats("embed")
     t_embed = time.time()
     embedded_now, encode_s = _embed_waves(todo, cfg, store, stage)
@@ -238,7 +261,7 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
         raise RuntimeError(
             f"embed: {errors} of {stats.rows_in} records were malformed "
             f"({errors / stats.rows_in:.1%} > max_error_rate={cfg.max_error_rate}); see "
-            f"{stage.path / 'rejects'}. Fix the input or raise embed.max_error_rate."
+            f"{storage.redact(stage.file('rejects'))}. Fix the input or raise embed.max_error_rate."
         )
     dim, max_len = _model_dim(cfg)
     write_info(store, StoreInfo(
@@ -246,7 +269,7 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
         corpora=[c.model_dump(mode="json") for c in cfg.corpora],
         shard_paths={f"{s.corpus}/{s.shard}": s.path for s in shards}))
     if cfg.export_h5:
-        export_h5(store, stage.path / "embeddings.h5")
+        export_h5(store, stage.file("embeddings.h5"))
     stats.extra = {
         "shards": len(shards), "shards_resumed": len(done), "embedded_this_run": embedded_now,
         "embed_seconds_this_run": round(seconds, 3),
@@ -254,6 +277,6 @@ def run_embed(stage_cfg: EmbedStageConfig, *, base_dir: str | Path | None = None
         # (read, schedule, write, finalise) where one actor runs
         "encode_seconds_this_run": round(encode_s, 3),
         "docs_per_s_this_run": round(embedded_now / seconds, 3) if seconds > 0 else None,
-        "store": str(store), "model": cfg.model, "dim": dim,
+        "store": storage.redact(store), "model": cfg.model, "dim": dim,
     }
     return stage.finish(cfg, stats)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from craft_ray.runtime import storage
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec, SweepModelsConfig
 
 logger = logging.getLogger(__name__)
@@ -25,23 +26,23 @@ def discover_sweep_models(sweep: SweepModelsConfig, run_dir: str | Path) -> list
     """
     from craft_ray.config import ConfigError
 
-    sdir = Path(sweep.path) if sweep.path else Path(run_dir) / "sweep"
-    table = sdir / "results.jsonl"
-    if not table.is_file():
+    sdir = sweep.path or storage.join(run_dir, "sweep")
+    table = storage.join(sdir, "results.jsonl")
+    if not storage.is_file(table):
         raise ConfigError(f"evaluate.sweep: no sweep results at {table}; run `craft-ray "
                           "sweep` first or point evaluate.sweep.path at the sweep folder")
     base = sweep.base_model
     if base is None:
         import yaml
 
-        conf = sdir / "config.yaml"
-        data = yaml.safe_load(conf.read_text()) if conf.is_file() else None
+        conf = storage.join(sdir, "config.yaml")
+        data = yaml.safe_load(storage.read_text(conf)) if storage.is_file(conf) else None
         base = ((data or {}).get("train") or {}).get("base_model")
         if not base:
             raise ConfigError(f"evaluate.sweep: cannot read train.base_model from {conf}; "
                               "set evaluate.sweep.base_model")
     models = []
-    for line in table.read_text(encoding="utf-8").splitlines():
+    for line in storage.read_text(table).splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
@@ -53,14 +54,17 @@ def discover_sweep_models(sweep: SweepModelsConfig, run_dir: str | Path) -> list
                            row.get("trial"), row.get("error") or row.get("status"))
             continue
         trial = str(row["trial"])
-        candidates = [Path(row["adapter"])] if row.get("adapter") else []
-        candidates.append(sdir.parent / "train" / trial / "adapter")
-        adapter = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
+        candidates = [str(row["adapter"])] if row.get("adapter") else []
+        candidates.append(storage.join(storage.parent(sdir), "train", trial, "adapter"))
+        adapter = next((c for c in candidates
+                        if storage.is_file(storage.join(c, "adapter_config.json"))), None)
         if adapter is None:
             logger.warning("evaluate.sweep: trial %s has no adapter at %s; not evaluated",
                            trial, " or ".join(map(str, candidates)))
             continue
-        models.append(ModelSpec(name=trial, model=base, adapter=str(adapter.resolve()),
+        local = not storage.is_uri(adapter)
+        models.append(ModelSpec(name=trial, model=base,
+                                adapter=str(Path(adapter).resolve()) if local else adapter,
                                 group=sweep.group, size=size, seed=row.get("seed"),
                                 merge_adapter=sweep.merge_adapter))
     if not models:
@@ -88,7 +92,7 @@ def check_models(cfg: EvaluateConfig, models: Sequence[ModelSpec] | None = None)
     from craft_ray.config import ConfigError
 
     for m in (cfg.models if models is None else models):
-        if m.adapter and not (Path(m.adapter) / "adapter_config.json").is_file():
+        if m.adapter and not storage.is_file(storage.join(m.adapter, "adapter_config.json")):
             raise ConfigError(f"model {m.name!r}: adapter {m.adapter} has no adapter_config.json "
                               "(point adapter at a PEFT folder, e.g. RUN_DIR/train/TRIAL/adapter)")
         if m.model.startswith((".", "/")) and not Path(m.model).exists():

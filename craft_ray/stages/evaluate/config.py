@@ -23,7 +23,9 @@ class ModelSpec(StrictModel):
                       min_length=1, max_length=120)
     model: str = Field(description="Base or merged model: local path or hub id.", min_length=1)
     adapter: str | None = Field(
-        default=None, description="PEFT adapter folder (RUN_DIR/train/TRIAL/adapter)."
+        default=None, description="PEFT adapter folder (RUN_DIR/train/TRIAL/adapter): a "
+        "path or an s3:// / gs:// URI; '{run_dir}' stands for the run directory, e.g. "
+        "'{run_dir}/train/S-seed1234/adapter'."
     )
     merge_adapter: bool = Field(
         default=False,
@@ -213,3 +215,19 @@ class EvaluateStageConfig(StrictModel):
     run_dir: str = Field(default="runs/default", description="Run directory.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
     evaluate: EvaluateConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_dir_in_adapters(cls, data: Any) -> Any:
+        """``{run_dir}`` in an adapter is this run's directory, so one config serves a local
+        run and one in a bucket (``--set run_dir=s3://...``)."""
+        if not isinstance(data, dict) or not isinstance(data.get("evaluate"), dict):
+            return data
+        run_dir = str(data.get("run_dir") or cls.model_fields["run_dir"].default).rstrip("/")
+        models = data["evaluate"].get("models")
+        if isinstance(models, list):
+            models = [{**m, "adapter": m["adapter"].replace("{run_dir}", run_dir)}
+                      if isinstance(m, dict) and isinstance(m.get("adapter"), str) else m
+                      for m in models]
+            data = {**data, "evaluate": {**data["evaluate"], "models": models}}
+        return data

@@ -13,7 +13,7 @@ import numpy as np
 from craft_ray.config import StrictModel, config_hash
 from craft_ray.evalsets.base import LETTERS, EvalSetConfig
 from craft_ray.judging import JudgeModelConfig
-from craft_ray.runtime import atomic_path, atomic_write_json, atomic_write_text
+from craft_ray.runtime import storage
 from craft_ray.stages.evaluate.config import EvaluateConfig, GenerationConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import NEG_INF, letter_token_ids, wilson_interval
 
@@ -55,14 +55,13 @@ def summarise(rows: list[dict[str, Any]], level: float) -> dict[str, Any]:
     }
 
 
-def write_predictions(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_predictions(out_dir: str, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "predictions.parquet") as tmp:
+    with storage.write_once(storage.join(out_dir, "predictions.parquet")) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-    atomic_write_text(out_dir / "predictions.jsonl", "".join(
+    storage.write_text(storage.join(out_dir, "predictions.jsonl"), "".join(
         json.dumps(r, default=_json_default) + "\n" for r in rows))
 
 
@@ -141,14 +140,23 @@ def clean_gen_row(r: dict[str, Any]) -> dict[str, Any]:
             "truncated": bool(r.get("truncated", False))}
 
 
-def write_summary(out_dir: Path, results: list[dict[str, Any]], plot: bool = True) -> None:
+def write_summary(out_dir: str, results: list[dict[str, Any]], plot: bool = True) -> None:
     """results.json (all pairs), results.md (mean ± std table), accuracy.png and report.md."""
+    import tempfile
+
     from craft_ray.report.plots import aggregate, markdown_table, plot_vs_size, write_report
 
     results = sorted(results, key=lambda r: (r["eval_set"], r["model"]))
-    atomic_write_json(out_dir / "results.json", results)
+    storage.write_json(storage.join(out_dir, "results.json"), results)
     rows = aggregate(results)
-    atomic_write_text(out_dir / "results.md", markdown_table(rows))
-    if plot:
-        png = plot_vs_size(rows, out_dir / "accuracy.png")
-        write_report(out_dir / "report.md", rows, png, results)
+    storage.write_text(storage.join(out_dir, "results.md"), markdown_table(rows))
+    if not plot:
+        return
+    if not storage.is_uri(out_dir):
+        png = plot_vs_size(rows, Path(out_dir) / "accuracy.png")
+        write_report(Path(out_dir) / "report.md", rows, png, results)
+        return
+    with tempfile.TemporaryDirectory(prefix="craft_ray_eval_") as tmp:  # then uploaded
+        png = plot_vs_size(rows, Path(tmp) / "accuracy.png")
+        write_report(Path(tmp) / "report.md", rows, png, results)
+        storage.upload(tmp, out_dir)

@@ -52,8 +52,8 @@ from typing import Any
 
 from craft_ray.evalsets.loading import load_eval_set
 from craft_ray.models.gguf import resolve_model_path
-from craft_ray.models.hf import has_tokenizer
-from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
+from craft_ray.models.hf import has_tokenizer, local_adapter
+from craft_ray.runtime import StageDir, StageStats, storage
 from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.evaluate.actors import HFLetterScorer, generate_rows, map_hf_actors
 from craft_ray.stages.evaluate.candidates import check_models, resolve_models
@@ -86,9 +86,9 @@ logger = logging.getLogger(__name__)
 # --- stage -----------------------------------------------------------------------------------
 
 
-def stage_root(stage_cfg: EvaluateStageConfig) -> Path:
+def stage_root(stage_cfg: EvaluateStageConfig) -> str:
     cfg = stage_cfg.evaluate
-    return Path(cfg.output_dir) if cfg.output_dir else Path(stage_cfg.run_dir) / "evaluate"
+    return cfg.output_dir or storage.join(stage_cfg.run_dir, "evaluate")
 
 
 def _score_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, Any]],
@@ -133,7 +133,7 @@ def _load_sets(cfg: EvaluateConfig, base_dir: str | Path | None
 
 
 def _model_rows(cfg: EvaluateConfig, model: ModelSpec, tok: Any, task: Any,
-                loaded: dict[str, tuple[Any, list[Any], list[Any], Any]], out: Path,
+                loaded: dict[str, tuple[Any, list[Any], list[Any], Any]], out: str,
                 force: bool, results: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Prompt rows of one model over every set it has not done yet (done pairs are appended
     to ``results``): ``mc_rows``, ``mc_sets``, ``gen_rows``, ``gen_sets``."""
@@ -142,11 +142,11 @@ def _model_rows(cfg: EvaluateConfig, model: ModelSpec, tok: Any, task: Any,
         max_new = (cfg.generation.max_new_tokens or gtask.max_new_tokens) if gtask else 0
         key = (gen_pair_hash(cfg, model, es, max_new) if gtask
                else pair_hash(cfg, model, es))
-        res_path = out / model.name / name / "results.json"
-        if not force and res_path.is_file() and \
-                json.loads(res_path.read_text()).get("pair_hash") == key:
+        res_path = storage.join(out, model.name, name, "results.json")
+        done = storage.read_json(res_path) if not force and storage.is_file(res_path) else {}
+        if done.get("pair_hash") == key:
             logger.info("evaluate: %s on %s already done; keeping it", model.name, name)
-            results.append(json.loads(res_path.read_text()))
+            results.append(done)
             continue
         if gtask is None:
             prompts, ids = render_prompts([task_prompt(it, task) for it in items], tok,
@@ -170,7 +170,7 @@ def _model_rows(cfg: EvaluateConfig, model: ModelSpec, tok: Any, task: Any,
 
 
 def _score_model(cfg: EvaluateConfig, model: ModelSpec, tok: Any, todo: dict[str, list[Any]],
-                 out: Path, stats: StageStats) -> list[dict[str, Any]]:
+                 out: str, stats: StageStats) -> list[dict[str, Any]]:
     """Multiple-choice sets of one model scored, written per pair; their results."""
     logger.info("evaluate: scoring %s (%s%s) on %d items with %s", model.name,
                 model.model, f" + {model.adapter}" if model.adapter else "",
@@ -180,10 +180,10 @@ def _score_model(cfg: EvaluateConfig, model: ModelSpec, tok: Any, todo: dict[str
     results = []
     for name, es, key in todo["mc_sets"]:
         rows = sorted((r for r in scored if r["eval_set"] == name), key=lambda r: r["id"])
-        pair_dir = out / model.name / name
+        pair_dir = storage.join(out, model.name, name)
         write_predictions(pair_dir, rows)
         res = {**result_head(cfg, model, es, name, key), **summarise(rows, cfg.ci_level)}
-        atomic_write_json(pair_dir / "results.json", res)
+        storage.write_json(storage.join(pair_dir, "results.json"), res)
         logger.info("evaluate: %s on %s: accuracy %.4f (n=%d, %.0f%% CI %.4f-%.4f)",
                     model.name, name, res["accuracy"], res["n"], 100 * cfg.ci_level,
                     res["ci_low"], res["ci_high"])
@@ -207,14 +207,14 @@ def _answer_model(cfg: EvaluateConfig, model: ModelSpec, todo: dict[str, list[An
     return pending
 
 
-def _write_set_rejects(loaded: dict[str, Any], out: Path) -> StageStats:
+def _write_set_rejects(loaded: dict[str, Any], out: str) -> StageStats:
     """Each eval set's malformed items to ``rejects/SET.jsonl``; the stage's stats, counting
     them (rows in: every item read)."""
     stats = StageStats("evaluate")
     for name, (_es, items, rejects, _t) in loaded.items():
         stats.rows_in += len(items) + len(rejects)
         stats.rejects.update(f"{name}:{r.reason}" for r in rejects)
-        atomic_write_text(out / "rejects" / f"{name}.jsonl", "".join(
+        storage.write_text(storage.join(out, "rejects", f"{name}.jsonl"), "".join(
             json.dumps(r.__dict__) + "\n" for r in rejects))
     return stats
 
@@ -237,13 +237,14 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
 
     cfg = stage_cfg.evaluate
     root = stage_root(stage_cfg)
-    stage = StageDir(root.parent, root.name)
+    stage = StageDir(storage.parent(root), storage.name(root))
     models = resolve_models(cfg, stage_cfg.run_dir)
     names = [m.name for m in models]
     if not force and stage.is_complete(cfg):
-        done = json.loads((stage.path / "stats.json").read_text())
+        done = stage.read_stats()
         if done.get("models", names) == names:
-            logger.info("evaluate: already complete in %s (same config); skipping", stage.path)
+            logger.info("evaluate: already complete in %s (same config); skipping",
+                        storage.redact(stage.location))
             return done
         logger.info("evaluate: the sweep has other trials than last time; updating")
     task = load_task(cfg.task) if cfg.task and any(
@@ -251,33 +252,34 @@ def run_evaluate(stage_cfg: EvaluateStageConfig, *, force: bool = False,
     loaded = _load_sets(cfg, base_dir)
     check_models(cfg, models)
     stage.begin(cfg)
-    stats = _write_set_rejects(loaded, stage.path)
+    stats = _write_set_rejects(loaded, stage.location)
     results: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # generated pairs waiting for ROUGE-L / the judge
     planned = 0  # the console's line: items of the models seen so far
     for model in models:
-        tok = AutoTokenizer.from_pretrained(model.adapter if model.adapter and has_tokenizer(
-            model.adapter) else resolve_model_path(model.model))
-        todo = _model_rows(cfg, model, tok, task, loaded, stage.path, force, results)
+        adapter = local_adapter(model.adapter)
+        tok = AutoTokenizer.from_pretrained(adapter if adapter and has_tokenizer(adapter)
+                                            else resolve_model_path(model.model))
+        todo = _model_rows(cfg, model, tok, task, loaded, stage.location, force, results)
         planned += len(todo["mc_rows"]) + len(todo["gen_rows"])
         report_progress(total=planned, unit="items")
         if todo["mc_rows"]:
-            results += _score_model(cfg, model, tok, todo, stage.path, stats)
+            results += _score_model(cfg, model, tok, todo, stage.location, stats)
         if todo["gen_rows"]:
             pending += _answer_model(cfg, model, todo, stats)
 
-    results += _finish_generative(cfg, stage.path, pending, judge_generate)
-    write_summary(stage.path, results, plot=cfg.plot)
+    results += _finish_generative(cfg, stage.location, pending, judge_generate)
+    write_summary(stage.location, results, plot=cfg.plot)
     stats.extra["results"] = [{"model": r["model"], "eval_set": r["eval_set"],
                                "metric": metric_of(r)[0], "value": metric_of(r)[1],
                                "n": r["n"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
                               for r in results]
     stats.extra["models"] = names
-    stats.extra["outputs"] = str(stage.path)
+    stats.extra["outputs"] = storage.redact(stage.location)
     return stage.finish(cfg, stats)
 
 
-def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, Any]],
+def _finish_generative(cfg: EvaluateConfig, out: str, pending: list[dict[str, Any]],
                        judge_generate: Any | None) -> list[dict[str, Any]]:
     """ROUGE-L of every generated pair, then (with a judge) one judge call over all pairs;
     writes each pair's predictions and results; returns the results."""
@@ -310,13 +312,13 @@ def _finish_generative(cfg: EvaluateConfig, out: Path, pending: list[dict[str, A
     results = []
     for p, summary in zip(pending, judged):
         model, name = p["model"], p["name"]
-        pair_dir = out / model.name / name
+        pair_dir = storage.join(out, model.name, name)
         write_predictions(pair_dir, p["rows"])
         res = {**result_head(cfg, model, p["es"], name, p["key"]),
                **summarise_generative(p["rows"], cfg.ci_level, summary)}
         if summary is not None:
             res["judge_model"] = cfg.judge.model if cfg.judge else "custom"
-        atomic_write_json(pair_dir / "results.json", res)
+        storage.write_json(storage.join(pair_dir, "results.json"), res)
         logger.info("evaluate: %s on %s: ROUGE-L %.4f%s (n=%d)", model.name, name,
                     res["rougeL_f1"], f", win rate {res['win_rate']:.4f}"
                     if summary is not None else "", res["n"])

@@ -68,7 +68,7 @@ class JudgePromptBuilder:
         return table
 
 
-def judge_dataset(ds: Any, cfg: QualityJudgeConfig, run_dir: Path, task: Any) -> Any:
+def judge_dataset(ds: Any, cfg: QualityJudgeConfig, run_dir: str | Path, task: Any) -> Any:
     """Lazy: samples -> judge prompts -> generation backend -> scores and reject marks."""
     import ray.data
 

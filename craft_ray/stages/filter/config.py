@@ -184,12 +184,14 @@ class FilterStageConfig(StrictModel):
 # --- input resolution ---------------------------------------------------------------------
 
 
-def read_stage_config(run_dir: Path, stage: str) -> dict[str, Any]:
-    p = run_dir / stage / "config.yaml"
-    if not p.is_file():
+def read_stage_config(run_dir: str | Path, stage: str) -> dict[str, Any]:
+    from craft_ray.runtime import storage
+
+    p = storage.join(run_dir, stage, "config.yaml")
+    if not storage.is_file(p):
         return {}
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(storage.read_text(p)) or {}
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from craft_ray.runtime import atomic_path
+from craft_ray.runtime import storage
 from craft_ray.stages.filter.config import FilterConfig, read_stage_config
 from craft_ray.stages.filter.decontam import NgramIndex, overlap_summary
 from craft_ray.stages.filter.rows import PROVENANCE_COLUMNS, priority_batch
@@ -51,7 +50,7 @@ def select_nested(table: Any, sizes: Mapping[str, int], n_fewshots: int
 
 
 def build_datasets(ds: Any, task: Any, shots: Sequence[Any], fs_records: Sequence[dict],
-                   cfg: FilterConfig, stage_path: Path, run_dir: Path,
+                   cfg: FilterConfig, stage_path: str, run_dir: str,
                    steps: list[dict[str, Any]], eval_texts: dict[str, list[str]],
                    empty_schema: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write every size that can be built; returns (built info, skipped sizes)."""
@@ -74,13 +73,13 @@ def build_datasets(ds: Any, task: Any, shots: Sequence[Any], fs_records: Sequenc
     fs_table = pa.Table.from_pylist([{c: r.get(c) for c in gen.column_names} for r in fs_rows],
                                     schema=gen.schema) if fs_rows else None
     take, skipped = select_nested(gen, dcfg.sizes, n_fs)
-    out_root = stage_path / "datasets"
+    out_root = storage.join(stage_path, "datasets")
     built: dict[str, Any] = {}
     for name in sorted(take, key=lambda k: dcfg.sizes[k]):
         part = gen.slice(0, take[name])
         if fs_table is not None:
             part = pa.concat_tables([part, fs_table])
-        info = write_dataset(part, out_root / name, name, task, cfg, run_dir, steps,
+        info = write_dataset(part, storage.join(out_root, name), name, task, cfg, run_dir, steps,
                              eval_texts)
         built[name] = info
     return built, skipped
@@ -91,11 +90,13 @@ def _arrow_batches(ds: Any) -> Any:
         yield b.drop_columns(["_priority"]) if "_priority" in b.column_names else b
 
 
-def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig,
-                  run_dir: Path, steps: list[dict[str, Any]],
+def write_dataset(table: Any, out: str, name: str, task: Any, cfg: FilterConfig,
+                  run_dir: str, steps: list[dict[str, Any]],
                   eval_texts: dict[str, list[str]]) -> dict[str, Any]:
     """One size: hf/ (save_to_disk), data.parquet, data.jsonl, README.md; written to a
-    temporary folder and renamed into place, so a size folder is never half-written."""
+    temporary folder and renamed into place (uploaded to an object store), so a local size
+    folder is never half-written; on an object store the stage's _SUCCESS, written after,
+    tells it is complete."""
     import datasets
     import pyarrow.parquet as pq
 
@@ -112,8 +113,8 @@ def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig
     info = {"rows": table.num_rows,
             "generated": int(sum(1 for x in table.column("is_few_shot").to_pylist() if not x)),
             "few_shots": int(sum(1 for x in table.column("is_few_shot").to_pylist() if x)),
-            "path": str(out), "decontamination": decontam}
-    with atomic_path(out) as tmp:
+            "path": storage.redact(out), "decontamination": decontam}
+    with storage.write_once(out) as tmp:
         tmp.mkdir(parents=True)
         datasets.Dataset(table).save_to_disk(str(tmp / "hf"))
         pq.write_table(table, tmp / "data.parquet")
@@ -122,11 +123,11 @@ def write_dataset(table: Any, out: Path, name: str, task: Any, cfg: FilterConfig
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         (tmp / "README.md").write_text(dataset_card(table, name, task, cfg, run_dir, steps, info),
                                        encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)  # a rename does not replace a full folder
+        storage.remove(out)  # a rename does not replace a full folder
     return info
 
 
-def _yaml_section(run_dir: Path, stage: str, key: str) -> str | None:
+def _yaml_section(run_dir: str | Path, stage: str, key: str) -> str | None:
     data = read_stage_config(run_dir, stage)
     if not data:
         return None
@@ -134,7 +135,7 @@ def _yaml_section(run_dir: Path, stage: str, key: str) -> str | None:
     return yaml.safe_dump(section, sort_keys=False, allow_unicode=True).strip()
 
 
-def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: Path,
+def dataset_card(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: str | Path,
                  steps: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """README.md of one size: composition, corpora mix, retrieval, generator, filter counts."""
     return "\n".join([*_card_front_matter(task.name, name, table.num_rows),
@@ -164,7 +165,7 @@ def _card_front_matter(task_name: str, name: str, n: int) -> list[str]:
     ]
 
 
-def _card_composition(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: Path,
+def _card_composition(table: Any, name: str, task: Any, cfg: FilterConfig, run_dir: str | Path,
                       info: dict[str, Any]) -> list[str]:
     """Title, composition and the corpora the generated samples come from."""
     n = table.num_rows
@@ -195,7 +196,7 @@ def _card_composition(table: Any, name: str, task: Any, cfg: FilterConfig, run_d
     ]
 
 
-def _card_settings(run_dir: Path) -> list[str]:
+def _card_settings(run_dir: str | Path) -> list[str]:
     """The retrieve and generate settings of the run, as their resolved YAML."""
     retrieve = _yaml_section(run_dir, "retrieve", "retrieve")
     generate = _yaml_section(run_dir, "generate", "generate")

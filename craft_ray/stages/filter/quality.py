@@ -11,6 +11,7 @@ from typing import Any
 from craft_ray.backends.hf import HFBackendConfig
 from craft_ray.backends.openai_compat import OpenAIBackendConfig
 from craft_ray.backends.vllm import VLLMBackendConfig
+from craft_ray.runtime import storage
 from craft_ray.stages.filter.config import (
     JUDGE_CRITERIA,
     JUDGE_CRITERIA_QA,
@@ -110,7 +111,7 @@ JUDGE_PROMPT_COLUMNS = ("prompt", "prompt_token_ids", "messages", "schema", "max
                         "_judge_doc_missing")
 
 
-def resolve_judge(cfg: QualityJudgeConfig, run_dir: Path) -> dict[str, Any]:
+def resolve_judge(cfg: QualityJudgeConfig, run_dir: str | Path) -> dict[str, Any]:
     """Backend, model, tokenizer, backend settings and document source of the judge.
 
     Unset fields come from the generate stage's resolved config in the run directory, so by
@@ -122,7 +123,8 @@ def resolve_judge(cfg: QualityJudgeConfig, run_dir: Path) -> dict[str, Any]:
     model = cfg.model or gen.get("model")
     if not backend or not model:
         raise FilterError("filter.judge: no backend/model configured and none found in "
-                          f"{run_dir / 'generate' / 'config.yaml'}; set filter.judge.backend "
+                          f"{storage.join(run_dir, 'generate', 'config.yaml')}; set "
+                          "filter.judge.backend "
                           "and filter.judge.model")
     tokenizer = cfg.tokenizer or (gen.get("tokenizer") if not cfg.model else None)
     if tokenizer is None and backend != "openai":
@@ -134,8 +136,8 @@ def resolve_judge(cfg: QualityJudgeConfig, run_dir: Path) -> dict[str, Any]:
         settings = models[backend].model_validate(gen.get(backend) or {})
     docs = cfg.doc_texts or gen.get("input_path")
     if docs is None:
-        docs = str(run_dir / "retrieve" / "corpus_samples.parquet")
-    if not Path(docs).exists():
+        docs = storage.join(run_dir, "retrieve", "corpus_samples.parquet")
+    if not storage.exists(docs):
         raise FilterError(f"filter.judge: source documents {docs} do not exist; set "
                           "filter.judge.doc_texts to a Parquet/JSONL file with doc_id, text")
     from craft_ray.models.tokenizers import local_ref

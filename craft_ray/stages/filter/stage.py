@@ -35,7 +35,6 @@ Outputs::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.backends import check_backend
-from craft_ray.runtime import StageDir, StageStats, atomic_write_json
+from craft_ray.runtime import StageDir, StageStats, storage
 from craft_ray.stages.filter.actors import judge_dataset
 from craft_ray.stages.filter.config import (
     FilterConfig,
@@ -73,26 +72,26 @@ from craft_ray.tasks.fewshots import FewShotConfig, load_fewshots
 logger = logging.getLogger(__name__)
 
 
-def resolve_input(cfg: FilterConfig, run_dir: str | Path) -> Path:
+def resolve_input(cfg: FilterConfig, run_dir: str | Path) -> str:
     """The clean-samples path; a missing one is a :class:`FilterError` naming the fix."""
-    p = Path(cfg.input) if cfg.input else Path(run_dir) / "generate" / "clean.parquet"
-    if not p.exists():
-        raise FilterError(f"clean samples {p} do not exist: run `craft-ray generate` first or "
-                          "set filter.input to a Parquet file/folder of clean samples")
+    p = cfg.input or storage.join(run_dir, "generate", "clean.parquet")
+    if not storage.exists(p):
+        raise FilterError(f"clean samples {storage.redact(p)} do not exist: run `craft-ray "
+                          "generate` first or set filter.input to a Parquet file/folder of "
+                          "clean samples")
     return p
 
 
-def resolve_task(cfg: FilterConfig, run_dir: str | Path, input_path: Path) -> Any:
+def resolve_task(cfg: FilterConfig, run_dir: str | Path, input_path: str) -> Any:
     """The task from the config, else the generate stage's config, else the task column."""
     from craft_ray.tasks.registry import get_task
 
     spec: Any = cfg.task
     if spec is None:
-        spec = read_stage_config(Path(run_dir), "generate").get("task")
+        spec = read_stage_config(run_dir, "generate").get("task")
     if spec is None:
-        import pyarrow.parquet as pq
 
-        names = set(pq.ParquetDataset(str(input_path)).read(columns=["task"])
+        names = set(_parquet_dataset(input_path).read(columns=["task"])
                     .column("task").to_pylist()) if "task" in _input_columns(input_path) \
             else set()
         if len(names) == 1:
@@ -107,20 +106,26 @@ def resolve_fewshots(cfg: FilterConfig, run_dir: str | Path) -> FewShotConfig | 
     """The few-shot config from the filter section, else the generate stage's."""
     if cfg.fewshots is not None:
         return cfg.fewshots
-    gen = read_stage_config(Path(run_dir), "generate")
+    gen = read_stage_config(run_dir, "generate")
     raw = gen.get("fewshots")
     if isinstance(raw, dict):
         return FewShotConfig.model_validate(raw)
     return None
 
 
-def _input_columns(path: Path) -> list[str]:
+def _parquet_dataset(path: str) -> Any:
+    """A ``pyarrow.parquet.ParquetDataset`` of a file or folder, local or on an object store."""
     import pyarrow.parquet as pq
 
-    return list(pq.ParquetDataset(str(path)).schema.names)
+    fs, where = storage.filesystem(path)
+    return pq.ParquetDataset(where, filesystem=fs)
 
 
-def check_input_columns(path: Path, record_fields: Sequence[str]) -> list[str]:
+def _input_columns(path: str) -> list[str]:
+    return list(_parquet_dataset(path).schema.names)
+
+
+def check_input_columns(path: str, record_fields: Sequence[str]) -> list[str]:
     """The input's columns; missing required ones are a :class:`FilterError`."""
     cols = _input_columns(path)
     need = ["sample_id", "sample_text", *record_fields]
@@ -136,7 +141,7 @@ def check_input_columns(path: Path, record_fields: Sequence[str]) -> list[str]:
 class _Inputs:
     """Everything run_filter checks before any work: input, task, few-shots, eval sets."""
 
-    path: Path
+    path: str
     task: Any
     columns: list[str]
     shots: list[Any]
@@ -145,7 +150,7 @@ class _Inputs:
     eval_texts: dict[str, list[str]]
 
 
-def _check_inputs(cfg: FilterConfig, run_dir: Path) -> _Inputs:
+def _check_inputs(cfg: FilterConfig, run_dir: str) -> _Inputs:
     """Input columns, task, few-shots, eval sets and sizes, checked before any work starts."""
     from craft_ray.tasks.base import TaskError
     from craft_ray.tasks.fewshots import FewShotError
@@ -228,7 +233,7 @@ def _mark_rejects(ds: Any, cfg: FilterConfig, inp: _Inputs, decontam_report: dic
     return ds.materialize(), order, seconds
 
 
-def _judge_step(survivors: Any, cfg: FilterConfig, run_dir: Path, task: Any, stage: StageDir,
+def _judge_step(survivors: Any, cfg: FilterConfig, run_dir: str, task: Any, stage: StageDir,
                 stats: StageStats, steps: list[dict[str, Any]]) -> Any:
     """The judge, last and costliest: it sees only the survivors; its rejects (with their
     scores) go to their own folder. Returns the survivors of the judge."""
@@ -241,7 +246,7 @@ def _judge_step(survivors: Any, cfg: FilterConfig, run_dir: Path, task: Any, sta
     logger.info("filter/judge: %d -> %d (%d dropped)", jstep["rows_in"],
                 jstep["rows_out"], jstep["dropped"])
     if jstep["dropped"]:
-        rejected_of(judged).write_parquet(str(stage.path / "judge_rejects"))
+        _write_ray_parquet(rejected_of(judged), stage.file("judge_rejects"))
     return survivors_of(judged)
 
 
@@ -255,22 +260,22 @@ def _count_steps(ds: Any, stats: StageStats, order: list[str], seconds: dict[str
         logger.info("filter/%s: %d -> %d (%d dropped)", st["step"], st["rows_in"],
                     st["rows_out"], st["dropped"])
     if sum(st["dropped"] for st in steps):
-        rejected_of(ds).write_parquet(str(stage.path / "rejects"))
+        _write_ray_parquet(rejected_of(ds), stage.file("rejects"))
     return steps
 
 
 def _write_datasets(survivors: Any, inp: _Inputs, cfg: FilterConfig, stage: StageDir,
-                    run_dir: Path, steps: list[dict[str, Any]], stats: StageStats,
+                    run_dir: str, steps: list[dict[str, Any]], stats: StageStats,
                     decontam_report: dict[str, Any]) -> None:
     """The sized datasets, the decontamination report and the stage's extra stats."""
     built, skipped = build_datasets(survivors, inp.task, inp.shots, inp.fs_records, cfg,
-                                    stage.path, run_dir, steps, inp.eval_texts,
+                                    stage.location, run_dir, steps, inp.eval_texts,
                                     _survivor_schema(inp.path, inp.task, cfg))
     decontam_report["datasets"] = {name: info.get("decontamination", {})
                                    for name, info in built.items()}
-    atomic_write_json(stage.path / "decontamination.json", decontam_report)
+    storage.write_json(stage.file("decontamination.json"), decontam_report)
     stats.extra = {
-        "task": inp.task.name, "input": str(inp.path), "input_columns": inp.columns,
+        "task": inp.task.name, "input": storage.redact(inp.path), "input_columns": inp.columns,
         "fewshots": len(inp.shots), "steps": steps,
         "steps_seconds_note": "per-row steps (leakage, decontamination marks) run fused into "
                               "the next global step, so their time is counted there",
@@ -293,16 +298,18 @@ def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str
     import ray.data
 
     cfg = stage_cfg.filter
-    run_dir = Path(stage_cfg.run_dir)
+    run_dir = stage_cfg.run_dir
     stage = StageDir(run_dir, "filter")
     if not force and stage.is_complete(cfg):
-        logger.info("filter: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
+        logger.info("filter: already complete in %s (same config); skipping",
+                    storage.redact(stage.location))
+        return stage.read_stats()
     inp = _check_inputs(cfg, run_dir)
 
     stage.begin(cfg, clean=True)
     stats = StageStats("filter")
-    ds = ray.data.read_parquet(str(inp.path)).map_batches(
+    fs, where = storage.filesystem(inp.path)
+    ds = ray.data.read_parquet(where, filesystem=fs).map_batches(
         init_rejects_batch, batch_format="pyarrow").materialize()
     stats.rows_in = ds.count()
     logger.info("filter: %d clean samples of task %s from %s", stats.rows_in, inp.task.name,
@@ -321,17 +328,22 @@ def run_filter(stage_cfg: FilterStageConfig, *, force: bool = False) -> dict[str
     if cfg.judge.enabled:
         survivors = _judge_step(survivors, cfg, run_dir, inp.task, stage, stats, steps)
     survivors = survivors.drop_columns(list(REJECT_COLUMNS)).materialize()
-    survivors.write_parquet(str(stage.path / "survivors"))
+    _write_ray_parquet(survivors, stage.file("survivors"))
     stats.rows_out = survivors.count()
     _write_datasets(survivors, inp, cfg, stage, run_dir, steps, stats, decontam_report)
     return stage.finish(cfg, stats)
 
 
-def _survivor_schema(input_path: Path, task: Any, cfg: FilterConfig) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _write_ray_parquet(ds: Any, location: str) -> None:
+    """A Ray dataset to a Parquet folder, local or on an object store."""
+    fs, where = storage.filesystem(location)
+    ds.write_parquet(where, filesystem=fs)
 
-    schema = pq.ParquetDataset(str(input_path)).schema
+
+def _survivor_schema(input_path: str, task: Any, cfg: FilterConfig) -> Any:
+    import pyarrow as pa
+
+    schema = _parquet_dataset(input_path).schema
     if cfg.judge.enabled:
         for c in judge_criteria(bool(getattr(task, "is_multiple_choice", False))):
             schema = schema.append(pa.field(f"judge_{c}", pa.int64()))

@@ -27,18 +27,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from craft_ray.backends import check_backend, run_backend
 from craft_ray.config import ConfigError
 from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.tokenizers import load_chat_tokenizer, local_ref
-from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_text
+from craft_ray.runtime import StageDir, StageStats, storage
 from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.generate.actors import PromptBuilder
 from craft_ray.stages.generate.config import GenerateConfig, GenerateStageConfig
@@ -129,29 +127,29 @@ def prompt_budget(cfg: GenerateConfig, max_new_tokens: int) -> int | None:
     return ctx - max_new_tokens
 
 
-def input_path_of(stage_cfg: GenerateStageConfig) -> Path:
+def input_path_of(stage_cfg: GenerateStageConfig) -> str:
     """The corpus samples to read (a clear error when missing)."""
     cfg = stage_cfg.generate
-    p = Path(cfg.input_path) if cfg.input_path else (
-        Path(stage_cfg.run_dir) / "retrieve" / "corpus_samples.parquet")
-    if not p.exists():
+    p = cfg.input_path or storage.join(stage_cfg.run_dir, "retrieve", "corpus_samples.parquet")
+    if not storage.exists(p):
         raise ConfigError(
-            f"corpus samples {p} do not exist: run `craft-ray retrieve` first, or set "
-            "generate.input_path to a Parquet/JSONL file with doc_id and text"
+            f"corpus samples {storage.redact(p)} do not exist: run `craft-ray retrieve` first, "
+            "or set generate.input_path to a Parquet/JSONL file with doc_id and text"
         )
     return p
 
 
-def _read_docs(path: Path, limit: int | None) -> Any:
+def _read_docs(path: str, limit: int | None) -> Any:
     import pyarrow.parquet as pq
     import ray.data
 
-    if path.suffix in (".jsonl", ".json"):
-        ds = ray.data.read_json(str(path), lines=True)
+    fs, where = storage.filesystem(path)
+    if path.endswith((".jsonl", ".json")):
+        ds = ray.data.read_json(where, filesystem=fs, lines=True)
         names = ds.schema().names
     else:
-        names = pq.read_schema(path).names if path.is_file() else None
-        ds = ray.data.read_parquet(str(path))
+        names = pq.read_schema(where, filesystem=fs).names if storage.is_file(path) else None
+        ds = ray.data.read_parquet(where, filesystem=fs)
         names = names or ds.schema().names
     missing = [c for c in ("doc_id", "text") if c not in names]
     if missing:
@@ -161,10 +159,10 @@ def _read_docs(path: Path, limit: int | None) -> Any:
     return ds.limit(limit) if limit else ds
 
 
-def _write_parquet(table: Any, path: Path) -> None:
+def _write_parquet(table: Any, path: str) -> None:
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp:
+    with storage.write_once(path) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -174,7 +172,7 @@ class _Plan:
 
     task: Any
     pool: ShotPool
-    input_path: Path
+    input_path: str
     max_new: int
     budget: Any
     settings: PromptSettings
@@ -215,7 +213,7 @@ def _plan(stage_cfg: GenerateStageConfig) -> _Plan:
     return _Plan(task, pool, input_path, max_new, budget, settings)
 
 
-def _write_prompts(docs: Any, cfg: GenerateConfig, plan: _Plan, prompts_dir: Path
+def _write_prompts(docs: Any, cfg: GenerateConfig, plan: _Plan, prompts_dir: str
                    ) -> tuple[Any, Any, int, int, float]:
     """Prompts to Parquet; (prompts dataset, dropped prompts table, prompts, prompts whose
     text was truncated, seconds)."""
@@ -223,15 +221,16 @@ def _write_prompts(docs: Any, cfg: GenerateConfig, plan: _Plan, prompts_dir: Pat
     import pyarrow.dataset as pds
     import ray.data
 
+    fs, where = storage.filesystem(prompts_dir)
     t0 = time.time()
-    prompts_dataset(docs, cfg, plan.settings, plan.pool).write_parquet(str(prompts_dir))
+    prompts_dataset(docs, cfg, plan.settings, plan.pool).write_parquet(where, filesystem=fs)
     prompt_seconds = time.time() - t0
-    prompts = ray.data.read_parquet(str(prompts_dir))
+    prompts = ray.data.read_parquet(where, filesystem=fs)
     prompt_cols = ["sample_id", "doc_id", "corpus", "fewshot_ids", "prompt_tokens",
                    "drop_reason", "drop_detail"]
-    prompt_table = pds.dataset(str(prompts_dir)).to_table(columns=prompt_cols)
+    prompt_table = pds.dataset(where, filesystem=fs).to_table(columns=prompt_cols)
     drops = prompt_table.filter(pc.not_equal(prompt_table.column("drop_reason"), ""))
-    n_truncated = pds.dataset(str(prompts_dir)).to_table(
+    n_truncated = pds.dataset(where, filesystem=fs).to_table(
         columns=["text_truncated"]).column("text_truncated").to_pylist().count(True)
     return prompts, drops, prompt_table.num_rows, n_truncated, prompt_seconds
 
@@ -239,10 +238,10 @@ def _write_prompts(docs: Any, cfg: GenerateConfig, plan: _Plan, prompts_dir: Pat
 def _write_outputs(stage: StageDir, out: dict[str, Any], drops: Any) -> None:
     """raw/clean/rejects Parquet, clean.jsonl and the prompt drops, each written atomically."""
     for name, table in out.items():
-        _write_parquet(table, stage.path / f"{name}.parquet")
-    atomic_write_text(stage.path / "clean.jsonl", "".join(
+        _write_parquet(table, stage.file(f"{name}.parquet"))
+    storage.write_text(stage.file("clean.jsonl"), "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in out["clean"].to_pylist()))
-    _write_parquet(drops, stage.path / "prompt_drops.parquet")
+    _write_parquet(drops, stage.file("prompt_drops.parquet"))
 
 
 def _check_accounting(n_prompts: int, raw_n: int, n_drops: int, clean_n: int,
@@ -261,12 +260,12 @@ def _check_error_rate(cfg: GenerateConfig, backend_errors: int, raw_n: int,
         raise RuntimeError(
             f"generate: {backend_errors} of {raw_n} generations failed in the backend "
             f"({backend_errors / raw_n:.1%} > max_error_rate={cfg.max_error_rate}); see "
-            f"{stage.path / 'rejects.parquet'}. Fix the backend or raise "
+            f"{storage.redact(stage.file('rejects.parquet'))}. Fix the backend or raise "
             "generate.max_error_rate."
         )
 
 
-def _generate(prompts: Any, cfg: GenerateConfig, n_live: int, gens_dir: Path
+def _generate(prompts: Any, cfg: GenerateConfig, n_live: int, gens_dir: str
               ) -> tuple[list[dict[str, Any]], float]:
     """Generations of the ``n_live`` prompts not dropped, through Parquet in ``gens_dir``;
     (rows, seconds)."""
@@ -276,8 +275,9 @@ def _generate(prompts: Any, cfg: GenerateConfig, n_live: int, gens_dir: Path
     rows: list[dict[str, Any]] = []
     if n_live > 0:
         report_progress(total=n_live, unit="generations")
-        generations_dataset(prompts, cfg).write_parquet(str(gens_dir))
-        rows = pds.dataset(str(gens_dir)).to_table().to_pylist()
+        fs, where = storage.filesystem(gens_dir)
+        generations_dataset(prompts, cfg).write_parquet(where, filesystem=fs)
+        rows = pds.dataset(where, filesystem=fs).to_table().to_pylist()
     return rows, time.time() - t1
 
 
@@ -297,8 +297,9 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
     cfg = stage_cfg.generate
     stage = StageDir(stage_cfg.run_dir, "generate")
     if not force and stage.is_complete(cfg):
-        logger.info("generate: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
+        logger.info("generate: already complete in %s (same config); skipping",
+                    storage.redact(stage.location))
+        return stage.read_stats()
     if cfg.strategy != "craft":  # issue 17: the other seed methods' strategies
         from craft_ray.stages.generate.strategies import run_strategy
 
@@ -312,9 +313,9 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
     stats = StageStats("generate")
     docs = _read_docs(plan.input_path, cfg.limit)
     prompts, drops, n_prompts, n_truncated, prompt_seconds = _write_prompts(
-        docs, cfg, plan, stage.path / "prompts")
+        docs, cfg, plan, stage.file("prompts"))
 
-    gens_dir = stage.path / "generations"
+    gens_dir = stage.file("generations")
     rows, gen_seconds = _generate(prompts, cfg, n_prompts - drops.num_rows, gens_dir)
     out = split_outputs(rows, task)
     raw_n, clean_n = out["raw"].num_rows, out["clean"].num_rows
@@ -330,7 +331,7 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
     stats.rejects = reject_reasons + drop_reasons
     stats.extra = {
         "task": task.name, "backend": cfg.backend, "model": cfg.model,
-        "output_dir": str(stage.path),
+        "output_dir": storage.redact(stage.location),
         "documents": n_prompts // cfg.samples_per_doc,
         "prompts": n_prompts, "prompt_drops": dict(sorted(drop_reasons.items())),
         "prompts_text_truncated": n_truncated, "prompt_budget_tokens": plan.budget,
@@ -344,5 +345,5 @@ def run_generate(stage_cfg: GenerateStageConfig, *, force: bool = False) -> dict
         "max_new_tokens": plan.max_new, "guided_decoding": cfg.guided_decoding,
     }
     _check_error_rate(cfg, backend_errors, raw_n, stage)
-    shutil.rmtree(gens_dir, ignore_errors=True)  # raw.parquet holds the same rows
+    storage.remove(gens_dir)  # raw.parquet holds the same rows
     return stage.finish(cfg, stats)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from craft_ray.runtime import storage
 from craft_ray.stages.retrieve.ranking import Pool
 from craft_ray.stages.retrieve.scan import CacheDtype, SimilarityScorer
 from craft_ray.store.vectors import StoreInfo
@@ -29,6 +30,16 @@ class SearchResult:
     actor_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # by actor pid
     actor_base_rss_mb: dict[int, float] = field(default_factory=dict)  # same, before scanning
     scan_seconds: float = 0.0  # the actors' time in scans, summed over files
+
+
+def vector_cache_dir(store: str) -> Path:
+    """STORE/_vector_cache for a local store; for an object-store one, a folder of each
+    node's own cache (the cache is memory-mapped, so it must be local)."""
+    if not storage.is_uri(store):
+        return Path(store) / "_vector_cache"
+    import hashlib
+
+    return storage.cache_root() / "vector_cache" / hashlib.sha1(store.encode()).hexdigest()[:16]
 
 
 class StoreSearcher:
@@ -52,7 +63,7 @@ class StoreSearcher:
 
         from craft_ray.resources import actor_resources
 
-        self.store, self.info = Path(store), info
+        self.store, self.info = str(store), info
         self._searches = 0
         files = [s for s in info.shards if s.num_rows]
         # An actor too big for every node would wait forever: fail first, naming ``key``.
@@ -61,7 +72,7 @@ class StoreSearcher:
                         task_cpus=0.0)
         actor_cls = ray.remote(SimilarityScorer).options(
             num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=2, max_task_retries=2)
-        cache = str(self.store / "_vector_cache") if vector_cache else None
+        cache = str(vector_cache_dir(self.store)) if vector_cache else None
         self.actors = [actor_cls.remote(chunk_rows, query_block, bool(num_gpus), cache,
                                         cache_dtype)
                        for _ in range(max(1, min(concurrency, len(files))))]
@@ -97,7 +108,7 @@ class StoreSearcher:
         t0 = time.time()
         shards = [s for s in self.info.shards
                   if s.num_rows and (corpora is None or s.corpus in corpora)]
-        items = [{"path": str(self.store / s.file), "corpus": s.corpus, "shard": s.shard}
+        items = [{"path": storage.join(self.store, s.file), "corpus": s.corpus, "shard": s.shard}
                  for s in shards]
         if not items:
             return SearchResult({}, 0, 0, [], time.time() - t0)

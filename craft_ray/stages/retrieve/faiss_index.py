@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import atomic_path
+from craft_ray.runtime import atomic_path, storage
 from craft_ray.stages.retrieve.actors import SearchResult
 from craft_ray.stages.retrieve.config import MEAN, IndexConfig, RetrieveError
 from craft_ray.stages.retrieve.ranking import Pool
@@ -38,10 +38,14 @@ def index_path(store: str | Path, cfg: IndexConfig) -> Path:
 
     from craft_ray.store.vectors import STORE_INFO
 
-    tag = hashlib.sha1((Path(store) / STORE_INFO).read_bytes()
+    tag = hashlib.sha1(storage.read_bytes(storage.join(store, STORE_INFO))
                        + cfg.model_dump_json(exclude={"nprobe", "ef_search",
                                                        "leak_margin"}).encode()).hexdigest()
-    return Path(store) / "_faiss" / f"{cfg.kind}-{tag[:16]}.index"
+    # FAISS reads and writes local files: STORE/_faiss, or this machine's cache for a store
+    # on an object store (the index is built and searched by the driver)
+    folder = (storage.cache_root() / "faiss" / hashlib.sha1(str(store).encode()).hexdigest()[:16]
+              if storage.is_uri(store) else Path(store) / "_faiss")
+    return folder / f"{cfg.kind}-{tag[:16]}.index"
 
 
 def build_faiss_index(store: str | Path, info: StoreInfo, cfg: IndexConfig) -> Path:
@@ -64,10 +68,10 @@ def build_faiss_index(store: str | Path, info: StoreInfo, cfg: IndexConfig) -> P
         for sh in info.shards:
             if not sh.num_rows:
                 continue
-            pf = pq.ParquetFile(Path(store) / sh.file)
+            pf = storage.parquet_file(storage.join(store, sh.file))
             meta = pf.read(columns=["doc_id", "text_len"])
             vec = np.concatenate([v.astype(np.float32) for v in
-                                  iter_vectors(pf, str(Path(store) / sh.file), 65_536, dim,
+                                  iter_vectors(pf, storage.join(store, sh.file), 65_536, dim,
                                                None)])
             yield vec, meta
 

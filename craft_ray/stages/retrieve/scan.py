@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from craft_ray.runtime import atomic_path
+from craft_ray.runtime import atomic_path, storage
 from craft_ray.stages.retrieve.config import MEAN
 from craft_ray.stages.retrieve.ranking import Floors, Pool, block_entries
 from craft_ray.store.vectors import StoreError
@@ -103,7 +103,8 @@ def _cache_stem(cache_dir: str, path: str) -> Path:
     """The vector cache's name prefix for one data file (its stem and a hash of its path)."""
     import hashlib
 
-    tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    key = path if storage.is_uri(path) else os.path.abspath(path)
+    tag = hashlib.sha1(key.encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{Path(path).stem}-{tag}"
 
 
@@ -126,7 +127,7 @@ def iter_vectors(pf: Any, path: str, chunk_rows: int, dim: int, cache_dir: str |
     """
     cached = cache_file(cache_dir, path, cache_dtype) if cache_dir else None
     if cached is not None and cached.is_file() and \
-            cached.stat().st_mtime >= os.stat(path).st_mtime:
+            cached.stat().st_mtime >= storage.mtime(path):
         arr = np.load(cached, mmap_mode="r")
         if arr.shape[1] != dim:
             raise StoreError(f"{cached}: cached vectors have dim {arr.shape[1]}, queries {dim}")
@@ -172,7 +173,7 @@ def read_meta(pf: Any, path: str, cache_dir: str | None, positions: np.ndarray
     """
     stem = _cache_stem(cache_dir, path) if cache_dir else None
     files = {c: stem.with_name(f"{stem.name}.{c}.npy") for c in _META} if stem else {}
-    mtime = os.stat(path).st_mtime
+    mtime = storage.mtime(path)
     if files and all(f.is_file() and f.stat().st_mtime >= mtime for f in files.values()):
         cols = [np.load(files[c], mmap_mode="r") for c in _META]
         return cols[0][positions], cols[1][positions], cols[2][positions]
@@ -267,9 +268,7 @@ class ShardScanner:
         ``group`` names the lists the file competes in (its corpus under quotas): floors
         are kept per group and list lengths.
         """
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = storage.parquet_file(path)
         key = (group, k_shot, k_mean)
         floors = self.floors.get(key)
         if floors is None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from craft_ray.runtime import storage
 from craft_ray.stages.retrieve.config import Mode
 from craft_ray.store.vectors import StoreError, StoreInfo
 
@@ -91,7 +91,8 @@ def fetch_shard_docs(batch: dict[str, np.ndarray], corpora: dict[str, dict[str, 
         wanted = {int(r): int(n) for r, n in json.loads(str(rows_json))}
         cfg = CorpusConfig.model_validate(corpora[str(corpus)])
         found: dict[int, dict[str, Any]] = {}
-        if os.path.isfile(str(path)):
+        present = storage.is_file(str(path))  # a local file or an object
+        if present:
             for rec in read_shard(Shard(str(corpus), str(path), str(shard)), cfg):
                 r = rec["row"]
                 if r in wanted and rec["reject_reason"] is None:
@@ -104,7 +105,7 @@ def fetch_shard_docs(batch: dict[str, np.ndarray], corpora: dict[str, dict[str, 
             rec = found.get(r)
             out["doc_id"].append(make_doc_id(str(corpus), str(shard), r))
             if rec is None:
-                why = "source_missing" if not os.path.isfile(str(path)) else "not_in_source"
+                why = "source_missing" if not present else "not_in_source"
                 out["text"].append("")
                 out["metadata"].append("")
                 out["reject_reason"].append(why)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from craft_ray.runtime import StageDir, StageStats, atomic_path
+from craft_ray.runtime import StageDir, StageStats, storage
 from craft_ray.stages.retrieve.actors import SearchResult, StoreSearcher
 from craft_ray.stages.retrieve.config import RetrieveConfig, RetrieveError, RetrieveStageConfig
 from craft_ray.stages.retrieve.faiss_index import search_faiss
@@ -73,10 +73,11 @@ def check_store(info: StoreInfo, store: str | Path, model: str | None, dim: int 
     if not info.normalized:
         raise RetrieveError(f"the store {store} is not L2-normalised; cosine needs unit vectors")
     for sh in info.shards:
-        p = Path(store) / sh.file
-        if not p.is_file():
+        p = storage.join(store, sh.file)
+        if not storage.is_file(p):
             raise RetrieveError(f"store data file {p} is missing; re-run `craft-ray embed`")
-        width = pq.read_schema(p).field("embedding").type.list_size
+        fs, where = storage.filesystem(p)
+        width = pq.read_schema(where, filesystem=fs).field("embedding").type.list_size
         if sh.num_rows and width != info.dim:
             raise RetrieveError(
                 f"store data file {p} has {width}-dim vectors but store.json says {info.dim}")
@@ -222,7 +223,7 @@ def _samples_schema() -> Any:
 class Prepared:
     """Everything checked and computed before Ray starts: store, few-shots, budgets, queries."""
 
-    store: Path
+    store: str
     info: StoreInfo
     shots: list[FewShot]
     model: str
@@ -238,7 +239,7 @@ def prepare_retrieve(stage_cfg: RetrieveStageConfig, *, base_dir: str | Path | N
     replaces the few-shot embeddings (tests and benchmarks).
     """
     cfg = stage_cfg.retrieve
-    store = Path(cfg.store) if cfg.store else Path(stage_cfg.run_dir) / "embed" / "store"
+    store = cfg.store or storage.join(stage_cfg.run_dir, "embed", "store")
     info = read_info(store)
     shots = load_fewshots(cfg.fewshots, base_dir)
     model = check_store(info, store, cfg.model, cfg.dim)
@@ -296,7 +297,7 @@ def _with_texts(rows: list[dict[str, Any]], info: Any, cfg: RetrieveConfig, stat
     return good, rejects, t_fetch
 
 
-def _write_outputs(out_dir: Path, good: list[dict[str, Any]], rejects: list[dict[str, Any]],
+def _write_outputs(out_dir: str, good: list[dict[str, Any]], rejects: list[dict[str, Any]],
                    leak_rows: list[dict[str, Any]], write_jsonl: bool) -> None:
     """corpus_samples.parquet (+ .jsonl), leakage.parquet and rejects.parquet, atomically."""
     import pyarrow as pa
@@ -304,17 +305,17 @@ def _write_outputs(out_dir: Path, good: list[dict[str, Any]], rejects: list[dict
 
     schema = _samples_schema()
     table = pa.Table.from_pylist(good, schema=schema)
-    with atomic_path(out_dir / "corpus_samples.parquet") as tmp:
+    with storage.write_once(storage.join(out_dir, "corpus_samples.parquet")) as tmp:
         pq.write_table(table, tmp)
     if write_jsonl:
-        with atomic_path(out_dir / "corpus_samples.jsonl") as tmpj, \
+        with storage.write_once(storage.join(out_dir, "corpus_samples.jsonl")) as tmpj, \
                 open(tmpj, "w", encoding="utf-8") as fh:
             for r in good:
                 fh.write(json.dumps({k: r[k] for k in schema.names}, ensure_ascii=False) + "\n")
-    _write_small_parquet(out_dir / "leakage.parquet", leak_rows,
+    _write_small_parquet(storage.join(out_dir, "leakage.parquet"), leak_rows,
                          [("doc_id", pa.string()), ("fewshot_id", pa.string()),
                           ("similarity", pa.float64())])
-    _write_small_parquet(out_dir / "rejects.parquet", rejects,
+    _write_small_parquet(storage.join(out_dir, "rejects.parquet"), rejects,
                          [("doc_id", pa.string()), ("reject_reason", pa.string())])
 
 
@@ -328,8 +329,9 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
     cfg = stage_cfg.retrieve
     stage = StageDir(stage_cfg.run_dir, "retrieve")
     if not force and stage.is_complete(cfg):
-        logger.info("retrieve: already complete in %s (same config); skipping", stage.path)
-        return json.loads((stage.path / "stats.json").read_text())
+        logger.info("retrieve: already complete in %s (same config); skipping",
+                    storage.redact(stage.location))
+        return stage.read_stats()
     prep = prepared or prepare_retrieve(stage_cfg, base_dir=base_dir)
     store, info, shots, model = prep.store, prep.info, prep.shots, prep.model
     stage.begin(cfg)
@@ -344,7 +346,7 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
     good, rejects, t_fetch = _with_texts(_selected_rows(chosen, res, shots), info, cfg, stats)
     leak_rows = [{"doc_id": d["doc_id"], "fewshot_id": shots[d["shot"]].id,
                   "similarity": d["similarity"]} for d in res.leaked]
-    _write_outputs(stage.path, good, rejects, leak_rows, cfg.write_jsonl)
+    _write_outputs(stage.location, good, rejects, leak_rows, cfg.write_jsonl)
     stats.rows_in = res.num_rows
     stats.rows_out = len(good)
     stats.rejects["leakage"] += res.n_leaked
@@ -367,9 +369,9 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
     return stage.finish(cfg, stats)
 
 
-def _write_small_parquet(path: Path, rows: list[dict[str, Any]], fields: list[Any]) -> None:
+def _write_small_parquet(path: str, rows: list[dict[str, Any]], fields: list[Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp:
+    with storage.write_once(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), tmp)

@@ -19,11 +19,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from craft_ray.config import ConfigError
-from craft_ray.runtime import StageDir, StageStats, atomic_write_json, atomic_write_text
+from craft_ray.runtime import StageDir, StageStats, storage
 from craft_ray.stages.sweep.config import SweepStageConfig
 from craft_ray.stages.train import TrainConfig, TrainStageConfig, check_resources, run_train
 
@@ -117,13 +116,13 @@ def _trial_rows(stage_cfg: SweepStageConfig, errors: dict[tuple[str, int], str]
     for size in stage_cfg.sweep.sizes:
         for seed in stage_cfg.sweep.seeds:
             tcfg = trial_stage_config(stage_cfg, size, seed)
-            tdir = Path(tcfg.run_dir) / "train" / tcfg.train.name()
-            done = StageDir(tdir.parent, tdir.name).is_complete(tcfg.train)
+            tdir = StageDir(storage.join(tcfg.run_dir, "train"), tcfg.train.name())
+            done = tdir.is_complete(tcfg.train)
             row: dict[str, Any] = {"size": size, "seed": seed, "trial": tcfg.train.name(),
                                    "status": "finished" if done else "failed",
                                    "adapter": None, "error": errors.get((size, seed))}
             if done:
-                st = json.loads((tdir / "stats.json").read_text())
+                st = tdir.read_stats()
                 row.update(adapter=st.get("adapter"), steps=st.get("steps"),
                            **{m: st.get(m) for m in TABLE_METRICS})
             rows.append(row)
@@ -150,21 +149,22 @@ def run_sweep(stage_cfg: SweepStageConfig,
     errors, skipped = _grid_outcomes(grid)
     rows = _trial_rows(stage_cfg, errors)
     table = build_table(rows, cfg.sizes)
-    atomic_write_text(stage.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_json(stage.path / "table.json", table)
-    atomic_write_text(stage.path / "table.md", format_table(table))
+    storage.write_text(stage.file("results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    storage.write_json(stage.file("table.json"), table)
+    storage.write_text(stage.file("table.md"), format_table(table))
     failed = [r for r in rows if r["status"] != "finished"]
     stats.rows_in = n_trials
     stats.rows_out = n_trials - len(failed)
     stats.rejects.update({"failed_trial": len(failed)} if failed else {})
     stats.extra.update({"trials_skipped_as_complete": skipped,
                         "trials_run": n_trials - skipped - len(failed),
-                        "table": str(stage.path / "table.md"),
+                        "table": storage.redact(stage.file("table.md")),
                         "experiment": str(grid.experiment_path)})
-    logger.info("sweep table (%s):\n%s", stage.path / "table.md", format_table(table))
+    logger.info("sweep table (%s):\n%s", storage.redact(stage.file("table.md")),
+                format_table(table))
     if failed:
         data = stats.finish()
-        atomic_write_json(stage.path / "stats.json", data)
+        storage.write_json(stage.file("stats.json"), data)
         logger.error("sweep: %d of %d trials failed (%s); rerun to retry them", len(failed),
                      n_trials, ", ".join(r["trial"] for r in failed))
         return data
@@ -177,7 +177,7 @@ def _check_datasets(stage_cfg: SweepStageConfig) -> None:
 
     for size in stage_cfg.sweep.sizes:
         tcfg = trial_stage_config(stage_cfg, size, stage_cfg.sweep.seeds[0])
-        if not dataset_path(tcfg).exists():
+        if not storage.exists(dataset_path(tcfg)):
             raise ConfigError(f"sweep: dataset of size {size} not found at "
                               f"{dataset_path(tcfg)}; run `craft-ray filter` or drop {size} "
                               "from sweep.sizes (train.dataset_path may contain {size})")
@@ -189,6 +189,7 @@ def _build_tuner(stage_cfg: SweepStageConfig, stage: StageDir,
     import ray.tune
 
     cfg = stage_cfg.sweep
+    fs, storage_path = storage.ray_storage(stage.file("tune"))
     concurrency = cfg.max_concurrent_trials or default_concurrency(stage_cfg.train)
     logger.info("sweep: %d trials (%d sizes x %d seeds), up to %d at once", n_trials,
                 len(cfg.sizes), len(cfg.seeds), concurrency)
@@ -200,7 +201,7 @@ def _build_tuner(stage_cfg: SweepStageConfig, stage: StageDir,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(
             name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str((stage.path / "tune").resolve()),
+            storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
             verbose=cfg.verbose),
     )

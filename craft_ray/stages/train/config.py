@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -257,8 +256,11 @@ def resume_key(cfg: TrainConfig) -> str:
 # --- data preparation (driver side; lazy Ray Data until the length statistics) --------------
 
 
-def dataset_path(stage_cfg: TrainStageConfig) -> Path:
+def dataset_path(stage_cfg: TrainStageConfig) -> str:
+    """The training set's folder (a local path or an object-store URI)."""
+    from craft_ray.runtime import storage
+
     cfg = stage_cfg.train
     if cfg.dataset_path:
-        return Path(cfg.dataset_path.replace("{size}", cfg.dataset_size))
-    return Path(stage_cfg.run_dir) / "filter" / "datasets" / cfg.dataset_size / "hf"
+        return cfg.dataset_path.replace("{size}", cfg.dataset_size)
+    return storage.join(stage_cfg.run_dir, "filter", "datasets", cfg.dataset_size, "hf")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from craft_ray.config import ConfigError
 from craft_ray.models.chat import encode_example
 from craft_ray.models.tokenizers import load_train_tokenizer
-from craft_ray.runtime import atomic_path, atomic_write_json
+from craft_ray.runtime import storage
 from craft_ray.stages.train.config import TrainConfig, TrainStageConfig, dataset_path
 from craft_ray.stages.train.data import (
     ROW_COLUMN,
@@ -68,15 +67,16 @@ class TokenizeRows:
         return pd.DataFrame(out)
 
 
-def _load_hf(path: Path, what: str) -> Any:
+def _load_hf(path: str, what: str) -> Any:
+    """A ``datasets.save_to_disk`` folder (downloaded first from an object store)."""
     import datasets
 
-    if not path.exists():
+    if not storage.exists(path):
         raise FileNotFoundError(
-            f"{what} {path} does not exist; run `craft-ray filter` first or set "
-            "train.dataset_path / train.eval_path to a datasets.save_to_disk folder")
+            f"{what} {storage.redact(path)} does not exist; run `craft-ray filter` first or "
+            "set train.dataset_path / train.eval_path to a datasets.save_to_disk folder")
     try:
-        ds = datasets.load_from_disk(str(path))
+        ds = datasets.load_from_disk(str(storage.local_copy(path)))
     except Exception as exc:
         raise ConfigError(f"{what} {path} is not a datasets.save_to_disk folder: {exc}") from exc
     if isinstance(ds, datasets.DatasetDict):
@@ -141,7 +141,7 @@ def _finalise_rows(batch: Any, max_length: int | None, overlong: str) -> Any:
     return pd.DataFrame({"input_ids": ids, "prompt_len": plens, "length": lens})
 
 
-def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: Path, template: str
+def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: str, template: str
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load, split, tokenise; write length stats and rejects; return Ray datasets + stats."""
     import pyarrow as pa
@@ -156,7 +156,7 @@ def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: Path, template: str
     table = hf.select(train_idx).flatten_indices().data.table  # row i = source train_idx[i]
     eval_table = None
     if cfg.eval_path:
-        eval_table = _load_hf(Path(cfg.eval_path), "eval dataset").flatten_indices().data.table
+        eval_table = _load_hf(cfg.eval_path, "eval dataset").flatten_indices().data.table
     elif len(eval_idx):
         eval_table = hf.select(eval_idx).flatten_indices().data.table
 
@@ -178,10 +178,10 @@ def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: Path, template: str
     if bad.any():
         rej = meta.loc[bad, ["row", "reject_reason"]].reset_index(drop=True)
         rej["row"] = train_idx[rej["row"].to_numpy()]  # position in the source dataset
-        with atomic_path(trial_dir / "rejects.parquet") as tmp:
+        with storage.write_once(storage.join(trial_dir, "rejects.parquet")) as tmp:
             pq.write_table(pa.Table.from_pandas(rej, preserve_index=False), tmp)
         logger.warning("train: %d rows rejected (%s); see %s", int(bad.sum()),
-                       stats["rejects"], trial_dir / "rejects.parquet")
+                       stats["rejects"], storage.join(trial_dir, "rejects.parquet"))
     datasets = {"train": tok_train.map_batches(
         _finalise_rows, batch_format="pandas", batch_size=None, num_cpus=cfg.data_num_cpus,
         fn_kwargs={"max_length": max_length, "overlong": cfg.overlong}).materialize()}
@@ -191,5 +191,5 @@ def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: Path, template: str
             _finalise_rows, batch_format="pandas", batch_size=None, num_cpus=cfg.data_num_cpus,
             fn_kwargs={"max_length": max_length, "overlong": "truncate"}).materialize()
         stats["eval_rows"] = datasets["eval"].count()
-    atomic_write_json(trial_dir / "length_stats.json", stats)
+    storage.write_json(storage.join(trial_dir, "length_stats.json"), stats)
     return datasets, stats

@@ -43,6 +43,7 @@ from typing import Any
 
 from craft_ray.models.tokenizers import load_train_tokenizer
 from craft_ray.resources import torch_threads
+from craft_ray.runtime import storage
 from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.train.checkpoint import (
     CHECKPOINT_STATE,
@@ -373,9 +374,8 @@ def _report(eng: _Engine, tokenizer: Any, rank: int, metrics: dict[str, Any],
         ray.train.report(metrics, checkpoint=ckpt_obj)
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({**row, "time": time.time()}) + "\n")
+def _append_metrics(path: str, row: dict[str, Any]) -> None:
+    storage.append_text(path, json.dumps({**row, "time": time.time()}) + "\n")
 
 
 def _train_epoch(epoch: int, skip: int, groups: Iterable[list[dict[str, Any]]], eng: _Engine,
@@ -449,7 +449,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                ctx.get_world_size(), rank)
     eng.net.train()
 
-    metrics_path = Path(config["trial_dir"]) / "metrics.jsonl"
+    # rank 0 writes the run's metrics to the trial folder itself (local, shared or an object
+    # store): the driver never reads a worker's disk
+    metrics_path = storage.join(config["trial_dir"], "metrics.jsonl")
     if rank == 0:
         _trim_metrics(metrics_path, state["global_step"])
     train_shard = ray.train.get_dataset_shard("train")
@@ -484,16 +486,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _report(eng, tokenizer, rank, final, prog.pos, True)
 
 
-def _trim_metrics(path: Path, keep_upto_step: int) -> None:
+def _trim_metrics(path: str, keep_upto_step: int) -> None:
     """On resume, drop metrics lines of steps after the checkpoint (they are redone)."""
-    if not path.is_file():
+    if not storage.is_file(path):
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
         if not row.get("final") and row.get("step", 0) <= keep_upto_step:
             keep.append(line)
-    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    storage.write_text(path, "".join(x + "\n" for x in keep))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -12,7 +11,7 @@ from typing import Any
 from craft_ray.config import ConfigError
 from craft_ray.models.tokenizers import load_train_tokenizer
 from craft_ray.resources import actor_resources
-from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_json
+from craft_ray.runtime import StageDir, StageStats, storage
 from craft_ray.stages.train.config import TrainConfig, TrainStageConfig, check_resources, resume_key
 from craft_ray.stages.train.data import resolve_train_template
 from craft_ray.stages.train.datasets import prepare_datasets
@@ -40,7 +39,7 @@ def make_plan(cfg: TrainConfig, train_rows: int) -> dict[str, int]:
 
 
 def build_trainer(stage_cfg: TrainStageConfig, datasets: dict[str, Any], plan: dict[str, int],
-                  trial_dir: Path, callbacks: list[Any] | None = None) -> Any:
+                  trial_dir: str, callbacks: list[Any] | None = None) -> Any:
     """The TorchTrainer of one fine-tune (gloo on CPU, NCCL on GPU)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -52,21 +51,25 @@ def build_trainer(stage_cfg: TrainStageConfig, datasets: dict[str, Any], plan: d
                                     task_cpus=cfg.data_num_cpus,
                                     names=("num_workers", "cpus_per_worker"))
     cfg = cfg.model_copy(update={"cpus_per_worker": cpus, "torch_threads": threads})  # workers too
-    storage = cfg.storage_path or str((trial_dir / "ray").resolve())
+    # Ray Train's runs and checkpoints: under the trial's folder by default, an object store
+    # included (through the same pyarrow filesystem as every other output)
+    fs, storage_path = storage.ray_storage(cfg.storage_path or storage.join(trial_dir, "ray"))
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "plan": plan,
-                           "trial_dir": str(trial_dir.resolve()),
+                           "trial_dir": trial_dir if storage.is_uri(trial_dir)
+                           else str(Path(trial_dir).resolve()),
                            "has_eval": "eval" in datasets},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
                                                use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name()}-{resume_key(cfg)}", storage_path=storage,
+            name=f"{cfg.name()}-{resume_key(cfg)}", storage_path=storage_path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.num_checkpoints_to_keep),
@@ -76,16 +79,17 @@ def build_trainer(stage_cfg: TrainStageConfig, datasets: dict[str, Any], plan: d
     )
 
 
-def trial_dir_of(stage_cfg: TrainStageConfig) -> Path:
-    return Path(stage_cfg.run_dir) / "train" / stage_cfg.train.name()
+def trial_dir_of(stage_cfg: TrainStageConfig) -> str:
+    """The trial's folder: RUN_DIR/train/NAME (a local path or an object-store URI)."""
+    return storage.join(stage_cfg.run_dir, "train", stage_cfg.train.name())
 
 
-def _install_adapter(checkpoint: Any, adapter_dir: Path) -> None:
+def _install_adapter(checkpoint: Any, adapter_dir: str) -> None:
     """Copy the checkpoint's ``adapter/`` folder to ``adapter_dir`` (replacing an older one)
-    through a temporary folder and a rename."""
-    with checkpoint.as_directory() as ckpt, atomic_path(adapter_dir) as tmp:
+    through a temporary folder and a rename (an upload on an object store)."""
+    with checkpoint.as_directory() as ckpt, storage.write_once(adapter_dir) as tmp:
         shutil.copytree(Path(ckpt) / "adapter", tmp)
-        shutil.rmtree(adapter_dir, ignore_errors=True)  # a rename does not replace a folder
+        storage.remove(adapter_dir)  # a rename does not replace a folder
 
 
 def run_train(stage_cfg: TrainStageConfig, *, force: bool = False,
@@ -98,12 +102,13 @@ def run_train(stage_cfg: TrainStageConfig, *, force: bool = False,
     cfg = stage_cfg.train
     check_resources(cfg)
     trial_dir = trial_dir_of(stage_cfg)
-    stage = StageDir(trial_dir.parent, trial_dir.name)
+    stage = StageDir(storage.parent(trial_dir), storage.name(trial_dir))
     if not force and stage.is_complete(cfg):
-        logger.info("train: %s already complete (same config); skipping", trial_dir)
-        return {**json.loads((trial_dir / "stats.json").read_text()), "skipped": True}
+        logger.info("train: %s already complete (same config); skipping",
+                    storage.redact(trial_dir))
+        return {**stage.read_stats(), "skipped": True}
     if force:
-        shutil.rmtree(trial_dir, ignore_errors=True)
+        storage.remove(trial_dir)
     stage.begin(cfg)
     tokenizer = load_train_tokenizer(cfg.base_model)
     template = resolve_train_template(cfg, tokenizer)
@@ -120,14 +125,15 @@ def run_train(stage_cfg: TrainStageConfig, *, force: bool = False,
         raise result.error
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
-    adapter_dir = trial_dir / "adapter" if finished else trial_dir / "adapter_partial"
+    adapter_dir = storage.join(trial_dir, "adapter" if finished else "adapter_partial")
     _install_adapter(result.checkpoint, adapter_dir)
     stats.rows_in = data_stats["rows_in"]
     stats.rows_out = data_stats["train_rows"]
     stats.rejects.update(data_stats["rejects"])
     stats.extra.update({
         "trial": cfg.name(), "seed": cfg.seed, "dataset_size": cfg.dataset_size,
-        "adapter": str(adapter_dir.resolve()), "finished": finished,
+        "adapter": adapter_dir if storage.is_uri(adapter_dir)
+        else str(Path(adapter_dir).resolve()), "finished": finished,
         "steps": final.get("step"), "total_steps": plan["total_steps"],
         "train_loss": final.get("loss"), "eval_loss": final.get("eval_loss"),
         "tokens_per_s": final.get("tokens_per_s"), "max_length": data_stats["max_length"],
@@ -136,7 +142,7 @@ def run_train(stage_cfg: TrainStageConfig, *, force: bool = False,
     if finished:
         return stage.finish(cfg, stats)
     data = stats.finish()
-    atomic_write_json(trial_dir / "stats.json", data)
+    storage.write_json(storage.join(trial_dir, "stats.json"), data)
     logger.info("train %s: stopped after %s of %d steps; rerun to resume (partial adapter "
                 "in %s)", cfg.name(), final.get("step"), plan["total_steps"], adapter_dir)
     return data

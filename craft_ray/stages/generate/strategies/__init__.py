@@ -39,6 +39,7 @@ def run_strategy(stage_cfg: Any, stage: Any) -> dict[str, Any]:
 
     cfg = stage_cfg.generate
     name = cfg.strategy
+    stage_path = stage.path  # these strategies write local files: an s3:// run_dir stops here
     try:
         shots = load_fewshots(cfg.fewshots)
     except FewShotError as exc:
@@ -52,7 +53,7 @@ def run_strategy(stage_cfg: Any, stage: Any) -> dict[str, Any]:
     budget = prompt_budget(cfg, cfg.max_new_tokens or task.max_new_tokens)
     stage.begin(cfg, clean=True)
     stats = StageStats("generate")
-    ctx = StepContext(cfg=cfg, tokenizer=tokenizer, budget=budget, stage_path=stage.path,
+    ctx = StepContext(cfg=cfg, tokenizer=tokenizer, budget=budget, stage_path=stage_path,
                       shots=shots, seed=cfg.seed, sampling=cfg.sampling(),
                       guided_cap=cfg.guided_max_string_chars if cfg.guided_decoding else None)
     docs = read_docs(input_path, cfg.limit)
@@ -71,14 +72,14 @@ def run_strategy(stage_cfg: Any, stage: Any) -> dict[str, Any]:
         from craft_ray.stages.generate.strategies.rag_answer import record_types, run_rag_answer
 
         items, extra = run_rag_answer(ctx, docs, cfg.rag_answer, stage_cfg.run_dir)
-    counts = write_outputs(stage.path, task, items, name, record_types)
+    counts = write_outputs(stage_path, task, items, name, record_types)
     if counts["items"] != counts["clean"] + sum(counts["rejects"].values()):
         raise RuntimeError(f"generate[{name}]: row accounting broken: {counts}")
     stats.rows_in = counts["items"]
     stats.rows_out = counts["clean"]
     stats.rejects = counts["rejects"]
     stats.extra = {"strategy": name, "task": name, "backend": cfg.backend, "model": cfg.model,
-                   "output_dir": str(stage.path), "documents_in": len(docs),
+                   "output_dir": str(stage_path), "documents_in": len(docs),
                    "items": counts["items"], "samples": counts["clean"],
                    "yield": round(counts["clean"] / counts["items"], 4) if counts["items"]
                    else None, "generation_seconds": round(time.time() - t0, 3),

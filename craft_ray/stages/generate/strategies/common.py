@@ -208,12 +208,14 @@ def run_step(ctx: StepContext, name: str, rows: list[dict[str, Any]], schema: di
 # --- documents and vectors -----------------------------------------------------------------
 
 
-def read_docs(path: Path, limit: int | None) -> list[dict[str, Any]]:
+def read_docs(path: str | Path, limit: int | None) -> list[dict[str, Any]]:
     """Corpus-sample rows (doc_id, text, corpus, fewshot_ids) read in the driver."""
     import pyarrow.json as pjson
-    import pyarrow.parquet as pq
 
-    table = pjson.read_json(path) if path.suffix in (".jsonl", ".json") else pq.read_table(path)
+    from craft_ray.runtime import storage
+
+    table = (pjson.read_json(storage.local_copy(path)) if str(path).endswith((".jsonl", ".json"))
+             else storage.read_table(path))
     keep = [c for c in ("doc_id", "corpus", "text", "fewshot_ids") if c in table.column_names]
     rows = table.select(keep).to_pylist()
     rows = rows[:limit] if limit else rows

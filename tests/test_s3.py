@@ -1,0 +1,177 @@
+"""Runs with the run directory and the inputs on a real S3-compatible server (moto's server
+mode, see ``s3_server`` in conftest), through the CLI as a user types it. Each command runs in
+a subprocess whose embedded Ray starts with the test's AWS_* environment (credentials reach
+the workers by inheritance, never through a runtime_env)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from craft_ray.cli import app
+from craft_ray.runtime import storage
+from tests.stages.embed.test_embed import make_c4_corpus, store_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(args: list[str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.Popen([sys.executable, "-m", "craft_ray", *args], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _embed_config(tmp_path: Path, run_dir: str, corpus: str) -> Path:
+    cfg = tmp_path / "embed.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run_dir": run_dir, "ray": {"num_cpus": 2},
+        "embed": {"corpora": [{"name": "c4", "format": "c4", "paths": [corpus]}],
+                  "max_seq_length": 64, "batch_size": 64, "encode_batch_size": 32,
+                  "shards_per_wave": 1}}))
+    return cfg
+
+
+@pytest.mark.slow
+def test_sigkill_mid_embed_then_rerun_on_s3_every_document_once(s3_bucket: str,
+                                                                  tmp_path: Path):
+    storage.upload(make_c4_corpus(tmp_path / "c4", shards=5, docs=10, bad=False),
+                   f"{s3_bucket}/corpora/c4")
+    run = f"{s3_bucket}/run"
+    cfg = _embed_config(tmp_path, run, f"{s3_bucket}/corpora/c4")
+    data_dir = f"{run}/embed/store/data/c4"
+    proc = _cli(["embed", "--config", str(cfg)])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if storage.list_files(data_dir, ".parquet"):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_at_kill = len(storage.list_files(data_dir, ".parquet"))
+    assert 1 <= done_at_kill < 5, "the kill must land part-way"
+    assert not storage.exists(f"{run}/embed/_SUCCESS")
+
+    proc = _cli(["embed", "--config", str(cfg), "--json"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "testing" not in out  # the secret never reaches the output
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["shards_resumed"] >= done_at_kill and stats["rows_out"] == 50
+    rows = store_rows(f"{run}/embed/store")  # asserts no id is stored twice
+    expected = {f"c4/c4-train.{s:05d}-of-00005.json.gz#{d}" for s in range(5) for d in range(10)}
+    assert set(rows) == expected
+    assert all(row == int(did.rsplit("#", 1)[1]) for did, (row, _) in rows.items())
+    vecs = np.stack([v for _, v in rows.values()]).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=2e-3)
+    for name in ("_SUCCESS", "stats.json", "config.yaml", "embeddings.h5"):
+        assert storage.is_file(f"{run}/embed/{name}"), name
+    assert storage.list_files(f"{run}/embed/store/_parts", recursive=True) == []
+    assert storage.read_json(f"{run}/summary.json")["stages"]["embed"]["rows_out"] == 50
+
+
+def test_missing_bucket_is_one_clear_error_before_ray(s3_env, tmp_path: Path, monkeypatch):
+    import craft_ray.runtime
+
+    started: list[object] = []
+    monkeypatch.setattr(craft_ray.runtime, "init_ray", lambda *a, **k: started.append(a))
+    (tmp_path / "a.txt").write_text("x" * 300)
+    cfg = _embed_config(tmp_path, str(tmp_path / "run"), str(tmp_path / "a.txt"))
+    for command in ("embed", "run"):
+        r = CliRunner().invoke(app, [command, "--config", str(cfg),
+                                     "--set", "run_dir=s3://no-such-bucket/run"])
+        assert r.exit_code == 2, r.output
+        assert "s3://no-such-bucket/run" in r.output and "does not exist" in r.output
+    r = CliRunner().invoke(app, ["embed", "--config", str(cfg), "--set",
+                                 "embed.corpora.0.paths=[s3://no-such-bucket/c4]"])
+    assert r.exit_code == 2 and "s3://no-such-bucket/c4" in r.output, r.output
+    assert started == []  # every error came before Ray would start
+
+
+@pytest.mark.slow
+def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal_lm: Path):
+    """`craft-ray run --config configs/demo.yaml --set run_dir=s3://...` as a user types it,
+    its corpus, few-shots and eval set read from the bucket too; the tiny random LM stands in
+    for SmolLM2 (guided JSON keeps its samples parseable), one StackExchange site."""
+    for local, key in [("data/stackexchange/coffee.stackexchange.com",
+                        "corpora/stackexchange/coffee.stackexchange.com"),
+                       ("data/fewshots/medqa.jsonl", "fewshots/medqa.jsonl"),
+                       ("data/eval/medqa_usmle_4opt_test_first60.jsonl", "eval/medqa.jsonl")]:
+        storage.upload(ROOT / local, f"{s3_bucket}/{key}")
+    run, lm = f"{s3_bucket}/run", str(tiny_causal_lm)
+    shots = f"{{path: {s3_bucket}/fewshots/medqa.jsonl, limit: 8}}"
+    sets = [f"run_dir={run}", f"embed.corpora.0.paths=[{s3_bucket}/corpora/stackexchange]",
+            f"retrieve.fewshots={shots}", f"generate.fewshots={shots}",
+            f"filter.fewshots={shots}", f"generate.model={lm}", f"train.base_model={lm}",
+            "generate.max_new_tokens=96", "generate.max_prompt_tokens=600",
+            # S = the 8 few-shots (+ any survivor): buildable whatever the random LM writes
+            "filter.datasets.sizes={S: 8}",
+            f"evaluate.models=[{{name: base, model: {lm}}}, {{name: lora-S, model: {lm}, "
+            "adapter: '{run_dir}/train/S-seed1234/adapter', size: S}]",
+            f"evaluate.sets=[{{name: medqa, path: {s3_bucket}/eval/medqa.jsonl, limit: 8}}]"]
+    proc = _cli(["run", "--config", "configs/demo.yaml",
+                 *[a for s in sets for a in ("--set", s)]])
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-6000:]
+    for stage in ("embed", "retrieve", "generate", "filter", "train/S-seed1234", "evaluate"):
+        assert storage.is_file(f"{run}/{stage}/_SUCCESS"), stage
+        assert storage.is_file(f"{run}/{stage}/stats.json"), stage
+    assert storage.read_json(f"{run}/embed/stats.json")["rows_out"] == 224
+    assert storage.is_file(f"{run}/embed/embeddings.h5")
+    assert storage.is_file(f"{run}/retrieve/corpus_samples.parquet")
+    assert storage.is_file(f"{run}/generate/clean.parquet")
+    assert storage.is_file(f"{run}/filter/datasets/S/hf/dataset_info.json")
+    assert storage.is_file(f"{run}/train/S-seed1234/adapter/adapter_config.json")
+    assert storage.list_files(f"{run}/train/S-seed1234/ray", recursive=True)  # Ray Train's
+    assert storage.is_file(f"{run}/train/S-seed1234/metrics.jsonl")
+    assert storage.read_json(f"{run}/evaluate/stats.json")["rows_out"] == 16  # 2 models x 8
+    assert storage.is_file(f"{run}/evaluate/lora-S/medqa/predictions.parquet")
+    summary = storage.read_json(f"{run}/summary.json")
+    assert set(summary["stages"]) >= {"embed", "retrieve", "generate", "filter", "train",
+                                      "evaluate"}
+    assert "<html" in storage.read_text(f"{run}/report.html").lower()
+    assert f"{run}/report.html" in out
+
+    # A rerun skips every stage: the markers and config hashes live in the bucket.
+    proc = _cli(["run", "--config", "configs/demo.yaml",
+                 *[a for s in sets for a in ("--set", s)], "--json"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-6000:]
+    results = json.loads(out.strip().splitlines()[-1])
+    assert all(results[s].get("skipped") for s in ("embed", "retrieve", "generate", "filter",
+                                                   "train", "evaluate")), results
+
+
+def test_refused_credentials_are_one_clear_error_before_ray(tmp_path: Path, monkeypatch):
+    """A second moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``): the
+    dummy key is unknown to it, as a wrong or expired key is to S3."""
+    import craft_ray.runtime
+    from tests.conftest import moto_server
+
+    started: list[object] = []
+    monkeypatch.setattr(craft_ray.runtime, "init_ray", lambda *a, **k: started.append(a))
+    (tmp_path / "a.txt").write_text("x" * 300)
+    cfg = _embed_config(tmp_path, str(tmp_path / "run"), str(tmp_path / "a.txt"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0") as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        storage.clear_cache()
+        r = CliRunner().invoke(app, ["embed", "--config", str(cfg),
+                                     "--set", "run_dir=s3://some-bucket/run"])
+    storage.clear_cache()
+    assert r.exit_code == 2, r.output
+    assert "s3://some-bucket/run" in r.output and "credentials were refused" in r.output
+    assert "AWS_ACCESS_KEY_ID" in r.output and started == []
