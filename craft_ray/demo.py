@@ -65,24 +65,41 @@ def prepare_demo_models(generator: str, base_model: str) -> list[Path]:
 
 def demo_samples(run_dir: str | Path, n: int = 3) -> list[dict[str, str]]:
     """``n`` clean generated samples beside their source document's title (its first line),
-    spread over the documents (at most one per document)."""
-
+    spread over the documents (at most one per document): those that survived the filter
+    first; then, if fewer survived, other clean generations with the filter step that removed
+    them in ``note`` (e.g. ``fewshot_leakage``: a copy of a few-shot), never passed off as
+    dataset rows."""
     clean = storage.join(run_dir, "generate", "clean.parquet")
     docs = storage.join(run_dir, "retrieve", "corpus_samples.parquet")
     if not storage.is_file(clean) or not storage.is_file(docs):
         return []
     titles = {r["doc_id"]: (r["text"] or "").strip().split("\n", 1)[0]
               for r in storage.read_table(docs, columns=["doc_id", "text"]).to_pylist()}
+    survivors = _sample_ids(storage.join(run_dir, "filter", "survivors"))
+    removed = _sample_ids(storage.join(run_dir, "filter", "rejects"), "reject_step")
+    rows = sorted(storage.read_table(clean).to_pylist(),
+                  key=lambda r: (r["sample_id"] not in survivors, r["sample_id"]))
     out: list[dict[str, str]] = []
     seen: set[str] = set()
-    for row in sorted(storage.read_table(clean).to_pylist(), key=lambda r: r["sample_id"]):
+    for row in rows:
         if row["doc_id"] in seen:
             continue
         seen.add(row["doc_id"])
+        note = "" if row["sample_id"] in survivors or not survivors and not removed else (
+            f"removed by the filter: {removed.get(row['sample_id'], 'not in the dataset')}")
         out.append({"doc_id": row["doc_id"], "title": titles.get(row["doc_id"], ""),
-                    "sample": row["sample_text"]})
+                    "sample": row["sample_text"], "note": note})
         if len(out) == n:
             break
+    return out
+
+
+def _sample_ids(folder: str, column: str = "sample_id") -> dict[str, str]:
+    """``sample_id -> column`` of the Parquet files in a filter output folder ({} if none)."""
+    out: dict[str, str] = {}
+    for f in storage.list_files(folder, ".parquet"):
+        table = storage.read_table(f, columns=list(dict.fromkeys(["sample_id", column])))
+        out.update(zip(table.column("sample_id").to_pylist(), table.column(column).to_pylist()))
     return out
 
 

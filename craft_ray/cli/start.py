@@ -63,7 +63,8 @@ def demo(
     if samples:
         typer.echo("\nThree generated samples beside their source document:", err=True)
     for s in samples:
-        typer.echo(f"\n[{s['title']}]  ({s['doc_id']})\n{s['sample']}", err=True)
+        note = f"  ({s['note']})" if s.get("note") else ""
+        typer.echo(f"\n[{s['title']}]  ({s['doc_id']}){note}\n{s['sample']}", err=True)
 
 
 @app.command()
