@@ -38,15 +38,6 @@ class RayConfig(StrictModel):
     log_to_driver: bool = Field(
         default=True, description="Stream worker logs to the driver's terminal."
     )
-    preload_modules: list[str] = Field(
-        default_factory=lambda: ["torch", "transformers"],
-        description="Modules every worker of the embedded local Ray imports as it starts "
-        "(Ray's preload_python_modules): Ray starts idle workers with Ray itself, so the "
-        "stages' actors (embedder, generator, scorers, trainers) find torch and transformers "
-        "already imported instead of paying ~2 s each on 2 cores. [] turns it off. Not applied "
-        "when connecting to a cluster: set RAY_preload_python_modules=torch,transformers in "
-        "its nodes' environment (each idle worker then holds ~0.3 GB more memory).",
-    )
 
 
 def config_hash(cfg: BaseModel) -> str:

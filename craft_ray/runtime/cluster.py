@@ -59,8 +59,6 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     kwargs: dict[str, Any] = console.ray_init_kwargs(cfg.log_to_driver)
     if address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
-        if cfg.preload_modules:
-            kwargs["_system_config"] = {"preload_python_modules": list(cfg.preload_modules)}
         logger.info("starting an embedded local Ray")
     else:
         check_reachable(address)
