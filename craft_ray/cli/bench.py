@@ -40,8 +40,8 @@ def bench_embed(
 def bench_generate(
     model: Annotated[str, typer.Option(help="Generator: HF folder/id, .gguf or pkg://.")] = (
         SMOLLM2),
-    prompts: Annotated[int, typer.Option(help="Prompts (bundled StackExchange posts).")] = 24,
-    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
+    prompts: Annotated[int, typer.Option(help="Prompts (bundled StackExchange posts).")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 96,
     batch_size: Annotated[int, typer.Option(help="Rows per generate() call, both sides.")] = 8,
     repeats: Annotated[int, typer.Option(help="Interleaved rounds per side.")] = 3,
     mode: Annotated[str, typer.Option(help="guided, unguided or both.")] = "both",
@@ -61,7 +61,9 @@ def bench_generate(
         typer.echo(f"{m}: stage {x['stage_tokens_per_s']['median']} tokens/s vs plain "
                    f"{x['plain_tokens_per_s']['median']} tokens/s: ratio {x['ratio']} "
                    f"({x['ratio_summary']['min']}-{x['ratio_summary']['max']}), whole stage "
-                   f"{x['ratio_wall']}; load {r['load_before']} -> {r['load_after']}")
+                   f"{x['ratio_wall']}; fixed cost per stage run "
+                   f"{x['stage_time']['overhead_s']['median']} s; load {r['load_before']} -> "
+                   f"{r['load_after']}")
     typer.echo(json.dumps(r))
 
 

@@ -24,6 +24,9 @@ def test_bench_generate_tiny(ray_local, tiny_causal_lm) -> None:
             assert len(x[side]) == 1 and 4 <= x[side][0] <= 4 * 8, (m, side, x[side])
         t = x["stage_time"]
         assert 0 < t["model_s"]["median"] <= t["generation_s"]["median"] <= t["wall_s"]["median"]
+        for o, g, x in zip(t["overhead_s"]["runs"], t["generation_s"]["runs"],
+                           t["model_s"]["runs"]):
+            assert abs(o - (g - x)) <= 0.002, (o, g, x)
     assert r["stage_actor"]["torch_threads"] >= 1
     assert r["threads_plain"]["torch_threads"] == r["stage_actor"]["torch_threads"]
     assert "quiet" in r and "load_before" in r
