@@ -175,3 +175,35 @@ def test_refused_credentials_are_one_clear_error_before_ray(tmp_path: Path, monk
     assert r.exit_code == 2, r.output
     assert "s3://some-bucket/run" in r.output and "credentials were refused" in r.output
     assert "AWS_ACCESS_KEY_ID" in r.output and started == []
+
+
+def test_judge_reads_and_writes_on_s3_and_skips_a_finished_run(s3_bucket: str):
+    """The judge stage with its input and run directory in the bucket (a custom judge, so no
+    model is needed): judgements, results and the marker land there; a rerun with the same
+    config reads its stats back from the bucket without judging again."""
+    from craft_ray.stages.judge.config import JudgeConfig, JudgeStageConfig
+    from craft_ray.stages.judge.stage import run_judge
+
+    preds = f"{s3_bucket}/eval/preds.jsonl"
+    storage.write_text(preds, "".join(json.dumps({
+        "instruction": f"Summarise text {i}.", "reference": f"reference {i}",
+        "prediction": f"summary {i}"}) + "\n" for i in range(10)))
+    cfg = JudgeStageConfig(run_dir=f"{s3_bucket}/run", judge=JudgeConfig(
+        input_path=preds, name="m", judge={"model": "unused"}))
+    calls: list[int] = []
+
+    def judge(prompts: list[str]) -> list[str]:
+        calls.append(len(prompts))
+        return ["Output (2)"] * len(prompts)
+
+    stats = run_judge(cfg, generate=judge)
+    out = f"{s3_bucket}/run/evaluate/judge/m"
+    res = storage.read_json(f"{out}/results.json")
+    assert res["n"] == 10 and res["eval_set"] == "preds"
+    assert res["wins"] == 10 - res["swapped"] and stats["win_rate"] == res["win_rate"]
+    assert len(storage.read_text(f"{out}/judgements.jsonl").splitlines()) == 10
+    assert storage.is_file(f"{out}/_SUCCESS") and stats["outputs"] == out
+    assert run_judge(cfg, generate=judge) == stats and calls == [10]  # skipped: no new call
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_judge(cfg.model_copy(update={"judge": cfg.judge.model_copy(
+            update={"input_path": f"{s3_bucket}/eval/missing.jsonl", "name": "x"})}))
