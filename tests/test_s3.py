@@ -207,3 +207,27 @@ def test_judge_reads_and_writes_on_s3_and_skips_a_finished_run(s3_bucket: str):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_judge(cfg.model_copy(update={"judge": cfg.judge.model_copy(
             update={"input_path": f"{s3_bucket}/eval/missing.jsonl", "name": "x"})}))
+
+
+def test_multihop_strategy_with_run_dir_on_s3(ray_local, s3_bucket: str, tiny_causal_lm: Path,
+                                             tmp_path: Path):
+    """A seed strategy other than craft (multihop: it reads the embedding store too) with the
+    run directory in the bucket: retrieve's samples and the store are read from there, the
+    step files, clean/rejects and the marker written there, every pair accounted for."""
+    from tests.stages.generate.test_strategies_e2e import _run, _setup
+
+    _setup(tmp_path)
+    run = f"{s3_bucket}/run"
+    for part in ("retrieve", "embed"):
+        storage.upload(tmp_path / part, f"{run}/{part}")
+    stats = _run(run, tiny_causal_lm, "multihop", min_similarity=0.5, max_similarity=0.999,
+                 unanswerable_fraction=0.5, paragraph_max_chars=300,
+                 long_answer_temperature=0.7)
+    out = f"{run}/generate"
+    assert storage.is_file(f"{out}/_SUCCESS") and stats["output_dir"] == out
+    clean = storage.read_table(f"{out}/clean.parquet").to_pylist()
+    rejects = storage.read_table(f"{out}/rejects.parquet").to_pylist()
+    assert stats["pairs"] == 3 == len(clean) + len(rejects) == stats["rows_in"]
+    assert len(storage.read_text(f"{out}/clean.jsonl").splitlines()) == len(clean)
+    assert f"{out}/steps/multihop_decompose.parquet" in storage.list_files(f"{out}/steps")
+    assert not (tmp_path / "generate").exists()  # nothing written beside the local inputs

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from craft_ray.config import ConfigError
+from craft_ray.runtime import storage
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def run_strategy(stage_cfg: Any, stage: Any) -> dict[str, Any]:
 
     cfg = stage_cfg.generate
     name = cfg.strategy
-    stage_path = stage.path  # these strategies write local files: an s3:// run_dir stops here
+    stage_path = stage.location  # a local path or an object-store URI
     try:
         shots = load_fewshots(cfg.fewshots)
     except FewShotError as exc:
@@ -79,7 +80,7 @@ def run_strategy(stage_cfg: Any, stage: Any) -> dict[str, Any]:
     stats.rows_out = counts["clean"]
     stats.rejects = counts["rejects"]
     stats.extra = {"strategy": name, "task": name, "backend": cfg.backend, "model": cfg.model,
-                   "output_dir": str(stage_path), "documents_in": len(docs),
+                   "output_dir": storage.redact(stage_path), "documents_in": len(docs),
                    "items": counts["items"], "samples": counts["clean"],
                    "yield": round(counts["clean"] / counts["items"], 4) if counts["items"]
                    else None, "generation_seconds": round(time.time() - t0, 3),

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from craft_ray.runtime import storage
 from craft_ray.tasks import Task, TaskValidationError
 from craft_ray.tasks.fewshots import FewShot
 
@@ -96,7 +97,7 @@ class StepContext:
     cfg: Any  # GenerateConfig (not imported: generate imports this package lazily)
     tokenizer: Any | None
     budget: int | None
-    stage_path: Path
+    stage_path: str  # the stage's folder: a local path or an object-store URI
     shots: list[FewShot]
     seed: int
     sampling: dict[str, Any]
@@ -159,7 +160,6 @@ def run_step(ctx: StepContext, name: str, rows: list[dict[str, Any]], schema: di
     truncation or a schema violation). Ray must be initialised.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.data
 
     from craft_ray.stages.generate.parse import parse_row
@@ -189,15 +189,14 @@ def run_step(ctx: StepContext, name: str, rows: list[dict[str, Any]], schema: di
                                     "detail": detail or str(g.get("error_detail") or ""),
                                     "text": str(g.get("text") or ""),
                                     "prompt_hash": str(g["prompt_hash"])}
-    steps = ctx.stage_path / "steps"
-    steps.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(
+    write_parquet(pa.Table.from_pylist(
         [{"sample_id": r["sample_id"], "prompt_hash": r["prompt_hash"], "messages": r["messages"],
           "text": out[r["sample_id"]]["text"], "reason": out[r["sample_id"]]["reason"]}
          for r in rows],
         schema=pa.schema([("sample_id", pa.string()), ("prompt_hash", pa.string()),
                           ("messages", pa.string()), ("text", pa.string()),
-                          ("reason", pa.string())])), steps / f"{name}.parquet")
+                          ("reason", pa.string())])),
+        storage.join(ctx.stage_path, "steps", f"{name}.parquet"))
     ctx.step_stats[name] = {"prompts": len(rows), "generated": len(gens),
                             "outcomes": dict(sorted(reasons.items()))}
     logger.info("generate[%s]: %d prompts, %d generated, %s", name, len(rows), len(gens),
@@ -211,8 +210,6 @@ def run_step(ctx: StepContext, name: str, rows: list[dict[str, Any]], schema: di
 def read_docs(path: str | Path, limit: int | None) -> list[dict[str, Any]]:
     """Corpus-sample rows (doc_id, text, corpus, fewshot_ids) read in the driver."""
     import pyarrow.json as pjson
-
-    from craft_ray.runtime import storage
 
     table = (pjson.read_json(storage.local_copy(path)) if str(path).endswith((".jsonl", ".json"))
              else storage.read_table(path))
@@ -254,14 +251,15 @@ def store_vectors(store: str | Path, doc_ids: Sequence[str]) -> np.ndarray:
     return np.stack([found[d] for d in doc_ids]) if doc_ids else np.zeros((0, info.dim))
 
 
-def store_path(setting: str | None, run_dir: str | Path) -> Path:
-    """The configured store, else ``RUN_DIR/embed/store``; a clear error when absent."""
+def store_path(setting: str | None, run_dir: str | Path) -> str:
+    """The configured store, else ``RUN_DIR/embed/store`` (local or object storage); a clear
+    error when absent."""
     from craft_ray.config import ConfigError
 
-    p = Path(setting) if setting else Path(run_dir) / "embed" / "store"
-    if not (p / "store.json").is_file():
-        raise ConfigError(f"embedding store {p} not found: run `craft-ray embed` first or set "
-                          "the strategy's `store` to a store folder")
+    p = setting or storage.join(run_dir, "embed", "store")
+    if not storage.is_file(storage.join(p, "store.json")):
+        raise ConfigError(f"embedding store {storage.redact(p)} not found: run `craft-ray "
+                          "embed` first or set the strategy's `store` to a store folder")
     return p
 
 
@@ -309,7 +307,15 @@ class Item:
         self.reject_detail, self.text = detail, text
 
 
-def write_outputs(stage_path: Path, task: Task, items: Sequence[Item], strategy: str,
+def write_parquet(table: Any, location: str) -> None:
+    """A Parquet file written whole (a rename locally, one upload on object storage)."""
+    import pyarrow.parquet as pq
+
+    with storage.write_once(location) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_outputs(stage_path: str, task: Task, items: Sequence[Item], strategy: str,
                   record_types: Callable[[], Any]) -> dict[str, Any]:
     """``clean.parquet`` / ``clean.jsonl`` (records + provenance) and ``rejects.parquet``.
 
@@ -317,9 +323,6 @@ def write_outputs(stage_path: Path, task: Task, items: Sequence[Item], strategy:
     ``clean`` holds only valid records. Returns counts for stats.json.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from craft_ray.runtime import atomic_write_text
 
     clean, rejects = [], []
     for it in items:
@@ -349,8 +352,9 @@ def write_outputs(stage_path: Path, task: Task, items: Sequence[Item], strategy:
     for k in extra_keys:
         schema = schema.append(pa.field(k, pa.float64() if k.endswith("similarity") else lst))
     clean.sort(key=lambda r: r["sample_id"])
-    pq.write_table(pa.Table.from_pylist(clean, schema=schema), stage_path / "clean.parquet")
-    atomic_write_text(stage_path / "clean.jsonl", "".join(
+    write_parquet(pa.Table.from_pylist(clean, schema=schema),
+                  storage.join(stage_path, "clean.parquet"))
+    storage.write_text(storage.join(stage_path, "clean.jsonl"), "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in clean))
     rej_schema = pa.schema([("sample_id", pa.string()), ("task", pa.string()),
                             ("doc_id", pa.string()), ("corpus", pa.string()),
@@ -358,7 +362,7 @@ def write_outputs(stage_path: Path, task: Task, items: Sequence[Item], strategy:
                             ("prompt_hash", pa.string()), ("reject_reason", pa.string()),
                             ("reject_detail", pa.string()), ("text", pa.string())])
     rejects.sort(key=lambda r: r["sample_id"])
-    pq.write_table(pa.Table.from_pylist(rejects, schema=rej_schema),
-                   stage_path / "rejects.parquet")
+    write_parquet(pa.Table.from_pylist(rejects, schema=rej_schema),
+                  storage.join(stage_path, "rejects.parquet"))
     return {"items": len(items), "clean": len(clean),
             "rejects": Counter(r["reject_reason"] for r in rejects)}
