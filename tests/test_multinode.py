@@ -1,13 +1,14 @@
 """Multi-node Ray on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests do).
 
 A head with 0 CPUs and 1-CPU worker nodes, all local processes; the run directory is a local
-path every "node" sees. The module's cluster starts with two workers (the shape where
+path every "node" sees, except for the job below, whose run directory is an S3 bucket (moto). The module's cluster starts with two workers (the shape where
 ``embed.concurrency=2`` used to hang forever), then a third joins. Faults injected:
 ``cluster.remove_node(..., allow_graceful=False)`` (SIGKILL of every process of the node) of
 the node running an embedding actor (once part files exist), a generation actor (once it is
 up) and a Ray Train worker (once a checkpoint is registered; a replacement node then joins).
 Each stage must finish with every document / sample once (train: every step once, resumed
-from its checkpoint). Also: ``ray job submit`` of embed + retrieve to the cluster.
+from its checkpoint). Also: ``ray job submit`` of the demo pipeline (tiny LM) to the cluster
+with its run directory and inputs on S3.
 
 Opt-in (10 tests, 638 s on 2 loaded cores): ``CRAFT_RAY_MULTINODE_TESTS=1``; run the file in
 its own pytest process (it connects this process to its own cluster).
@@ -43,14 +44,30 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """Head (0 CPUs) + two 1-CPU worker nodes; this process is the driver."""
+def cluster(s3_server: dict[str, str]) -> Iterator[Any]:
+    """Head (0 CPUs) + two 1-CPU worker nodes; this process is the driver. Every node starts
+    with the moto S3 server's endpoint and dummy credentials in its environment, as a cloud
+    node gets its credentials from its environment or identity (never from a runtime_env)."""
+    import ray
+
+    from craft_ray.runtime import storage
+
+    if ray.is_initialized():
+        pytest.skip("another Ray is connected in this process; run this file on its own")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_server.items():
+            mp.setenv(key, value)
+        storage.clear_cache()
+        yield from _cluster()
+    storage.clear_cache()
+
+
+def _cluster() -> Iterator[Any]:
+    """Start the cluster and connect this process (see :func:`cluster`)."""
     import ray
     import ray.data
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        pytest.skip("another Ray is connected in this process; run this file on its own")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # the nodes' processes (a job's `python` included) find this environment's python first
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
@@ -418,37 +435,30 @@ def test_node_lost_mid_train_resumes_from_checkpoint(three_workers, tmp_path, ti
 # --- a small pipeline submitted as a Ray job --------------------------------------------------
 
 
-def test_job_submit_small_pipeline(three_workers, tmp_path):
-    """``ray job submit`` of embed + retrieve (``jobs/run.py``) to the multi-node cluster's
-    dashboard, with two embedding actors: the job finishes, its work on two nodes.
+def test_job_submit_demo_with_run_dir_on_s3(three_workers, s3_bucket, tiny_causal_lm):
+    """``ray job submit`` of the demo pipeline (``jobs/run.py --config configs/demo.yaml``) to
+    the multi-node cluster's dashboard with its run directory, corpus, few-shots and eval sets
+    in an S3 bucket (moto), two embedding actors, the tiny random LM in place of SmolLM2: the
+    job succeeds, every stage's outputs are in the bucket, the embedding ran on two nodes.
 
     The code is on every "node" already (their PYTHONPATH, as in a pre-built image), not
     sent with ``--working-dir``: the simulated nodes share one session folder, and a node's
     runtime-env agent deleted the package under the job's driver (its cwd) mid-run."""
-    import yaml
+    from tests.test_s3 import check_demo_on_s3, demo_on_s3
 
-    run = tmp_path / "run"
-    cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_dir": str(run),
-        "embed": {"corpora": [{"name": "stackexchange", "format": "stackexchange",
-                               "paths": [str(ROOT / "data/stackexchange/coffee.stackexchange.com")]}],
-                  "max_seq_length": 64, "concurrency": 2, "batch_size": 64},
-        "retrieve": {"fewshots": {"path": str(ROOT / "data/fewshots/medqa.jsonl"), "limit": 4},
-                     "k": 8}}))
+    sets = [*demo_on_s3(s3_bucket, str(tiny_causal_lm)), "embed.concurrency=2",
+            f"filter.decontamination.eval_sets.0.path={s3_bucket}/eval/medqa.jsonl"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     watch = ActorWatch(three_workers, "Embedder", "read_shards")
     watch.start()
     r = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
-         f"http://{three_workers.webui_url}", "--", "python",
-         str(ROOT / "jobs" / "run.py"), "--verbose", "--config", str(cfg)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         f"http://{three_workers.webui_url}", "--", "python", str(ROOT / "jobs" / "run.py"),
+         "--verbose", "--config", str(DEMO), *[a for x in sets for a in ("--set", x)]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     watch.stop()
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "succeeded" in r.stdout + r.stderr
-    for stage in ("embed", "retrieve"):
-        assert (run / stage / "_SUCCESS").is_file(), stage
-    assert json.loads((run / "retrieve" / "stats.json").read_text())["rows_out"] == 8
+    check_demo_on_s3(f"{s3_bucket}/run")
     assert len(watch.nodes) >= 2, watch.nodes

@@ -100,19 +100,18 @@ def test_missing_bucket_is_one_clear_error_before_ray(s3_env, tmp_path: Path, mo
     assert started == []  # every error came before Ray would start
 
 
-@pytest.mark.slow
-def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal_lm: Path):
-    """`craft-ray run --config configs/demo.yaml --set run_dir=s3://...` as a user types it,
-    its corpus, few-shots and eval set read from the bucket too; the tiny random LM stands in
-    for SmolLM2 (guided JSON keeps its samples parseable), one StackExchange site."""
+def demo_on_s3(bucket: str, lm: str) -> list[str]:
+    """The demo's inputs uploaded to ``bucket`` (one StackExchange site, the MedQA few-shots and
+    eval set) and the ``--set`` overrides of a demo run entirely on it: run_dir, corpus,
+    few-shots and eval set in the bucket, the tiny random LM ``lm`` in place of SmolLM2 (guided
+    JSON keeps its samples parseable)."""
     for local, key in [("data/stackexchange/coffee.stackexchange.com",
                         "corpora/stackexchange/coffee.stackexchange.com"),
                        ("data/fewshots/medqa.jsonl", "fewshots/medqa.jsonl"),
                        ("data/eval/medqa_usmle_4opt_test_first60.jsonl", "eval/medqa.jsonl")]:
-        storage.upload(ROOT / local, f"{s3_bucket}/{key}")
-    run, lm = f"{s3_bucket}/run", str(tiny_causal_lm)
-    shots = f"{{path: {s3_bucket}/fewshots/medqa.jsonl, limit: 8}}"
-    sets = [f"run_dir={run}", f"embed.corpora.0.paths=[{s3_bucket}/corpora/stackexchange]",
+        storage.upload(ROOT / local, f"{bucket}/{key}")
+    shots = f"{{path: {bucket}/fewshots/medqa.jsonl, limit: 8}}"
+    return [f"run_dir={bucket}/run", f"embed.corpora.0.paths=[{bucket}/corpora/stackexchange]",
             f"retrieve.fewshots={shots}", f"generate.fewshots={shots}",
             f"filter.fewshots={shots}", f"generate.model={lm}", f"train.base_model={lm}",
             "generate.max_new_tokens=96", "generate.max_prompt_tokens=600",
@@ -120,11 +119,11 @@ def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal
             "filter.datasets.sizes={S: 8}",
             f"evaluate.models=[{{name: base, model: {lm}}}, {{name: lora-S, model: {lm}, "
             "adapter: '{run_dir}/train/S-seed1234/adapter', size: S}]",
-            f"evaluate.sets=[{{name: medqa, path: {s3_bucket}/eval/medqa.jsonl, limit: 8}}]"]
-    proc = _cli(["run", "--config", "configs/demo.yaml",
-                 *[a for s in sets for a in ("--set", s)]])
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-6000:]
+            f"evaluate.sets=[{{name: medqa, path: {bucket}/eval/medqa.jsonl, limit: 8}}]"]
+
+
+def check_demo_on_s3(run: str) -> None:
+    """Every stage of a demo run finished in the bucket, with its outputs there."""
     for stage in ("embed", "retrieve", "generate", "filter", "train/S-seed1234", "evaluate"):
         assert storage.is_file(f"{run}/{stage}/_SUCCESS"), stage
         assert storage.is_file(f"{run}/{stage}/stats.json"), stage
@@ -142,6 +141,19 @@ def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal
     assert set(summary["stages"]) >= {"embed", "retrieve", "generate", "filter", "train",
                                       "evaluate"}
     assert "<html" in storage.read_text(f"{run}/report.html").lower()
+
+
+@pytest.mark.slow
+def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal_lm: Path):
+    """`craft-ray run --config configs/demo.yaml --set run_dir=s3://...` as a user types it,
+    its corpus, few-shots and eval set read from the bucket too; the tiny random LM stands in
+    for SmolLM2 (guided JSON keeps its samples parseable), one StackExchange site."""
+    run, sets = f"{s3_bucket}/run", demo_on_s3(s3_bucket, str(tiny_causal_lm))
+    proc = _cli(["run", "--config", "configs/demo.yaml",
+                 *[a for s in sets for a in ("--set", s)]])
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-6000:]
+    check_demo_on_s3(run)
     assert f"{run}/report.html" in out
 
     # A rerun skips every stage: the markers and config hashes live in the bucket.
