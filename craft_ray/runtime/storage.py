@@ -287,6 +287,14 @@ def write_once(location: str | Path) -> Iterator[Path]:
         upload(tmp, location)
 
 
+def write_parquet(location: str | Path, table: Any) -> None:
+    """An Arrow table as one Parquet file, written whole (see :func:`write_once`)."""
+    import pyarrow.parquet as pq
+
+    with write_once(location) as tmp:
+        pq.write_table(table, tmp)
+
+
 def upload(local: str | Path, location: str | Path) -> None:
     """Copy a local file or folder tree to ``location``."""
     local = Path(local)

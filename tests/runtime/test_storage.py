@@ -88,6 +88,15 @@ def test_write_once_uploads_whole_or_nothing_and_local_copy_downloads(s3_bucket:
         storage.local_copy(f"{s3_bucket}/no-adapter")
 
 
+def test_write_parquet_locally_and_on_s3(tmp_path: Path, s3_bucket: str):
+    """One Parquet file, written whole, read back the same from a local folder and a bucket."""
+    table = pa.table({"doc_id": ["a", "b"], "score": [0.5, 1.0]})
+    for where in (str(tmp_path / "out" / "t.parquet"), f"{s3_bucket}/out/t.parquet"):
+        storage.write_parquet(where, table)
+        assert storage.read_table(where).equals(table), where
+        assert storage.list_files(storage.parent(where)) == [where]  # no temporary left
+
+
 def test_stage_dir_markers_and_rerun_skip_on_s3(s3_bucket: str):
     cfg = _Cfg()
     sd = StageDir(f"{s3_bucket}/run", "embed")

@@ -57,10 +57,9 @@ def summarise(rows: list[dict[str, Any]], level: float) -> dict[str, Any]:
 
 def write_predictions(out_dir: str, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    with storage.write_once(storage.join(out_dir, "predictions.parquet")) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    storage.write_parquet(storage.join(out_dir, "predictions.parquet"),
+                          pa.Table.from_pylist(rows))
     storage.write_text(storage.join(out_dir, "predictions.jsonl"), "".join(
         json.dumps(r, default=_json_default) + "\n" for r in rows))
 

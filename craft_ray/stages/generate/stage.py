@@ -159,13 +159,6 @@ def _read_docs(path: str, limit: int | None) -> Any:
     return ds.limit(limit) if limit else ds
 
 
-def _write_parquet(table: Any, path: str) -> None:
-    import pyarrow.parquet as pq
-
-    with storage.write_once(path) as tmp:
-        pq.write_table(table, tmp)
-
-
 @dataclass
 class _Plan:
     """What run_generate checked before any work: task, few-shots, input, token budgets."""
@@ -238,10 +231,10 @@ def _write_prompts(docs: Any, cfg: GenerateConfig, plan: _Plan, prompts_dir: str
 def _write_outputs(stage: StageDir, out: dict[str, Any], drops: Any) -> None:
     """raw/clean/rejects Parquet, clean.jsonl and the prompt drops, each written atomically."""
     for name, table in out.items():
-        _write_parquet(table, stage.file(f"{name}.parquet"))
+        storage.write_parquet(stage.file(f"{name}.parquet"), table)
     storage.write_text(stage.file("clean.jsonl"), "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in out["clean"].to_pylist()))
-    _write_parquet(drops, stage.file("prompt_drops.parquet"))
+    storage.write_parquet(stage.file("prompt_drops.parquet"), drops)
 
 
 def _check_accounting(n_prompts: int, raw_n: int, n_drops: int, clean_n: int,

@@ -301,12 +301,10 @@ def _write_outputs(out_dir: str, good: list[dict[str, Any]], rejects: list[dict[
                    leak_rows: list[dict[str, Any]], write_jsonl: bool) -> None:
     """corpus_samples.parquet (+ .jsonl), leakage.parquet and rejects.parquet, atomically."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = _samples_schema()
     table = pa.Table.from_pylist(good, schema=schema)
-    with storage.write_once(storage.join(out_dir, "corpus_samples.parquet")) as tmp:
-        pq.write_table(table, tmp)
+    storage.write_parquet(storage.join(out_dir, "corpus_samples.parquet"), table)
     if write_jsonl:
         with storage.write_once(storage.join(out_dir, "corpus_samples.jsonl")) as tmpj, \
                 open(tmpj, "w", encoding="utf-8") as fh:
@@ -371,7 +369,5 @@ def run_retrieve(stage_cfg: RetrieveStageConfig, *, force: bool = False,
 
 def _write_small_parquet(path: str, rows: list[dict[str, Any]], fields: list[Any]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    with storage.write_once(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), tmp)
+    storage.write_parquet(path, pa.Table.from_pylist(rows, schema=pa.schema(fields)))

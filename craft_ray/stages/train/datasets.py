@@ -145,7 +145,6 @@ def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: str, template: str
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load, split, tokenise; write length stats and rejects; return Ray datasets + stats."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cfg = stage_cfg.train
     src = dataset_path(stage_cfg)
@@ -178,8 +177,8 @@ def prepare_datasets(stage_cfg: TrainStageConfig, trial_dir: str, template: str
     if bad.any():
         rej = meta.loc[bad, ["row", "reject_reason"]].reset_index(drop=True)
         rej["row"] = train_idx[rej["row"].to_numpy()]  # position in the source dataset
-        with storage.write_once(storage.join(trial_dir, "rejects.parquet")) as tmp:
-            pq.write_table(pa.Table.from_pandas(rej, preserve_index=False), tmp)
+        storage.write_parquet(storage.join(trial_dir, "rejects.parquet"),
+                              pa.Table.from_pandas(rej, preserve_index=False))
         logger.warning("train: %d rows rejected (%s); see %s", int(bad.sum()),
                        stats["rejects"], storage.join(trial_dir, "rejects.parquet"))
     datasets = {"train": tok_train.map_batches(

@@ -189,14 +189,13 @@ def run_step(ctx: StepContext, name: str, rows: list[dict[str, Any]], schema: di
                                     "detail": detail or str(g.get("error_detail") or ""),
                                     "text": str(g.get("text") or ""),
                                     "prompt_hash": str(g["prompt_hash"])}
-    write_parquet(pa.Table.from_pylist(
-        [{"sample_id": r["sample_id"], "prompt_hash": r["prompt_hash"], "messages": r["messages"],
-          "text": out[r["sample_id"]]["text"], "reason": out[r["sample_id"]]["reason"]}
-         for r in rows],
-        schema=pa.schema([("sample_id", pa.string()), ("prompt_hash", pa.string()),
-                          ("messages", pa.string()), ("text", pa.string()),
-                          ("reason", pa.string())])),
-        storage.join(ctx.stage_path, "steps", f"{name}.parquet"))
+    step_rows = [{"sample_id": r["sample_id"], "prompt_hash": r["prompt_hash"],
+                  "messages": r["messages"], "text": out[r["sample_id"]]["text"],
+                  "reason": out[r["sample_id"]]["reason"]} for r in rows]
+    storage.write_parquet(storage.join(ctx.stage_path, "steps", f"{name}.parquet"),
+                          pa.Table.from_pylist(step_rows, schema=pa.schema(
+                              [(c, pa.string()) for c in ("sample_id", "prompt_hash", "messages",
+                                                          "text", "reason")])))
     ctx.step_stats[name] = {"prompts": len(rows), "generated": len(gens),
                             "outcomes": dict(sorted(reasons.items()))}
     logger.info("generate[%s]: %d prompts, %d generated, %s", name, len(rows), len(gens),
@@ -307,14 +306,6 @@ class Item:
         self.reject_detail, self.text = detail, text
 
 
-def write_parquet(table: Any, location: str) -> None:
-    """A Parquet file written whole (a rename locally, one upload on object storage)."""
-    import pyarrow.parquet as pq
-
-    with storage.write_once(location) as tmp:
-        pq.write_table(table, tmp)
-
-
 def write_outputs(stage_path: str, task: Task, items: Sequence[Item], strategy: str,
                   record_types: Callable[[], Any]) -> dict[str, Any]:
     """``clean.parquet`` / ``clean.jsonl`` (records + provenance) and ``rejects.parquet``.
@@ -352,8 +343,8 @@ def write_outputs(stage_path: str, task: Task, items: Sequence[Item], strategy: 
     for k in extra_keys:
         schema = schema.append(pa.field(k, pa.float64() if k.endswith("similarity") else lst))
     clean.sort(key=lambda r: r["sample_id"])
-    write_parquet(pa.Table.from_pylist(clean, schema=schema),
-                  storage.join(stage_path, "clean.parquet"))
+    storage.write_parquet(storage.join(stage_path, "clean.parquet"),
+                          pa.Table.from_pylist(clean, schema=schema))
     storage.write_text(storage.join(stage_path, "clean.jsonl"), "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in clean))
     rej_schema = pa.schema([("sample_id", pa.string()), ("task", pa.string()),
@@ -362,7 +353,7 @@ def write_outputs(stage_path: str, task: Task, items: Sequence[Item], strategy: 
                             ("prompt_hash", pa.string()), ("reject_reason", pa.string()),
                             ("reject_detail", pa.string()), ("text", pa.string())])
     rejects.sort(key=lambda r: r["sample_id"])
-    write_parquet(pa.Table.from_pylist(rejects, schema=rej_schema),
-                  storage.join(stage_path, "rejects.parquet"))
+    storage.write_parquet(storage.join(stage_path, "rejects.parquet"),
+                          pa.Table.from_pylist(rejects, schema=rej_schema))
     return {"items": len(items), "clean": len(clean),
             "rejects": Counter(r["reject_reason"] for r in rejects)}
