@@ -145,19 +145,29 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         yield env
 
 
-@pytest.fixture()
-def s3_env(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch
-           ) -> Iterator[dict[str, str]]:
-    """This test's process environment pointed at the moto server (undone after the test)."""
+@contextmanager
+def s3_environment(server: dict[str, str]) -> Iterator[dict[str, str]]:
+    """This process' environment pointed at a moto server (``server``: what
+    :func:`moto_server` yields) until the block ends."""
     from craft_ray.runtime import storage
 
-    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in s3_server.items():
-        monkeypatch.setenv(key, value)
-    storage.clear_cache()  # filesystems made with another environment
-    yield s3_server
-    storage.clear_cache()
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            mp.delenv(key, raising=False)
+        for key, value in server.items():
+            mp.setenv(key, value)
+        storage.clear_cache()  # filesystems made with another environment
+        try:
+            yield server
+        finally:
+            storage.clear_cache()
+
+
+@pytest.fixture()
+def s3_env(s3_server: dict[str, str]) -> Iterator[dict[str, str]]:
+    """This test's process environment pointed at the moto server (undone after the test)."""
+    with s3_environment(s3_server) as env:
+        yield env
 
 
 @pytest.fixture()

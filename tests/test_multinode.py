@@ -1,8 +1,9 @@
 """Multi-node Ray on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests do).
 
 A head with 0 CPUs and 1-CPU worker nodes, all local processes; the run directory is a local
-path every "node" sees, except for the job below, whose run directory is an S3 bucket (moto). The module's cluster starts with two workers (the shape where
-``embed.concurrency=2`` used to hang forever), then a third joins. Faults injected:
+path every "node" sees, except for the job below, whose run directory is an S3 bucket (moto).
+The module's cluster starts with two workers (the shape where ``embed.concurrency=2`` used to
+hang forever), then a third joins. Faults injected:
 ``cluster.remove_node(..., allow_graceful=False)`` (SIGKILL of every process of the node) of
 the node running an embedding actor (once part files exist), a generation actor (once it is
 up) and a Ray Train worker (once a checkpoint is registered; a replacement node then joins).
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 
 from craft_ray.config import load_config
-from tests.conftest import write_task_dataset
+from tests.conftest import s3_environment, write_task_dataset
 from tests.test_jobs import _free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +51,10 @@ def cluster(s3_server: dict[str, str]) -> Iterator[Any]:
     node gets its credentials from its environment or identity (never from a runtime_env)."""
     import ray
 
-    from craft_ray.runtime import storage
-
     if ray.is_initialized():
         pytest.skip("another Ray is connected in this process; run this file on its own")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in s3_server.items():
-            mp.setenv(key, value)
-        storage.clear_cache()
+    with s3_environment(s3_server):
         yield from _cluster()
-    storage.clear_cache()
 
 
 def _cluster() -> Iterator[Any]:
