@@ -44,7 +44,7 @@ def load_sentences(data: Path, min_words: int = 6, max_words: int = 30) -> list[
     """Distinct real sentences of every post (questions and answers) of the dumps."""
     import xml.etree.ElementTree as ET
 
-    from craft_ray.store.corpus import html_to_text
+    from craft_ray.store.stackexchange import html_to_text
 
     files = sorted(Path(data).glob("*/Posts.xml")) + sorted(Path(data).glob("Posts.xml"))
     if not files:

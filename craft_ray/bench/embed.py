@@ -43,7 +43,8 @@ from craft_ray.config import apply_overrides, validate
 from craft_ray.models.embedder import load_sentence_transformer, plain_encode
 from craft_ray.runtime import init_ray
 from craft_ray.stages.embed import EmbedStageConfig, run_embed
-from craft_ray.store.corpus import CorpusConfig, html_to_text, iter_posts, list_shards
+from craft_ray.store.corpus import CorpusConfig, list_shards
+from craft_ray.store.stackexchange import html_to_text, iter_posts
 from craft_ray.store.vectors import read_info, read_shard_table, vectors_of
 
 logger = logging.getLogger(__name__)

@@ -334,7 +334,7 @@ def stackexchange_to_beir(posts_xml: str | Path, out: str | Path, split: str = "
     """
     import xml.etree.ElementTree as ET
 
-    from craft_ray.store.corpus import html_to_text
+    from craft_ray.store.stackexchange import html_to_text
 
     questions: dict[str, dict[str, str]] = {}
     answers: list[dict[str, str]] = []

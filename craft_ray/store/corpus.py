@@ -15,14 +15,11 @@ from __future__ import annotations
 import fnmatch
 import glob
 import gzip
-import html
 import json
 import os
 import posixpath
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -227,7 +224,7 @@ def _uri_files(cfg: CorpusConfig, raw: str, patterns: list[str]) -> list[tuple[s
 # --- records ------------------------------------------------------------------------------
 
 
-def _record(shard: Shard, row: int, text: str | None, metadata: dict[str, Any], reason: str | None,
+def record(shard: Shard, row: int, text: str | None, metadata: dict[str, Any], reason: str | None,
             detail: str = "", raw: str | None = None) -> dict[str, Any]:
     return {
         "doc_id": make_doc_id(shard.corpus, shard.shard, row),
@@ -243,23 +240,23 @@ def _record(shard: Shard, row: int, text: str | None, metadata: dict[str, Any], 
     }
 
 
-def _bounded(shard: Shard, row: int, text: str, metadata: dict[str, Any], cfg: CorpusConfig,
+def bounded(shard: Shard, row: int, text: str, metadata: dict[str, Any], cfg: CorpusConfig,
              raw: str | None = None) -> dict[str, Any]:
     """A document record, or a reject when its text is empty or out of the length bounds."""
     stripped = text.strip()
     if not stripped:
-        return _record(shard, row, None, metadata, "empty_text", "text is empty", raw or text)
+        return record(shard, row, None, metadata, "empty_text", "text is empty", raw or text)
     n = len(stripped)
     if n < cfg.min_chars:
-        return _record(shard, row, None, metadata, "too_short",
+        return record(shard, row, None, metadata, "too_short",
                        f"{n} chars < min_chars={cfg.min_chars}", raw or stripped)
     if n > cfg.max_chars:
-        return _record(shard, row, None, metadata, "too_long",
+        return record(shard, row, None, metadata, "too_long",
                        f"{n} chars > max_chars={cfg.max_chars}", raw or stripped)
-    return _record(shard, row, stripped, metadata, None)
+    return record(shard, row, stripped, metadata, None)
 
 
-def _open_binary(path: str) -> IO[bytes]:
+def open_binary(path: str) -> IO[bytes]:
     """A shard's bytes (gunzipped for ``.gz``), streamed from an object store for a URI."""
     try:
         if storage.is_uri(path):
@@ -274,7 +271,7 @@ def _open_binary(path: str) -> IO[bytes]:
 
 
 def _iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    with _open_binary(path) as fh:
+    with open_binary(path) as fh:
         try:
             yield from enumerate(fh)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
@@ -291,31 +288,31 @@ def read_jsonl_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, Any]
         try:
             s = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield _record(shard, row, None, {}, "invalid_utf8", str(exc),
+            yield record(shard, row, None, {}, "invalid_utf8", str(exc),
                           line.decode("utf-8", errors="replace"))
             continue
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as exc:
-            yield _record(shard, row, None, {}, "malformed_json", str(exc), s)
+            yield record(shard, row, None, {}, "malformed_json", str(exc), s)
             continue
         if not isinstance(obj, dict):
-            yield _record(shard, row, None, {}, "malformed_json", "line is not a JSON object", s)
+            yield record(shard, row, None, {}, "malformed_json", "line is not a JSON object", s)
             continue
         text = obj.get(cfg.text_field)
         meta = {k: obj[k] for k in meta_keys if k in obj}
         if text is None:
-            yield _record(shard, row, None, meta, "missing_text",
+            yield record(shard, row, None, meta, "missing_text",
                           f"no field {cfg.text_field!r} (fields: {sorted(obj)[:10]})", s)
             continue
         if not isinstance(text, str):
-            yield _record(shard, row, None, meta, "missing_text",
+            yield record(shard, row, None, meta, "missing_text",
                           f"field {cfg.text_field!r} is {type(text).__name__}, not a string", s)
             continue
         if cfg.title_field and isinstance(obj.get(cfg.title_field), str) and obj[cfg.title_field]:
             meta["title"] = obj[cfg.title_field]
             text = f"{obj[cfg.title_field].strip()}\n\n{text}"
-        yield _bounded(shard, row, text, meta, cfg, raw=s)
+        yield bounded(shard, row, text, meta, cfg, raw=s)
 
 
 def read_text_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, Any]]:
@@ -327,21 +324,21 @@ def read_text_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, Any]]
             try:
                 s = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield _record(shard, row, None, {}, "invalid_utf8", str(exc),
+                yield record(shard, row, None, {}, "invalid_utf8", str(exc),
                               line.decode("utf-8", errors="replace"))
                 continue
-            yield _bounded(shard, row, s, {}, cfg)
+            yield bounded(shard, row, s, {}, cfg)
         return
-    with _open_binary(shard.path) as fh:
+    with open_binary(shard.path) as fh:
         # A whole-file document longer than max_chars is rejected, so never read much more.
         data = fh.read(cfg.max_chars * 4 + 8)
     try:
         s = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        yield _record(shard, 0, None, {}, "invalid_utf8", str(exc),
+        yield record(shard, 0, None, {}, "invalid_utf8", str(exc),
                       data.decode("utf-8", errors="replace"))
         return
-    yield _bounded(shard, 0, s, {}, cfg)
+    yield bounded(shard, 0, s, {}, cfg)
 
 
 def read_parquet_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, Any]]:
@@ -373,7 +370,7 @@ def read_parquet_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, An
             text = data[cfg.text_field][i]
             meta = {k: data[k][i] for k in meta_keys}
             if text is None or not isinstance(text, str):
-                yield _record(shard, row, None, meta, "missing_text",
+                yield record(shard, row, None, meta, "missing_text",
                               f"column {cfg.text_field!r} is null or not a string", None)
             else:
                 title = data.get(cfg.title_field, [None] * batch.num_rows)[i] if cfg.title_field \
@@ -381,146 +378,9 @@ def read_parquet_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, An
                 if title:
                     meta["title"] = title
                     text = f"{title.strip()}\n\n{text}"
-                yield _bounded(shard, row, text, meta, cfg)
+                yield bounded(shard, row, text, meta, cfg)
             row += 1
 
-
-# --- StackExchange ------------------------------------------------------------------------
-
-_BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "pre", "blockquote", "h1", "h2", "h3", "h4",
-               "h5", "h6", "tr", "table", "hr"}
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in _BLOCK_TAGS:
-            self.parts.append("\n")
-        if tag == "li":
-            self.parts.append("- ")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _BLOCK_TAGS:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(data)
-
-
-_WS = re.compile(r"[ \t\r\f\v]+")
-_NL = re.compile(r"\n\s*\n+")
-
-
-def html_to_text(markup: str) -> str:
-    """Strip HTML to readable text: block tags become line breaks, entities are decoded."""
-    parser = _TextExtractor()
-    parser.feed(markup)
-    parser.close()
-    text = html.unescape("".join(parser.parts))
-    text = "\n".join(_WS.sub(" ", line).strip() for line in text.split("\n"))
-    return _NL.sub("\n\n", text).strip()
-
-
-def iter_posts(path: str) -> Iterator[tuple[int, dict[str, str]]]:
-    import xml.etree.ElementTree as ET
-
-    idx = -1
-    try:
-        with _open_binary(path) as fh:
-            for _event, elem in ET.iterparse(fh, events=("end",)):
-                if elem.tag == "row":
-                    idx += 1
-                    yield idx, dict(elem.attrib)
-                    elem.clear()
-    except ET.ParseError as exc:
-        raise CorpusError(f"{path} is not a readable StackExchange Posts.xml: {exc}") from exc
-
-
-def read_stackexchange_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, Any]]:
-    """A StackExchange ``Posts.xml``: one document per question.
-
-    Document = title + question body + accepted answer (else the top-voted answer), HTML
-    stripped, as CRAFT built its StackExchange corpus. Two streaming passes: the first keeps
-    only integers (which answer belongs to which question), the second emits each question as
-    soon as its chosen answer has been seen, so memory holds only questions waiting for an
-    answer further down the file. ``row`` is the question's ``<row>`` element number.
-    """
-    accepted, chosen = _chosen_answers(shard.path)
-    answer_to_q = {aid: qid for qid, aid in chosen.items()}
-    site = shard.shard.split("/")[0]
-    waiting: dict[str, tuple[int, dict[str, str]]] = {}
-    early: dict[str, dict[str, str]] = {}  # chosen answers met before their question
-
-    def emit(row: int, q: dict[str, str], answer: dict[str, str] | None) -> dict[str, Any]:
-        return _question_record(shard, cfg, site, accepted, row, q, answer)
-
-    for idx, a in iter_posts(shard.path):
-        ptype = a.get("PostTypeId")
-        if ptype == "1":
-            if "Id" not in a:
-                yield _record(shard, idx, None, {}, "malformed_post", "question without Id",
-                              json.dumps(a))
-                continue
-            if a["Id"] in early:
-                yield emit(idx, a, early.pop(a["Id"]))
-            elif a["Id"] in chosen:
-                waiting[a["Id"]] = (idx, a)
-            else:
-                yield emit(idx, a, None)
-        elif ptype == "2" and a.get("Id") in answer_to_q:
-            qid = answer_to_q[a["Id"]]
-            if qid in waiting:
-                row, q = waiting.pop(qid)
-                yield emit(row, q, a)
-            else:
-                early[qid] = a
-    # Questions whose chosen answer is missing from the file.
-    for row, q in sorted(waiting.values(), key=lambda t: t[0]):
-        yield emit(row, q, None)
-
-
-def _chosen_answers(path: str) -> tuple[dict[str, str], dict[str, str]]:
-    """The first pass: accepted answer ids by question id, and the chosen answer of every
-    question that has one (the accepted one, else the top-voted)."""
-    accepted: dict[str, str] = {}
-    best: dict[str, tuple[int, str]] = {}
-    for _idx, a in iter_posts(path):
-        if a.get("PostTypeId") == "1" and a.get("AcceptedAnswerId"):
-            accepted[a["Id"]] = a["AcceptedAnswerId"]
-        elif a.get("PostTypeId") == "2" and a.get("ParentId"):
-            try:
-                score = int(a.get("Score", "0"))
-            except ValueError:
-                score = 0
-            cur = best.get(a["ParentId"])
-            # Ties go to the earlier answer, so the choice is deterministic.
-            if cur is None or score > cur[0]:
-                best[a["ParentId"]] = (score, a["Id"])
-    chosen: dict[str, str] = {}
-    for qid in set(accepted) | set(best):
-        if qid in accepted:
-            chosen[qid] = accepted[qid]
-        else:
-            chosen[qid] = best[qid][1]
-    return accepted, chosen
-
-
-def _question_record(shard: Shard, cfg: CorpusConfig, site: str, accepted: dict[str, str],
-                     row: int, q: dict[str, str], answer: dict[str, str] | None
-                     ) -> dict[str, Any]:
-    """One question's document: title, body and ``answer``'s body, with the post's metadata."""
-    meta = {"post_id": q.get("Id"), "site": site, "tags": q.get("Tags", ""),
-            "score": q.get("Score"), "answer_id": answer.get("Id") if answer else None,
-            "answer_accepted": bool(answer and accepted.get(q["Id"]) == answer.get("Id"))}
-    title = (q.get("Title") or "").strip()
-    parts = [title, html_to_text(q.get("Body", ""))]
-    if answer is not None:
-        parts.append(html_to_text(answer.get("Body", "")))
-    text = "\n\n".join(p for p in parts if p)
-    return _bounded(shard, row, text, meta, cfg)
 
 
 READERS = {
@@ -528,10 +388,13 @@ READERS = {
     "jsonl": read_jsonl_shard,
     "text": read_text_shard,
     "parquet": read_parquet_shard,
-    "stackexchange": read_stackexchange_shard,
 }
 
 
 def read_shard(shard: Shard, cfg: CorpusConfig) -> Iterator[dict[str, Any]]:
     """All records of one shard (documents and rejects) in a deterministic order."""
+    if cfg.format == "stackexchange":  # its module builds on this one's records
+        from craft_ray.store.stackexchange import read_stackexchange_shard
+
+        return read_stackexchange_shard(shard, cfg)
     return READERS[cfg.format](shard, cfg)

@@ -14,7 +14,6 @@ from craft_ray.config import ConfigError, validate
 from craft_ray.store.corpus import (
     CorpusConfig,
     CorpusError,
-    html_to_text,
     list_shards,
     make_doc_id,
     parse_doc_id,
@@ -142,10 +141,6 @@ def test_stackexchange_documents(tmp_path: Path):
     assert json.loads(recs[1]["metadata"])["answer_accepted"] is False
     assert recs[5]["text"].startswith("Unanswered?") and recs[5]["reject_reason"] is None
     assert recs[6]["reject_reason"] == "too_short"
-
-
-def test_html_to_text():
-    assert html_to_text("<p>a &amp; b</p><p>c<br>d</p>") == "a & b\n\nc\nd"
 
 
 def test_real_stackexchange_dumps():
