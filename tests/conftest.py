@@ -15,6 +15,25 @@ SHARED_DATA = Path(os.environ.get("CRAFT_RAY_SHARED_DATA", ROOT.parent / "shared
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's CPU shm op builds in ~35 s here
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Build DeepSpeed's CPU ops (a JIT torch extension) in this checkout, not in the shared
+    ``~/.cache/torch_extensions``, and drop a build lock that a killed run left behind: torch
+    waits forever on an existing lock file, so one interrupted test run elsewhere on the
+    machine would hang every DeepSpeed test here."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return  # the user's choice
+    build_dir = ROOT / ".cache" / "torch_extensions"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(build_dir)
+    import time
+    for lock in build_dir.glob("**/lock"):
+        if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+            lock.unlink(missing_ok=True)
+
+
 def shared_data(rel: str) -> Path:
     """A file or folder under ../shared/data, or skip the test with the reason."""
     p = SHARED_DATA / rel
