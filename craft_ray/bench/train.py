@@ -64,8 +64,8 @@ def plain_loop(cfg: Any, records: list[dict[str, Any]], steps: int) -> dict[str,
     from craft_ray.models.chat import encode_example
     from craft_ray.models.tokenizers import load_train_tokenizer
     from craft_ray.stages.train.data import collate_batch, resolve_train_template
-    from craft_ray.stages.train.loop import group, train_step
     from craft_ray.stages.train.lora import build_lora_model, build_optimizer
+    from craft_ray.stages.train.step import group, train_step
     from craft_ray.tasks.registry import get_task
 
     torch.set_num_threads(torch_threads(cfg.cpus_per_worker or 1.0, cfg.torch_threads))

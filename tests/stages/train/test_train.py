@@ -140,13 +140,13 @@ def _run_steps(rank, world, per_device, accum, global_batches, base, pad_id, out
     import torch.distributed as dist
 
     from craft_ray.stages.train.checkpoint import deepspeed_config
-    from craft_ray.stages.train.loop import train_step
     from craft_ray.stages.train.lora import (
         build_lora_model,
         build_optimizer,
         lora_state_dict,
         save_adapter,
     )
+    from craft_ray.stages.train.step import train_step
 
     torch.set_num_threads(1)
     if world > 1 and not dist.is_initialized():
@@ -317,7 +317,7 @@ def test_deepspeed_zero2_and_zero3_on_two_cpu_ranks(tiny_lm, tmp_path):
 def _eval_loss_on_driver(model, tok, rows, task):
     import torch
 
-    from craft_ray.stages.train.loop import token_loss_sum
+    from craft_ray.stages.train.step import token_loss_sum
 
     tot, n = 0.0, 0
     with torch.no_grad():

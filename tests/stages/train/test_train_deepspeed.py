@@ -32,8 +32,8 @@ def _resume_rank_main(rank, log_dir, init, base, pad_id, global_batches, split, 
     )
     from craft_ray.stages.train.config import TrainConfig
     from craft_ray.stages.train.data import collate_batch
-    from craft_ray.stages.train.loop import train_step
     from craft_ray.stages.train.lora import build_lora_model, build_optimizer, lora_state_dict
+    from craft_ray.stages.train.step import train_step
 
     rank_log(rank, log_dir)
     torch.set_num_threads(1)

@@ -50,13 +50,13 @@ def test_qlora_trains_on_cpu_and_adapter_reloads_on_4bit_base(tiny_lm, tmp_path,
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from craft_ray.stages.train.data import collate_batch
-    from craft_ray.stages.train.loop import train_step
     from craft_ray.stages.train.lora import (
         build_lora_model,
         build_optimizer,
         lora_state_dict,
         save_adapter,
     )
+    from craft_ray.stages.train.step import train_step
 
     cfg = _qlora_cfg(str(tiny_lm))
     assert not cfg.use_gpu  # a CPU-worker config is valid
