@@ -243,3 +243,34 @@ def test_multihop_strategy_with_run_dir_on_s3(ray_local, s3_bucket: str, tiny_ca
     assert len(storage.read_text(f"{out}/clean.jsonl").splitlines()) == len(clean)
     assert f"{out}/steps/multihop_decompose.parquet" in storage.list_files(f"{out}/steps")
     assert not (tmp_path / "generate").exists()  # nothing written beside the local inputs
+
+
+def test_train_retriever_checkpoints_and_metrics_in_s3_storage(s3_bucket: str,
+                                                               tmp_path: Path):
+    """`craft-ray train-retriever` with Ray Train's storage in the bucket: the checkpoints
+    and rank 0's metrics.jsonl are written there by the workers (not to a worker's disk),
+    and the driver's copy in the work folder is the bucket's file."""
+    beir = ROOT / "tests" / "fixtures" / "retrieval" / "coffee_beir"
+    texts = [json.loads(x)["text"] for x in (beir / "corpus.jsonl").read_text().splitlines()]
+    queries = [json.loads(x)["text"] for x in (beir / "queries.jsonl").read_text()
+               .splitlines()]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"query": q, "pos": [texts[i]], "neg": [texts[i + 40]]})
+                            + "\n" for i, q in enumerate(queries[:8])))
+    out = tmp_path / "retriever"
+    sets = ["batch_size=4", "epochs=1", "max_seq_length=32", "eval_split=null",
+            "negatives.per_query=1", f"storage_path={s3_bucket}/ray", "ray.num_cpus=2"]
+    proc = _cli(["train-retriever", "--data", str(data), "--out", str(out),
+                 *[a for s in sets for a in ("--set", s)]])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-6000:]
+    assert (out / "_SUCCESS").is_file() and (out / "modules.json").is_file()
+
+    files = storage.list_files(f"{s3_bucket}/ray", recursive=True)
+    logs = [f for f in files if f.endswith("/metrics.jsonl")]
+    assert len(logs) == 1 and logs[0].startswith(f"{s3_bucket}/ray/retriever-"), files
+    rows = [json.loads(x) for x in storage.read_text(logs[0]).splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # 8 queries / batch 4, one line per step
+    assert any(f.endswith("/train_state.json") for f in files), files  # the checkpoints
+    assert (tmp_path / "retriever.work" / "metrics.jsonl").read_text() == \
+        storage.read_text(logs[0])

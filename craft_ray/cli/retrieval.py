@@ -91,9 +91,9 @@ def mine_negatives(
 
 @app.command("train-retriever")
 def train_retriever(
-    out: Annotated[Path, typer.Option(help="Output folder: the sentence-transformers model "
-                                      "(+ metrics.json).")],
-    data: Annotated[Path | None, typer.Option(help="BEIR folder or LLM-Embedder jsonl.")]
+    out: Annotated[str, typer.Option(help="Output folder: the sentence-transformers model "
+                                     "(+ metrics.json).")],
+    data: Annotated[str | None, typer.Option(help="BEIR folder or LLM-Embedder jsonl.")]
     = None,
     split: Annotated[str | None, typer.Option(help="BEIR qrels split to train on (default "
                                               "train).")] = None,

@@ -197,6 +197,19 @@ class TrainRetrieverConfig(StrictModel):
                              "only); use auto or fp32 on CPU")
         if self.lm_scoring.enabled and not self.lm_scoring.model:
             raise ValueError("lm_scoring.enabled needs lm_scoring.model (a causal LM)")
+        local = {"data": self.data, "corpus": self.corpus, "out": self.out,
+                 "work_dir": self.work_dir, "eval_data": self.eval_data}
+        if self.craft is not None:
+            local.update({"craft.corpus_samples": self.craft.corpus_samples,
+                          "craft.relevance": self.craft.relevance,
+                          "craft.fewshots.path": self.craft.fewshots.path})
+        uris = [f"{k}={v}" for k, v in local.items() if v and "://" in str(v)]
+        if uris:
+            raise ValueError(f"train-retriever reads its data and writes its model on local "
+                             f"or mounted paths only, not object storage: {', '.join(uris)}. "
+                             "Copy the data to a local folder (e.g. `aws s3 sync`); "
+                             "`storage_path` (Ray Train's checkpoints and metrics) may be an "
+                             "s3:// or gs:// URI.")
         return self
 
     def data_format(self) -> str | None:

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from craft_ray.config import ConfigError
-from craft_ray.runtime import StageDir, StageStats, atomic_path, atomic_write_json
+from craft_ray.runtime import (
+    StageDir,
+    StageStats,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    storage,
+)
 from craft_ray.stages.train_retriever.config import TrainRetrieverConfig
 from craft_ray.stages.train_retriever.data import (
     Example,
@@ -172,14 +179,14 @@ def _autocast(cfg: TrainRetrieverConfig, on_gpu: bool) -> tuple[Any, Any]:
     return ctx, scaler
 
 
-def _trim_metrics(path: Path, keep_upto_step: int) -> None:
+def _trim_metrics(path: str, keep_upto_step: int) -> None:
     """On resume, drop the metrics lines of steps after the checkpoint (they are redone)."""
-    if not path.is_file():
+    if not storage.is_file(path):
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+    keep = [line for line in storage.read_text(path).splitlines()
             if line.strip() and not json.loads(line).get("final")
             and json.loads(line).get("step", 0) <= keep_upto_step]
-    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    storage.write_text(path, "".join(x + "\n" for x in keep))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -207,7 +214,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         net = ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": True})
     net.train(cfg.dropout)  # eval mode = dropout off; gradients flow either way
-    metrics_path = Path(config["work"]) / "metrics.jsonl"
+    # rank 0 writes its metrics to the Ray Train run's storage (shared or an object store, as
+    # its checkpoints): the driver never reads a worker's disk
+    metrics_path = config["metrics"]
     if rank == 0:
         _trim_metrics(metrics_path, state["global_step"])
     _train_steps(cfg, plan, state, examples, model, net, optimizer, scheduler,
@@ -257,7 +266,7 @@ def _resume(model: Any, optimizer: Any, scheduler: Any, rank: int) -> dict[str, 
 
 def _train_steps(cfg: TrainRetrieverConfig, plan: dict[str, int], state: dict[str, int],
                  examples: list[Example], model: Any, net: Any, optimizer: Any, scheduler: Any,
-                 *, device: Any, rank: int, metrics_path: Path) -> None:
+                 *, device: Any, rank: int, metrics_path: str) -> None:
     """The steps from ``state`` on: rank 0 logs every ``log_every_steps``; a checkpoint at
     each epoch's end and every ``checkpoint_every_steps``; the last one holds the model."""
     import torch
@@ -288,8 +297,8 @@ def _train_steps(cfg: TrainRetrieverConfig, plan: dict[str, int], state: dict[st
                     "lr": float(scheduler.get_last_lr()[0]),
                     "step_s": time.perf_counter() - t0}
             if rank == 0 and (step % cfg.log_every_steps == 0 or step == stop_at):
-                with metrics_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({**last, "time": time.time()}) + "\n")
+                storage.append_text(metrics_path,
+                                    json.dumps({**last, "time": time.time()}) + "\n")
             if step >= stop_at:
                 break
             if end_of_epoch or (cfg.checkpoint_every_steps
@@ -324,9 +333,16 @@ def _report(metrics: dict[str, Any], nxt: tuple[int, int], step: int, rank: int,
 # --- the stage -----------------------------------------------------------------------------
 
 
+def run_storage(cfg: TrainRetrieverConfig, work: Path) -> tuple[str, str]:
+    """Ray Train's storage of the run (``storage_path``, default WORK/ray: a local path, a
+    folder all nodes mount or an ``s3://``/``gs://`` URI) and the run's name in it."""
+    return cfg.storage_path or str(work / "ray"), f"retriever-{cfg.resume_key()}"
+
+
 def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict[str, int],
                   work: Path) -> Any:
-    """The TorchTrainer of one retriever fine-tune (gloo on CPU, NCCL on GPU)."""
+    """The TorchTrainer of one retriever fine-tune (gloo on CPU, NCCL on GPU); rank 0's
+    metrics.jsonl goes into the run's folder of Ray Train's storage."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -334,17 +350,18 @@ def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict
     rows = [{"idx": i, "query": e.query, "pos": e.pos, "neg": e.neg,
              "teacher_scores": e.teacher_scores} for i, e in enumerate(examples)]
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    root, name = run_storage(cfg, work)
+    fs, storage_path = storage.ray_storage(root)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan,
-                           "work": str(work)},
+                           "metrics": storage.join(root, name, "metrics.jsonl")},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,
                                                use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"retriever-{cfg.resume_key()}",
-            storage_path=cfg.storage_path or str(work / "ray"),
+            name=name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.num_checkpoints_to_keep)),
@@ -406,6 +423,11 @@ def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> di
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
     _install_model(result.checkpoint, out)
+    # rank 0's training log, next to the run's other work files (read from Ray Train's storage)
+    root, name = run_storage(cfg, work)
+    log = storage.join(root, name, "metrics.jsonl")
+    if storage.is_file(log):
+        atomic_write_text(work / "metrics.jsonl", storage.read_text(log))
     after = evaluate_model(cfg, str(out), "trained", work)
     metrics = {"before": before, "after": after, "split": cfg.eval_split,
                "eval_data": cfg.eval_folder(), "steps": final.get("step"),
