@@ -407,6 +407,48 @@ def test_kuberay_security(which):
             assert group["maxReplicas"] >= 1, name
 
 
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_workers_reach_the_bucket_through_a_node_identity(name):
+    """Object storage from the nodes' identity, never keys: every worker node type carries the
+    instance profile (AWS) / service account (GCP) to set; the head keeps the one `ray up`
+    creates for it (it launches the workers and may use the bucket)."""
+    config = launcher(name)
+    for node_name, node in config["available_node_types"].items():
+        nc = node["node_config"]
+        if node_name == config["head_node_type"]:
+            assert "IamInstanceProfile" not in nc and "serviceAccounts" not in nc, node_name
+        elif name == "aws.yaml":
+            assert re.fullmatch(r"arn:aws:iam::REPLACE_ME:instance-profile/[\w+=,.@-]+",
+                                nc["IamInstanceProfile"]["Arn"]), node_name
+        else:
+            (account,) = nc["serviceAccounts"]
+            assert account["email"].endswith(".iam.gserviceaccount.com"), node_name
+            assert account["scopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
+    assert not [s for s in walk_strings(config) if re.search(
+        r"AWS_(SECRET_)?ACCESS_KEY|GOOGLE_APPLICATION_CREDENTIALS", s)]
+
+
+def test_kuberay_pods_reach_the_bucket_through_workload_identity():
+    """Every Ray pod of both manifests runs as the service account of storage.yaml, which
+    carries the IRSA and GKE Workload Identity annotations; no pod gets cloud keys."""
+    (account,) = [d for d in yaml.safe_load_all((KUBERAY / "storage.yaml").read_text())
+                  if d["kind"] == "ServiceAccount"]
+    name = account["metadata"]["name"]
+    notes = account["metadata"]["annotations"]
+    assert re.fullmatch(r"arn:aws:iam::REPLACE_ME:role/[\w+=,.@-]+",
+                        notes["eks.amazonaws.com/role-arn"])
+    assert notes["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    assert account.get("automountServiceAccountToken", True)  # the autoscaler sidecar's
+    for which, spec in cluster_specs().items():
+        for group, body in groups(spec):
+            pod = body["template"]["spec"]
+            assert pod.get("serviceAccountName") == name, (which, group)
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                names = {e["name"] for e in c.get("env", [])}
+                assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                    "GOOGLE_APPLICATION_CREDENTIALS"}, (which, group)
+
+
 def test_kuberay_directory_exposes_no_service_or_ingress():
     for path in sorted(KUBERAY.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -435,9 +477,12 @@ def test_kuberay_pod_templates_validate_against_kubernetes_schema():
             kv.validate(doc, K8S_VERSION, strict=True)
         except kv.ValidationError as e:
             raise AssertionError(f"{where}: {e.message} at {list(e.path)}") from None
-    for doc in yaml.safe_load_all((KUBERAY / "storage.yaml").read_text()):
+    storage_docs = {d["kind"]: d for d in yaml.safe_load_all((KUBERAY / "storage.yaml")
+                                                             .read_text())}
+    assert set(storage_docs) == {"PersistentVolumeClaim", "ServiceAccount"}
+    for doc in storage_docs.values():
         kv.validate(doc, K8S_VERSION, strict=True)
-        assert doc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert storage_docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_kubernetes_schema_check_rejects_a_misspelled_field():
