@@ -23,32 +23,36 @@ from craft_ray.cli.common import (
 
 @app.command("eval-retrieval")
 def eval_retrieval(
-    data: Annotated[Path, typer.Option(help="BEIR-format folder (corpus.jsonl, queries.jsonl, "
-                                       "qrels/SPLIT.tsv).")],
+    data: Annotated[str, typer.Option(help="BEIR-format folder (corpus.jsonl, queries.jsonl, "
+                                      "qrels/SPLIT.tsv).")],
     split: Annotated[str, typer.Option(help="qrels split.")] = "test",
     model: Annotated[str, typer.Option(help="sentence-transformers model id or path.")] = (
         "sentence-transformers/all-MiniLM-L6-v2"),
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
-    run_dir: Annotated[Path | None, typer.Option(
+    out: Annotated[str | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    run_dir: Annotated[str | None, typer.Option(
         help="Work folder for the embedding store (default runs/eval-retrieval/NAME).")] = None,
     set_: SetOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """nDCG/MRR/Recall@{1,5,10,100} of the embed + retrieve stages on a BEIR folder."""
-    from craft_ray.config import apply_overrides, validate
+    from craft_ray.config import ConfigError, apply_overrides, validate
     from craft_ray.retrieval.evaluation import (
         RetrievalEvalConfig,
         format_table,
         load_beir,
         run_eval_retrieval,
     )
-    from craft_ray.runtime import atomic_write_json, init_ray
+    from craft_ray.runtime import atomic_write_json, init_ray, storage
 
     def body() -> dict[str, Any]:
-        raw = {"data": str(data), "split": split, "model": model,
-               "run_dir": str(run_dir or Path("runs/eval-retrieval") / data.resolve().name)}
+        raw = {"data": data, "split": split, "model": model,
+               "run_dir": run_dir or str(Path("runs/eval-retrieval") / Path(data).resolve().name)}
         sets = list(set_ or []) + ([f"ray.address={address}"] if address else [])
         cfg = validate(RetrievalEvalConfig, apply_overrides(raw, sets), "<eval-retrieval>")
+        try:
+            storage.refuse_uris("eval-retrieval", {"out": out})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         beir = load_beir(cfg.data, cfg.split)  # bad folders fail before Ray starts
         init_ray(cfg.ray)
         return run_eval_retrieval(cfg, beir)
@@ -63,8 +67,8 @@ def eval_retrieval(
 
 @app.command("mine-negatives")
 def mine_negatives(
-    data: Annotated[Path, typer.Option(help="BEIR-format folder with the positives in qrels.")],
-    out: Annotated[Path, typer.Option(help="Output jsonl (LLM-Embedder training format).")],
+    data: Annotated[str, typer.Option(help="BEIR-format folder with the positives in qrels.")],
+    out: Annotated[str, typer.Option(help="Output jsonl (LLM-Embedder training format).")],
     split: Annotated[str, typer.Option(help="qrels split.")] = "train",
     set_: SetOpt = None,
     address: AddressOpt = None,
@@ -76,8 +80,8 @@ def mine_negatives(
     from craft_ray.runtime import init_ray
 
     def body() -> dict[str, Any]:
-        raw = {"data": str(data), "out": str(out), "split": split,
-               "run_dir": str(Path("runs/mine-negatives") / data.resolve().name)}
+        raw = {"data": data, "out": out, "split": split,
+               "run_dir": str(Path("runs/mine-negatives") / Path(data).resolve().name)}
         sets = list(set_ or []) + ([f"ray.address={address}"] if address else [])
         cfg = validate(MineNegativesConfig, apply_overrides(raw, sets), "<mine-negatives>")
         beir = load_beir(cfg.data, cfg.split)  # bad folders fail before Ray starts

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from craft_ray.config import RayConfig, StrictModel
 from craft_ray.models.embedder import Backend, Quantize
-from craft_ray.runtime import atomic_path, atomic_write_json
+from craft_ray.runtime import atomic_path, atomic_write_json, storage
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ class RetrievalEvalConfig(StrictModel):
     embed: EmbedderSettings = Field(default_factory=EmbedderSettings,
                                     description="Embedder backend and quantisation.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+
+    @model_validator(mode="after")
+    def _local(self) -> RetrievalEvalConfig:
+        storage.refuse_uris("eval-retrieval", {"data": self.data, "run_dir": self.run_dir})
+        return self
 
 
 @dataclass

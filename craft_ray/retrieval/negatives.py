@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from craft_ray.config import RayConfig, StrictModel
 from craft_ray.retrieval.evaluation import (
@@ -33,7 +33,7 @@ from craft_ray.retrieval.evaluation import (
     dense_rankings,
     load_beir,
 )
-from craft_ray.runtime import atomic_path
+from craft_ray.runtime import atomic_path, storage
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class MineNegativesConfig(StrictModel):
     concurrency: int = Field(default=1, ge=1, description="Embedding/similarity actors.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+
+    @model_validator(mode="after")
+    def _local(self) -> MineNegativesConfig:
+        storage.refuse_uris("mine-negatives", {"data": self.data, "out": self.out,
+                                               "run_dir": self.run_dir})
+        return self
 
 
 def load_corpus_texts(path: Path) -> tuple[list[str], list[str]]:

@@ -67,6 +67,17 @@ def check_no_credentials(location: str) -> None:
             "s3://, application-default credentials for gs://)")
 
 
+def refuse_uris(command: str, paths: dict[str, str | None], allowed: str = "") -> None:
+    """ValueError naming every object-store URI among ``paths`` (field -> value) of a
+    command that works on local or mounted paths only; ``allowed``: what of it may be one."""
+    uris = [f"{k}={v}" for k, v in paths.items() if v and is_uri(v)]
+    if uris:
+        raise ValueError(f"{command} reads and writes local or mounted paths only, not object "
+                         f"storage: {', '.join(uris)}. Copy the data to a local folder (e.g. "
+                         "`aws s3 sync`, `gcloud storage rsync`)"
+                         + (f"; {allowed}" if allowed else "") + ".")
+
+
 def redact(location: str | Path) -> str:
     """``location`` safe to print: user info and query string of a URI dropped."""
     s = str(location)

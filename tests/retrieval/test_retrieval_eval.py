@@ -120,3 +120,28 @@ def test_int8_onnx_embedder_keeps_ndcg(ray_local, tmp_path: Path) -> None:
     assert (tmp_path / "int8" / "_models").is_dir()  # the export sits beside the run
     assert int8["ndcg@10"] == pytest.approx(fp32["ndcg@10"], abs=0.01)
     assert int8["ndcg@10"] > 0.3
+
+
+def test_object_store_paths_are_refused_before_ray(tmp_path: Path, monkeypatch) -> None:
+    """eval-retrieval and mine-negatives work on local (or mounted) folders: an s3:// / gs://
+    path is one clear error before Ray starts, not a local folder named `s3:`."""
+    from typer.testing import CliRunner
+
+    import craft_ray.runtime
+    from craft_ray.cli import app
+
+    started: list[object] = []
+    monkeypatch.setattr(craft_ray.runtime, "init_ray", lambda *a, **k: started.append(a))
+    monkeypatch.chdir(tmp_path)
+    for args, named in [
+        (["eval-retrieval", "--data", "s3://bucket/beir"], "data=s3://bucket/beir"),
+        (["eval-retrieval", "--data", str(BEIR_DIR), "--out", "gs://bucket/m.json"],
+         "out=gs://bucket/m.json"),
+        (["eval-retrieval", "--data", str(BEIR_DIR), "--run-dir", "s3://bucket/run"],
+         "run_dir=s3://bucket/run"),
+        (["mine-negatives", "--data", str(BEIR_DIR), "--out", "s3://bucket/neg.jsonl"],
+         "out=s3://bucket/neg.jsonl")]:
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert named in res.output and "not object storage" in res.output, res.output
+    assert started == [] and list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from craft_ray.config import RayConfig, StrictModel
+from craft_ray.runtime import storage
 from craft_ray.tasks.fewshots import CRAFT_TEMPLATE, FewShotConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -203,13 +204,8 @@ class TrainRetrieverConfig(StrictModel):
             local.update({"craft.corpus_samples": self.craft.corpus_samples,
                           "craft.relevance": self.craft.relevance,
                           "craft.fewshots.path": self.craft.fewshots.path})
-        uris = [f"{k}={v}" for k, v in local.items() if v and "://" in str(v)]
-        if uris:
-            raise ValueError(f"train-retriever reads its data and writes its model on local "
-                             f"or mounted paths only, not object storage: {', '.join(uris)}. "
-                             "Copy the data to a local folder (e.g. `aws s3 sync`); "
-                             "`storage_path` (Ray Train's checkpoints and metrics) may be an "
-                             "s3:// or gs:// URI.")
+        storage.refuse_uris("train-retriever", local, "`storage_path` (Ray Train's "
+                            "checkpoints and metrics) may be an s3:// or gs:// URI")
         return self
 
     def data_format(self) -> str | None:
