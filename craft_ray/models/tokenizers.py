@@ -5,13 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from craft_ray.config import ConfigError
-from craft_ray.models.gguf import resolve_model_path
+from craft_ray.models.gguf import PKG_SCHEME, resolve_model_path
 
 
 def local_ref(name: str | None) -> str | None:
     """A model reference resolved for workers: a local path made absolute (Ray workers may run
-    elsewhere), a GGUF file or ``pkg://`` spec converted to its cached HF folder; ids unchanged."""
-    return resolve_model_path(name) if name is not None else None
+    elsewhere), a GGUF file or ``pkg://`` spec converted to its cached HF folder; ids and
+    object-store URIs unchanged (each node downloads its own copy when it loads the model)."""
+    from craft_ray.runtime import storage
+
+    if name is None or (storage.is_uri(name) and not name.startswith(PKG_SCHEME)):
+        return name
+    return resolve_model_path(name)
 
 
 def load_chat_tokenizer(name: str | None) -> Any | None:

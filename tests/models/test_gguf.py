@@ -26,6 +26,30 @@ def test_plain_references_pass_through(tmp_path, monkeypatch):
     assert resolve_model_path("m") == str(tmp_path / "m")  # local: absolute for Ray workers
 
 
+def test_a_model_in_object_storage_is_downloaded_where_it_is_loaded(s3_bucket, tiny_causal_lm,
+                                                                 tmp_path, monkeypatch):
+    """A base model at an s3:// URI: resolve_model_path (what every loader calls, on the node
+    that loads) downloads it into the storage cache; local_ref (what the driver sends to its
+    workers) keeps the URI, so each node makes its own copy."""
+    from transformers import AutoModelForCausalLM
+
+    from craft_ray.models.tokenizers import load_train_tokenizer, local_ref
+    from craft_ray.runtime import storage
+
+    monkeypatch.setenv("CRAFT_RAY_STORAGE_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3_bucket}/models/tiny"
+    storage.upload(tiny_causal_lm, uri)
+    local = Path(resolve_model_path(uri))
+    assert local.is_relative_to(tmp_path / "cache") and (local / "config.json").is_file()
+    assert resolve_model_path(uri) == str(local)  # cached: not downloaded again
+    assert local_ref(uri) == uri
+    assert AutoModelForCausalLM.from_pretrained(local).config.vocab_size == \
+        AutoModelForCausalLM.from_pretrained(tiny_causal_lm).config.vocab_size
+    assert load_train_tokenizer(uri).pad_token_id is not None
+    with pytest.raises(FileNotFoundError, match="models/missing does not exist"):
+        resolve_model_path(f"{s3_bucket}/models/missing")
+
+
 def test_bad_references_fail_clearly(tmp_path):
     with pytest.raises(ModelSourceError, match="not installed"):
         resolve_model_path("pkg://no_such_package_xyz/model.gguf")
