@@ -97,6 +97,10 @@ def test_vllm_config_construction_on_cpu():
         vllm={"top_logprobs": 20, "max_model_len": 4096, "engine_kwargs": {"seed": 3}})
     pc = vllm_processor_config(cfg, cfg.models[0])
     assert pc.model_source == "/models/base" and pc.batch_size == 16
+    # a model in a bucket stays a URI (no download on the driver): Ray Data LLM fetches it on
+    # each engine's node
+    remote = ModelSpec(name="r", model="s3://no-such-bucket-xyz/models/base")
+    assert vllm_processor_config(cfg, remote).model_source == remote.model
     assert pc.engine_kwargs["max_logprobs"] == 20 and pc.engine_kwargs["enable_lora"]
     assert pc.engine_kwargs["max_model_len"] == 4096 and pc.engine_kwargs["seed"] == 3
     req = vllm_request({"prompt": "q"}, 20, "/runs/x/adapter")
