@@ -100,16 +100,19 @@ def test_missing_bucket_is_one_clear_error_before_ray(s3_env, tmp_path: Path, mo
     assert started == []  # every error came before Ray would start
 
 
-def demo_on_s3(bucket: str, lm: str) -> list[str]:
+def demo_in_bucket(bucket: str, lm: str) -> list[str]:
     """The demo's inputs uploaded to ``bucket`` (one StackExchange site, the MedQA few-shots and
-    eval set) and the ``--set`` overrides of a demo run entirely on it: run_dir, corpus,
-    few-shots and eval set in the bucket, the tiny random LM ``lm`` in place of SmolLM2 (guided
-    JSON keeps its samples parseable)."""
-    for local, key in [("data/stackexchange/coffee.stackexchange.com",
+    eval set, the model) and the ``--set`` overrides of a demo run entirely on it: run_dir,
+    corpus, few-shots, eval set and base model in the bucket, the tiny random LM ``lm`` in
+    place of SmolLM2 (guided JSON keeps its samples parseable)."""
+    for local, key in [(ROOT / "data/stackexchange/coffee.stackexchange.com",
                         "corpora/stackexchange/coffee.stackexchange.com"),
-                       ("data/fewshots/medqa.jsonl", "fewshots/medqa.jsonl"),
-                       ("data/eval/medqa_usmle_4opt_test_first60.jsonl", "eval/medqa.jsonl")]:
-        storage.upload(ROOT / local, f"{bucket}/{key}")
+                       (ROOT / "data/fewshots/medqa.jsonl", "fewshots/medqa.jsonl"),
+                       (ROOT / "data/eval/medqa_usmle_4opt_test_first60.jsonl",
+                        "eval/medqa.jsonl"),
+                       (Path(lm), "models/lm")]:
+        storage.upload(local, f"{bucket}/{key}")
+    lm = f"{bucket}/models/lm"  # generation, training and evaluation load it from the bucket
     shots = f"{{path: {bucket}/fewshots/medqa.jsonl, limit: 8}}"
     return [f"run_dir={bucket}/run", f"embed.corpora.0.paths=[{bucket}/corpora/stackexchange]",
             f"retrieve.fewshots={shots}", f"generate.fewshots={shots}",
@@ -122,7 +125,7 @@ def demo_on_s3(bucket: str, lm: str) -> list[str]:
             f"evaluate.sets=[{{name: medqa, path: {bucket}/eval/medqa.jsonl, limit: 8}}]"]
 
 
-def check_demo_on_s3(run: str) -> None:
+def check_demo_in_bucket(run: str) -> None:
     """Every stage of a demo run finished in the bucket, with its outputs there."""
     for stage in ("embed", "retrieve", "generate", "filter", "train/S-seed1234", "evaluate"):
         assert storage.is_file(f"{run}/{stage}/_SUCCESS"), stage
@@ -148,12 +151,12 @@ def test_demo_pipeline_with_run_dir_and_inputs_on_s3(s3_bucket: str, tiny_causal
     """`craft-ray run --config configs/demo.yaml --set run_dir=s3://...` as a user types it,
     its corpus, few-shots and eval set read from the bucket too; the tiny random LM stands in
     for SmolLM2 (guided JSON keeps its samples parseable), one StackExchange site."""
-    run, sets = f"{s3_bucket}/run", demo_on_s3(s3_bucket, str(tiny_causal_lm))
+    run, sets = f"{s3_bucket}/run", demo_in_bucket(s3_bucket, str(tiny_causal_lm))
     proc = _cli(["run", "--config", "configs/demo.yaml",
                  *[a for s in sets for a in ("--set", s)]])
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-6000:]
-    check_demo_on_s3(run)
+    check_demo_in_bucket(run)
     assert f"{run}/report.html" in out
 
     # A rerun skips every stage: the markers and config hashes live in the bucket.
@@ -245,32 +248,46 @@ def test_multihop_strategy_with_run_dir_on_s3(ray_local, s3_bucket: str, tiny_ca
     assert not (tmp_path / "generate").exists()  # nothing written beside the local inputs
 
 
-def test_train_retriever_checkpoints_and_metrics_in_s3_storage(s3_bucket: str,
-                                                               tmp_path: Path):
-    """`craft-ray train-retriever` with Ray Train's storage in the bucket: the checkpoints
-    and rank 0's metrics.jsonl are written there by the workers (not to a worker's disk),
-    and the driver's copy in the work folder is the bucket's file."""
+def test_train_retriever_with_data_and_model_on_s3(s3_bucket: str, tmp_path: Path,
+                                                   monkeypatch):
+    """`craft-ray train-retriever` with its training data, eval set and output model in the
+    bucket: the model, metrics, stats and marker are uploaded there; Ray Train's checkpoints
+    and rank 0's metrics.jsonl are written there by the workers (OUT.work/ray); the work
+    folder is local scratch; the held-out evaluation loads the uploaded model by its URI; a
+    rerun skips from the bucket's marker."""
     beir = ROOT / "tests" / "fixtures" / "retrieval" / "coffee_beir"
     texts = [json.loads(x)["text"] for x in (beir / "corpus.jsonl").read_text().splitlines()]
     queries = [json.loads(x)["text"] for x in (beir / "queries.jsonl").read_text()
                .splitlines()]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"query": q, "pos": [texts[i]], "neg": [texts[i + 40]]})
-                            + "\n" for i, q in enumerate(queries[:8])))
-    out = tmp_path / "retriever"
-    sets = ["batch_size=4", "epochs=1", "max_seq_length=32", "eval_split=null",
-            "negatives.per_query=1", f"storage_path={s3_bucket}/ray", "ray.num_cpus=2"]
-    proc = _cli(["train-retriever", "--data", str(data), "--out", str(out),
-                 *[a for s in sets for a in ("--set", s)]])
+    data = f"{s3_bucket}/retriever/train.jsonl"
+    storage.write_text(data, "".join(json.dumps({"query": q, "pos": [texts[i]],
+                                                 "neg": [texts[i + 40]]}) + "\n"
+                                     for i, q in enumerate(queries[:8])))
+    storage.upload(beir, f"{s3_bucket}/beir/coffee")
+    out = f"{s3_bucket}/retriever/model"
+    monkeypatch.setenv("CRAFT_RAY_STORAGE_CACHE", str(tmp_path / "cache"))
+    args = ["train-retriever", "--data", data, "--out", out, "--json", *[
+        a for s in ["batch_size=4", "epochs=1", "max_seq_length=32", "negatives.per_query=1",
+                    f"eval_data={s3_bucket}/beir/coffee", "eval_before=false",
+                    "ray.num_cpus=2"] for a in ("--set", s)]]
+    proc = _cli(args)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-6000:]
-    assert (out / "_SUCCESS").is_file() and (out / "modules.json").is_file()
+    for name in ("_SUCCESS", "modules.json", "model.safetensors", "stats.json"):
+        assert storage.is_file(f"{out}/{name}"), name
+    metrics = storage.read_json(f"{out}/metrics.json")
+    assert metrics["finished"] and metrics["steps"] == 2 and metrics["after"]["ndcg@10"] > 0
 
-    files = storage.list_files(f"{s3_bucket}/ray", recursive=True)
+    files = storage.list_files(f"{out}.work/ray", recursive=True)
     logs = [f for f in files if f.endswith("/metrics.jsonl")]
-    assert len(logs) == 1 and logs[0].startswith(f"{s3_bucket}/ray/retriever-"), files
+    assert len(logs) == 1 and logs[0].startswith(f"{out}.work/ray/retriever-"), files
     rows = [json.loads(x) for x in storage.read_text(logs[0]).splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # 8 queries / batch 4, one line per step
     assert any(f.endswith("/train_state.json") for f in files), files  # the checkpoints
-    assert (tmp_path / "retriever.work" / "metrics.jsonl").read_text() == \
-        storage.read_text(logs[0])
+    (work,) = (tmp_path / "cache" / "train-retriever").iterdir()  # local scratch
+    assert (work / "metrics.jsonl").read_text() == storage.read_text(logs[0])
+
+    proc = _cli(args)  # the same config again: skipped, stats read back from the bucket
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-6000:]
+    assert json.loads(log.strip().splitlines()[-1])["skipped"] is True

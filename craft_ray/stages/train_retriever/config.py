@@ -127,10 +127,11 @@ class TrainRetrieverConfig(StrictModel):
     max_reject_fraction: float = Field(default=0.0, ge=0, le=1,
                                        description="Fail when more training rows than this "
                                        "are malformed (they go to rejects.jsonl).")
-    out: str = Field(description="Output folder: a sentence-transformers model, plus "
-                     "metrics.json, stats.json, config.yaml.")
-    work_dir: str | None = Field(default=None, description="Checkpoints, mined negatives, "
-                                 "eval stores (default: OUT.work beside OUT).")
+    out: str = Field(description="Output folder (local or s3:// / gs://): a "
+                     "sentence-transformers model, plus metrics.json, stats.json, config.yaml.")
+    work_dir: str | None = Field(default=None, description="Local scratch: mined negatives, "
+                                 "eval stores (default: OUT.work beside a local OUT, or a "
+                                 "folder of the storage cache).")
     model: str = Field(default=DEFAULT_MODEL, description="Base sentence-transformers model "
                        "(id or folder; the default is the bundled offline copy).")
     max_seq_length: int = Field(default=256, ge=8, le=8192, description="Token limit of "
@@ -174,7 +175,8 @@ class TrainRetrieverConfig(StrictModel):
     log_every_steps: int = Field(default=1, ge=1, le=100_000,
                                  description="Steps between metrics.jsonl lines.")
     storage_path: str | None = Field(default=None, description="Ray Train storage (shared "
-                                     "by all nodes); default WORK_DIR/ray.")
+                                     "by all nodes or s3:// / gs://); default OUT.work/ray "
+                                     "for an OUT in object storage, else WORK_DIR/ray.")
     eval_data: str | None = Field(default=None, description="BEIR folder for before/after "
                                   "metrics (default: `data` when it is a BEIR folder).")
     eval_split: str | None = Field(default="test", description="qrels split of the "
@@ -198,14 +200,9 @@ class TrainRetrieverConfig(StrictModel):
                              "only); use auto or fp32 on CPU")
         if self.lm_scoring.enabled and not self.lm_scoring.model:
             raise ValueError("lm_scoring.enabled needs lm_scoring.model (a causal LM)")
-        local = {"data": self.data, "corpus": self.corpus, "out": self.out,
-                 "work_dir": self.work_dir, "eval_data": self.eval_data}
-        if self.craft is not None:
-            local.update({"craft.corpus_samples": self.craft.corpus_samples,
-                          "craft.relevance": self.craft.relevance,
-                          "craft.fewshots.path": self.craft.fewshots.path})
-        storage.refuse_uris("train-retriever", local, "`storage_path` (Ray Train's "
-                            "checkpoints and metrics) may be an s3:// or gs:// URI")
+        storage.refuse_uris("train-retriever", {"work_dir": self.work_dir}, "work_dir is the "
+                            "run's local scratch (mined negatives, evaluation stores); data, "
+                            "out and storage_path may be s3:// or gs:// URIs")
         return self
 
     def data_format(self) -> str | None:
@@ -214,6 +211,8 @@ class TrainRetrieverConfig(StrictModel):
             return None
         if self.format != "auto":
             return self.format
+        if storage.is_uri(self.data):
+            return "jsonl" if storage.is_file(self.data) else "beir"
         return "beir" if Path(self.data).is_dir() else "jsonl"
 
     def negatives_source(self) -> str:
@@ -223,8 +222,40 @@ class TrainRetrieverConfig(StrictModel):
         return "mine" if self.data_format() == "beir" else "given"
 
     def work_path(self) -> Path:
+        """The run's local scratch: work_dir, else OUT.work beside a local OUT, else (OUT in
+        object storage) a folder of this machine's storage cache named after OUT."""
+        if self.work_dir:
+            return Path(self.work_dir)
+        if storage.is_uri(self.out):
+            key = hashlib.sha256(self.out.encode()).hexdigest()[:16]
+            return storage.cache_root() / "train-retriever" / f"{storage.name(self.out)}-{key}"
         out = Path(self.out)
-        return Path(self.work_dir) if self.work_dir else out.with_name(out.name + ".work")
+        return out.with_name(out.name + ".work")
+
+    def storage_root(self) -> str:
+        """Ray Train's storage (checkpoints, rank 0's metrics.jsonl): storage_path, else
+        OUT.work/ray in OUT's bucket, else WORK/ray."""
+        if self.storage_path:
+            return self.storage_path
+        if storage.is_uri(self.out):
+            return storage.join(f"{self.out.rstrip('/')}.work", "ray")
+        return str(self.work_path() / "ray")
+
+    def localized(self) -> TrainRetrieverConfig:
+        """A copy whose input files in object storage (data, corpus, eval_data, the craft
+        section's files) are their downloads in this machine's storage cache."""
+        def loc(p: str | None) -> str | None:
+            return str(storage.local_copy(p)) if p and storage.is_uri(p) else p
+
+        new = self.model_copy(update={k: loc(getattr(self, k))
+                                      for k in ("data", "corpus", "eval_data")})
+        if self.craft is not None:
+            new = new.model_copy(update={"craft": self.craft.model_copy(update={
+                "corpus_samples": loc(self.craft.corpus_samples),
+                "relevance": loc(self.craft.relevance),
+                "fewshots": self.craft.fewshots.model_copy(
+                    update={"path": loc(self.craft.fewshots.path)})})})
+        return new
 
     def eval_folder(self) -> str | None:
         """The BEIR folder of the before/after metrics, or None (no evaluation)."""

@@ -21,6 +21,10 @@ Invariants:
   state, data position); a changed config starts afresh.
 * ``OUT/_SUCCESS`` is written after the model files and metrics are in place; a finished run
   with the same config is not redone.
+* OUT, the inputs and Ray Train's storage may be in object storage (``s3://``, ``gs://``):
+  inputs are read from their downloads in the driver's storage cache, the model is uploaded,
+  checkpoints and rank 0's metrics.jsonl go to OUT.work/ray in the bucket by default; the work
+  folder (mined negatives, evaluation stores) is local scratch.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from craft_ray.runtime import (
     StageDir,
     StageStats,
     atomic_path,
-    atomic_write_json,
     atomic_write_text,
     storage,
 )
@@ -333,14 +336,14 @@ def _report(metrics: dict[str, Any], nxt: tuple[int, int], step: int, rank: int,
 # --- the stage -----------------------------------------------------------------------------
 
 
-def run_storage(cfg: TrainRetrieverConfig, work: Path) -> tuple[str, str]:
-    """Ray Train's storage of the run (``storage_path``, default WORK/ray: a local path, a
-    folder all nodes mount or an ``s3://``/``gs://`` URI) and the run's name in it."""
-    return cfg.storage_path or str(work / "ray"), f"retriever-{cfg.resume_key()}"
+def run_storage(cfg: TrainRetrieverConfig) -> tuple[str, str]:
+    """Ray Train's storage of the run (a local path, a folder all nodes mount or an
+    ``s3://``/``gs://`` URI, see ``storage_root``) and the run's name in it."""
+    return cfg.storage_root(), f"retriever-{cfg.resume_key()}"
 
 
-def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict[str, int],
-                  work: Path) -> Any:
+def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict[str, int]
+                  ) -> Any:
     """The TorchTrainer of one retriever fine-tune (gloo on CPU, NCCL on GPU); rank 0's
     metrics.jsonl goes into the run's folder of Ray Train's storage."""
     import ray.data
@@ -350,7 +353,7 @@ def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict
     rows = [{"idx": i, "query": e.query, "pos": e.pos, "neg": e.neg,
              "teacher_scores": e.teacher_scores} for i, e in enumerate(examples)]
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    root, name = run_storage(cfg, work)
+    root, name = run_storage(cfg)
     fs, storage_path = storage.ray_storage(root)
     return TorchTrainer(
         train_loop_per_worker,
@@ -371,13 +374,18 @@ def build_trainer(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict
     )
 
 
-def _install_model(checkpoint: Any, out: Path) -> None:
-    """Copy the saved model's files (the checkpoint's ``model/``) into ``out``, each through
-    a temporary name and a rename (replacing older ones)."""
-    out.mkdir(parents=True, exist_ok=True)
+def _install_model(checkpoint: Any, out: str) -> None:
+    """Copy the saved model's files (the checkpoint's ``model/``) into ``out``: uploaded to
+    object storage, or locally each through a temporary name and a rename (replacing older
+    ones)."""
+    if storage.is_uri(out):
+        with checkpoint.as_directory() as ckpt:
+            storage.upload(Path(ckpt) / "model", out)
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as ckpt:
         for item in (Path(ckpt) / "model").iterdir():
-            dst = out / item.name
+            dst = Path(out) / item.name
             with atomic_path(dst) as tmp:
                 if item.is_dir():
                     shutil.copytree(item, tmp)
@@ -391,59 +399,63 @@ def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> di
     """Fine-tune the retriever (Ray must be initialised). Returns the run's stats, with the
     before/after metrics when an eval split is configured."""
     cfg = cfg.resolved()
-    out, work = Path(cfg.out), cfg.work_path()
-    stage = StageDir(out.parent, out.name)
+    out, work = cfg.out.rstrip("/"), cfg.work_path()
+    stage = StageDir(storage.parent(out), storage.name(out))
     if not force and stage.is_complete(cfg):
-        logger.info("train-retriever: %s already complete (same config); skipping", out)
-        return {**json.loads((out / "stats.json").read_text()), "skipped": True}
+        logger.info("train-retriever: %s already complete (same config); skipping",
+                    storage.redact(out))
+        return {**storage.read_json(storage.join(out, "stats.json")), "skipped": True}
     if force:
         shutil.rmtree(work, ignore_errors=True)
+        if not cfg.storage_path and storage.is_uri(out):
+            storage.remove(cfg.storage_root())
     work.mkdir(parents=True, exist_ok=True)
     stage.begin(cfg)
     stats = StageStats("train-retriever")
-    examples, rejects = prepare_examples(cfg, work)
+    local = cfg.localized()  # inputs in object storage: read from their downloads
+    examples, rejects = prepare_examples(local, work)
     if rejects:
-        with (out / "rejects.jsonl").open("w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rejects)
+        storage.write_text(storage.join(out, "rejects.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in rejects))
         stats.rejects.update(r["reason"].split(":")[0] for r in rejects)
     write_examples(work / "train_examples.jsonl", examples)
     plan = make_plan(cfg, len(examples))
     logger.info("train-retriever: %d queries, %d workers x %d = batch %d, %d steps/epoch, "
                 "%d steps", len(examples), cfg.num_workers, cfg.batch_size // cfg.num_workers,
                 cfg.batch_size, plan["steps_per_epoch"], plan["total_steps"])
-    metrics_file = out / "metrics.json"
     before = None
-    if cfg.eval_before and cfg.eval_folder():
-        before = evaluate_model(cfg, cfg.model, "base", work)
+    if cfg.eval_before and local.eval_folder():
+        before = evaluate_model(local, cfg.model, "base", work)
         logger.info("train-retriever: base model %s", before)
 
-    result = build_trainer(cfg, examples, plan, work).fit()
+    result = build_trainer(cfg, examples, plan).fit()
     if result.error is not None:
         raise result.error
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
     _install_model(result.checkpoint, out)
     # rank 0's training log, next to the run's other work files (read from Ray Train's storage)
-    root, name = run_storage(cfg, work)
+    root, name = run_storage(cfg)
     log = storage.join(root, name, "metrics.jsonl")
     if storage.is_file(log):
         atomic_write_text(work / "metrics.jsonl", storage.read_text(log))
-    after = evaluate_model(cfg, str(out), "trained", work)
+    after = evaluate_model(local, out, "trained", work)
     metrics = {"before": before, "after": after, "split": cfg.eval_split,
-               "eval_data": cfg.eval_folder(), "steps": final.get("step"),
+               "eval_data": local.eval_folder() and (cfg.eval_data or cfg.data),
+               "steps": final.get("step"),
                "total_steps": plan["total_steps"], "finished": finished,
                "train_loss": final.get("loss")}
-    atomic_write_json(metrics_file, metrics)
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
     stats.rows_in = len(examples) + len(rejects)
     stats.rows_out = len(examples)
-    stats.extra.update({"model": str(out), "finished": finished, "steps": final.get("step"),
+    stats.extra.update({"model": out, "finished": finished, "steps": final.get("step"),
                         "total_steps": plan["total_steps"], "train_loss": final.get("loss"),
                         "before": before, "after": after,
                         "checkpoint": result.checkpoint.path})
     if finished:
         return stage.finish(cfg, stats)
     data = stats.finish()
-    atomic_write_json(out / "stats.json", data)
+    storage.write_json(storage.join(out, "stats.json"), data)
     logger.info("train-retriever: stopped after %s of %d steps; rerun to resume",
                 final.get("step"), plan["total_steps"])
     return data

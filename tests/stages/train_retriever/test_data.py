@@ -138,11 +138,16 @@ def test_config_checks_and_defaults(tmp_path):
         TrainRetrieverConfig(data="x.jsonl", out="m", precision="fp16")
     with pytest.raises(ValueError, match="extra"):
         TrainRetrieverConfig(data="x.jsonl", out="m", loss={"temprature": 0.1})
-    # data and model on object storage: refused with what may be a URI (storage_path may)
-    with pytest.raises(ValueError, match=r"not object storage: data=s3://b/d.jsonl, "
-                       r"out=gs://b/m\. Copy the data .* `storage_path`"):
-        TrainRetrieverConfig(data="s3://b/d.jsonl", out="gs://b/m")
-    assert TrainRetrieverConfig(data="x.jsonl", out="m", storage_path="s3://b/ray")
+    # data and model in object storage: the work folder is local scratch, and Ray Train's
+    # storage goes beside OUT in the bucket
+    with pytest.raises(ValueError, match=r"not object storage: work_dir=s3://b/w\. .* data, "
+                       r"out and storage_path may be"):
+        TrainRetrieverConfig(data="x.jsonl", out="m", work_dir="s3://b/w")
+    remote = TrainRetrieverConfig(data="s3://b/d.jsonl", out="gs://b/m/", storage_path=None)
+    assert remote.storage_root() == "gs://b/m.work/ray"
+    assert "://" not in str(remote.work_path()) and remote.work_path().name.startswith("m-")
+    assert TrainRetrieverConfig(data="x.jsonl", out="m", storage_path="s3://b/ray"
+                                ).storage_root() == "s3://b/ray"
     beir = TrainRetrieverConfig(data=str(tmp_path), out=str(tmp_path / "m"))
     assert beir.data_format() == "beir" and beir.negatives_source() == "mine"
     assert beir.eval_folder() == str(tmp_path)
@@ -187,8 +192,9 @@ def test_craft_section_builds_training_pairs_from_a_retrieve_output(tmp_path):
     assert exs[0].query.startswith("Text: Espresso needs a fine grind.")
 
 
-def test_cli_refuses_an_s3_out_before_ray_starts(tmp_path, monkeypatch):
-    """`--out s3://...` reaches the check whole (not turned into a local `s3:/` folder)."""
+def test_cli_refuses_an_s3_work_dir_before_ray_starts(tmp_path, monkeypatch):
+    """`--out s3://...` reaches the config whole (not turned into a local `s3:/` folder); a
+    work_dir in object storage is refused before Ray starts."""
     from typer.testing import CliRunner
 
     import craft_ray.runtime
@@ -199,7 +205,8 @@ def test_cli_refuses_an_s3_out_before_ray_starts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = _write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "pos": ["p"]}])
     res = CliRunner().invoke(app, ["train-retriever", "--data", str(data),
-                                   "--out", "s3://bucket/retriever"])
+                                   "--out", "s3://bucket/retriever",
+                                   "--set", "work_dir=s3://bucket/work"])
     assert res.exit_code == 2, res.output
-    assert "out=s3://bucket/retriever" in res.output and started == []
+    assert "work_dir=s3://bucket/work" in res.output and started == []
     assert list(tmp_path.iterdir()) == [data]  # no local `s3:` folder
