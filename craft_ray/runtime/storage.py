@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -92,6 +93,16 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def _gcs_endpoint() -> str | None:
+    """A GCS emulator (fake-gcs-server, gcp-storage-emulator), named the way Google's client
+    libraries take it: ``STORAGE_EMULATOR_HOST=http://host:port``."""
+    return os.environ.get("STORAGE_EMULATOR_HOST") or None
+
+
+def _endpoint(scheme: str) -> str | None:
+    return _s3_endpoint() if scheme == "s3" else _gcs_endpoint()
+
+
 @lru_cache(maxsize=16)
 def _object_store(scheme: str, bucket: str, endpoint: str | None) -> Any:
     """The pyarrow filesystem of a bucket (cached: each one opens connections)."""
@@ -104,6 +115,11 @@ def _object_store(scheme: str, bucket: str, endpoint: str | None) -> Any:
         return pafs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme,
                                  region=region or "us-east-1", connect_timeout=5,
                                  request_timeout=30)
+    if scheme == "gs" and endpoint:
+        # An emulator: plain requests, no credentials (real GCS: application-default ones).
+        ep = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        return pafs.GcsFileSystem(anonymous=True, endpoint_override=ep.netloc,
+                                  scheme=ep.scheme, retry_time_limit=timedelta(seconds=30))
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
 
@@ -129,7 +145,7 @@ def filesystem(location: str | Path) -> tuple[Any, str]:
         raise StorageError(f"{redact(s)}: unsupported storage scheme {parts.scheme!r}; use a "
                            "local path, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
     try:
-        fs = _object_store(scheme, parts.netloc, _s3_endpoint() if scheme == "s3" else None)
+        fs = _object_store(scheme, parts.netloc, _endpoint(scheme))
     except OSError as exc:
         raise StorageError(_explain(s, exc)) from None
     return fs, f"{parts.netloc}{parts.path}".rstrip("/")
