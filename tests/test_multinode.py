@@ -305,7 +305,7 @@ def test_generate_hf_spreads_its_actors(three_workers, run_dir, tiny_causal_lm):
     assert len(watch.nodes) == 2, watch.nodes
 
 
-def _train_cfg(run_dir: Path, model: Path, **extra: Any) -> Any:
+def _train_cfg(run_dir: str | Path, model: Path, **extra: Any) -> Any:
     from craft_ray.stages.train import TrainStageConfig
 
     return TrainStageConfig.model_validate({"run_dir": str(run_dir), "train": {
@@ -327,14 +327,19 @@ def test_train_two_workers_on_two_nodes(three_workers, tmp_path, tiny_causal_lm)
     assert len(watch.nodes) == 2, watch.nodes
 
 
-def test_sweep_two_trials_on_two_nodes(three_workers, tmp_path, tiny_causal_lm):
+def test_sweep_two_trials_on_two_nodes_with_run_dir_on_s3(three_workers, s3_bucket, tmp_path,
+                                                        tiny_causal_lm):
+    """A 2-trial sweep spread over two nodes, its run directory (dataset in, adapters,
+    checkpoints, metrics, results out) in the bucket."""
+    from craft_ray.runtime import storage
     from craft_ray.stages.sweep import SweepStageConfig, run_sweep
 
-    run = tmp_path / "run"
-    write_task_dataset(run, "S", "medqa", ROOT / "data" / "fewshots" / "medqa.jsonl",
-                       limit=12)
+    write_task_dataset(tmp_path / "run", "S", "medqa",
+                       ROOT / "data" / "fewshots" / "medqa.jsonl", limit=12)
+    run = f"{s3_bucket}/run"
+    storage.upload(tmp_path / "run", run)
     cfg = SweepStageConfig.model_validate({
-        "run_dir": str(run),
+        "run_dir": run,
         # 0.75 CPU per worker: two never share a 1-CPU node, so the trials spread
         "train": {"base_model": str(tiny_causal_lm), "task": "medqa", "num_workers": 1,
                   "cpus_per_worker": 0.75, "torch_threads": 1, "per_device_batch_size": 4,
@@ -348,6 +353,14 @@ def test_sweep_two_trials_on_two_nodes(three_workers, tmp_path, tiny_causal_lm):
     watch.stop()
     assert stats["rows_out"] == 2 and stats["trials_run"] == 2
     assert len(watch.nodes) == 2, watch.nodes
+    rows = [json.loads(x) for x in storage.read_text(f"{run}/sweep/results.jsonl").splitlines()]
+    assert sorted(r["seed"] for r in rows) == [1, 2]
+    files = storage.list_files(f"{run}/train", recursive=True)
+    for seed in (1, 2):  # each trial's adapter, training log and marker are in the bucket
+        for name in ("adapter/adapter_config.json", "metrics.jsonl", "_SUCCESS"):
+            assert f"{run}/train/S-seed{seed}/{name}" in files, files
+    assert storage.is_file(f"{run}/sweep/_SUCCESS")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["filter"]  # nothing local
 
 # --- node loss while a stage runs ------------------------------------------------------------
 
@@ -393,24 +406,34 @@ def test_node_lost_mid_generate_every_sample_once(three_workers, run_dir, tiny_c
     _check_generations(run_dir / "generate", stats)
 
 
-def test_node_lost_mid_train_resumes_from_checkpoint(three_workers, tmp_path, tiny_causal_lm):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_node_lost_mid_train_resumes_from_checkpoint(three_workers, tmp_path, tiny_causal_lm,
+                                                     where, request):
     """A worker's node is removed after the first checkpoint; a replacement node joins (as
-    a spot node is replaced); Ray Train restarts the group from the last checkpoint."""
+    a spot node is replaced); Ray Train restarts the group from the last checkpoint. With the
+    run directory on local disk (one machine: every node sees it) and in an S3 bucket (the
+    checkpoints and rank 0's metrics in the bucket, restored from there)."""
+    from craft_ray.runtime import storage
     from craft_ray.stages.train import run_train
 
-    run = tmp_path / "run"
-    write_task_dataset(run, "S", "medqa", ROOT / "data" / "fewshots" / "medqa.jsonl")
-    trial = run / "train" / "S-seed5"
+    write_task_dataset(tmp_path / "run", "S", "medqa", ROOT / "data" / "fewshots" / "medqa.jsonl")
+    run = str(tmp_path / "run")
+    if where == "s3":
+        run = f"{request.getfixturevalue('s3_bucket')}/run"
+        storage.upload(tmp_path / "run", run)
+    trial = storage.join(run, "train", "S-seed5")
+    metrics = storage.join(trial, "metrics.jsonl")
     seen: dict[str, list[str]] = {}
 
     def checkpointed() -> bool:
         # A checkpoint counts once the controller registered it (its snapshot names it): one
         # only reported when the group dies is lost, and the restart begins from scratch.
-        metrics = trial / "metrics.jsonl"
-        snaps = list((trial / "ray").rglob("checkpoint_manager_snapshot.json"))
-        if not snaps or "checkpoint_" not in snaps[0].read_text() or not metrics.is_file():
+        snaps = [f for f in storage.list_files(storage.join(trial, "ray"), recursive=True)
+                 if f.endswith("checkpoint_manager_snapshot.json")]
+        if not snaps or "checkpoint_" not in storage.read_text(snaps[0]) or \
+                not storage.is_file(metrics):
             return False
-        seen["lines"] = metrics.read_text().splitlines()
+        seen["lines"] = storage.read_text(metrics).splitlines()
         return len(seen["lines"]) >= 2
 
     watch = ActorWatch(three_workers, "RayTrainWorker", when=checkpointed,
@@ -421,10 +444,10 @@ def test_node_lost_mid_train_resumes_from_checkpoint(three_workers, tmp_path, ti
     watch.stop()
     assert watch.removed is not None and watch.replaced, "no node was removed and replaced"
     assert stats["finished"] and stats["steps"] == stats["total_steps"] == 24
-    rows = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in storage.read_text(metrics).splitlines()]
     assert [r["step"] for r in rows if not r.get("final")] == list(range(1, 25))
     # resumed, not restarted: the first two steps' lines are the first attempt's
-    assert (trial / "metrics.jsonl").read_text().splitlines()[:2] == seen["lines"][:2]
+    assert storage.read_text(metrics).splitlines()[:2] == seen["lines"][:2]
     assert len(watch.processes) > 2  # a second worker group was started
 
 # --- a small pipeline submitted as a Ray job --------------------------------------------------
@@ -439,9 +462,9 @@ def test_job_submit_demo_with_run_dir_on_s3(three_workers, s3_bucket, tiny_causa
     The code is on every "node" already (their PYTHONPATH, as in a pre-built image), not
     sent with ``--working-dir``: the simulated nodes share one session folder, and a node's
     runtime-env agent deleted the package under the job's driver (its cwd) mid-run."""
-    from tests.test_s3 import check_demo_on_s3, demo_on_s3
+    from tests.test_s3 import check_demo_in_bucket, demo_in_bucket
 
-    sets = [*demo_on_s3(s3_bucket, str(tiny_causal_lm)), "embed.concurrency=2",
+    sets = [*demo_in_bucket(s3_bucket, str(tiny_causal_lm)), "embed.concurrency=2",
             f"filter.decontamination.eval_sets.0.path={s3_bucket}/eval/medqa.jsonl"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -455,5 +478,5 @@ def test_job_submit_demo_with_run_dir_on_s3(three_workers, s3_bucket, tiny_causa
     watch.stop()
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "succeeded" in r.stdout + r.stderr
-    check_demo_on_s3(f"{s3_bucket}/run")
+    check_demo_in_bucket(f"{s3_bucket}/run")
     assert len(watch.nodes) >= 2, watch.nodes
