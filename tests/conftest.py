@@ -119,25 +119,22 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "test
 
 
 @contextmanager
-def moto_server(log_dir: Path, **env: str) -> Iterator[dict[str, str]]:
-    """moto's S3 server (``moto[server]``, what s3fs and pyarrow test against) on a free port
-    of 127.0.0.1 as a subprocess (``env``: extra settings of the server, e.g.
-    ``INITIAL_NO_AUTH_ACTION_COUNT="0"`` to refuse every request's credentials); yields the
-    environment a client needs (endpoint and dummy credentials)."""
+def local_server(name: str, command: list[str], log_dir: Path,
+                 env: dict[str, str] | None = None) -> Iterator[int]:
+    """``command`` (with ``{port}`` in it) as a subprocess serving on a free port of
+    127.0.0.1, its output in ``log_dir``; yields the port once it accepts connections, stops
+    the server afterwards."""
     import socket
     import subprocess
-    import sys
     import time
 
-    if find_spec("moto") is None:
-        pytest.skip('needs moto\'s server: pip install "moto[server]" (the dev extra has it)')
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = (log_dir / f"moto-{port}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **env})
+    log = (log_dir / f"{name}-{port}.log").open("w")
+    proc = subprocess.Popen([c.format(port=port) for c in command], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     try:
         deadline = time.time() + 60
         while True:
@@ -146,13 +143,28 @@ def moto_server(log_dir: Path, **env: str) -> Iterator[dict[str, str]]:
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"moto server did not start (see {log.name})")
+                    pytest.fail(f"{name} did not start (see {log.name})")
                 time.sleep(0.2)
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_CREDENTIALS}
+        yield port
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@contextmanager
+def moto_server(log_dir: Path, **env: str) -> Iterator[dict[str, str]]:
+    """moto's S3 server (``moto[server]``, what s3fs and pyarrow test against) on a free port
+    of 127.0.0.1 as a subprocess (``env``: extra settings of the server, e.g.
+    ``INITIAL_NO_AUTH_ACTION_COUNT="0"`` to refuse every request's credentials); yields the
+    environment a client needs (endpoint and dummy credentials)."""
+    import sys
+
+    if find_spec("moto") is None:
+        pytest.skip('needs moto\'s server: pip install "moto[server]" (the dev extra has it)')
+    with local_server("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               "{port}"], log_dir, env) as port:
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_CREDENTIALS}
 
 
 @pytest.fixture(scope="session")
@@ -209,35 +221,15 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     """gcp-storage-emulator (the GCS JSON API, in memory) on a free port of 127.0.0.1 for the
     session; yields the environment a client needs (``STORAGE_EMULATOR_HOST``, as Google's
     libraries and craft_ray's storage module take it)."""
-    import socket
-    import subprocess
     import sys
-    import time
 
     if find_spec("gcp_storage_emulator") is None:
         pytest.skip("needs gcp-storage-emulator: pip install gcp-storage-emulator (dev extra)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path_factory.mktemp("gcs") / "emulator.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
-                             "127.0.0.1", "--port", str(port), "--in-memory"], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the GCS emulator did not start (see {log.name})")
-                time.sleep(0.2)
+    with local_server("gcs-emulator", [sys.executable, "-m", "gcp_storage_emulator", "start",
+                                       "--host", "127.0.0.1", "--port", "{port}",
+                                       "--in-memory"],
+                      tmp_path_factory.mktemp("gcs")) as port:
         yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture()
