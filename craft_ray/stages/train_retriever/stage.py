@@ -395,6 +395,21 @@ def _install_model(checkpoint: Any, out: str) -> None:
                     shutil.rmtree(dst)
 
 
+def _fit(cfg: TrainRetrieverConfig, examples: list[Example], plan: dict[str, int], out: str,
+         work: Path) -> Any:
+    """Train on Ray Train; the final model installed in ``out``, rank 0's training log copied
+    from Ray Train's storage into the work folder. Returns the Ray Train result."""
+    result = build_trainer(cfg, examples, plan).fit()
+    if result.error is not None:
+        raise result.error
+    _install_model(result.checkpoint, out)
+    root, name = run_storage(cfg)
+    log = storage.join(root, name, "metrics.jsonl")
+    if storage.is_file(log):
+        atomic_write_text(work / "metrics.jsonl", storage.read_text(log))
+    return result
+
+
 def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> dict[str, Any]:
     """Fine-tune the retriever (Ray must be initialised). Returns the run's stats, with the
     before/after metrics when an eval split is configured."""
@@ -428,17 +443,9 @@ def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> di
         before = evaluate_model(local, cfg.model, "base", work)
         logger.info("train-retriever: base model %s", before)
 
-    result = build_trainer(cfg, examples, plan).fit()
-    if result.error is not None:
-        raise result.error
+    result = _fit(cfg, examples, plan, out, work)
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
-    _install_model(result.checkpoint, out)
-    # rank 0's training log, next to the run's other work files (read from Ray Train's storage)
-    root, name = run_storage(cfg)
-    log = storage.join(root, name, "metrics.jsonl")
-    if storage.is_file(log):
-        atomic_write_text(work / "metrics.jsonl", storage.read_text(log))
     after = evaluate_model(local, out, "trained", work)
     metrics = {"before": before, "after": after, "split": cfg.eval_split,
                "eval_data": local.eval_folder() and (cfg.eval_data or cfg.data),
