@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import gzip
+import io
 import json
 import os
 import posixpath
@@ -262,7 +263,10 @@ def open_binary(path: str) -> IO[bytes]:
         if storage.is_uri(path):
             fs, where = storage.filesystem(path)
             fh = fs.open_input_file(where)
-            return gzip.open(fh, "rb") if path.endswith(".gz") else fh  # type: ignore[return-value]
+            if path.endswith(".gz"):
+                return gzip.open(fh, "rb")  # type: ignore[return-value]
+            # pyarrow's file has no readline: buffered, it iterates by lines like open()'s
+            return io.BufferedReader(fh, 1 << 20)  # type: ignore[arg-type]
         if path.endswith(".gz"):
             return gzip.open(path, "rb")
         return open(path, "rb")  # noqa: SIM115

@@ -185,10 +185,18 @@ def test_corpora_on_s3_give_the_same_shards_and_records_as_on_disk(tmp_path: Pat
     with gzip.open(tmp_path / "c4" / "en" / "c4-train.00000-of-00002.json.gz", "wt") as fh:
         fh.write(json.dumps({"text": LONG, "url": "u"}) + "\n{broken\n")
     pq.write_table(pa.table({"text": [LONG, None]}), tmp_path / "c4" / "p.parquet")
+    (tmp_path / "plain").mkdir()  # uncompressed: read by lines from the object store's stream
+    (tmp_path / "plain" / "a.jsonl").write_text(
+        json.dumps({"text": LONG}) + "\n{broken\n\n" + json.dumps({"text": LONG + " 2"}) + "\n")
+    (tmp_path / "plain" / "b.txt").write_text(f"{LONG}\n\n{LONG} again\n")
     storage.upload(tmp_path, f"{s3_bucket}/corpora")
-    for fmt, rel, glob in [("stackexchange", "se", None), ("c4", "c4", None),
-                           ("parquet", "c4/*.parquet", None), ("c4", "c4", ["en/*.gz"])]:
-        local = CorpusConfig(name="x", format=fmt, paths=[str(tmp_path / rel)], glob=glob)
+    for fmt, rel, glob, per_line in [
+            ("stackexchange", "se", None, False), ("c4", "c4", None, False),
+            ("parquet", "c4/*.parquet", None, False), ("c4", "c4", ["en/*.gz"], False),
+            ("jsonl", "plain/a.jsonl", None, False), ("text", "plain/b.txt", None, True),
+            ("text", "plain/b.txt", None, False)]:
+        local = CorpusConfig(name="x", format=fmt, paths=[str(tmp_path / rel)], glob=glob,
+                             text_per_line=per_line)
         remote = local.model_copy(update={"paths": [f"{s3_bucket}/corpora/{rel}"]})
         assert [s.shard for s in list_shards(remote)] == [s.shard for s in list_shards(local)]
         assert _all(remote, tmp_path) == _all(local, tmp_path), (fmt, rel)
