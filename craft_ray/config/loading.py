@@ -139,7 +139,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate(model: type[M], data: dict[str, Any], source: str) -> M:
-    """Validate ``data`` against ``model``; errors become one :class:`ConfigError`."""
+    """Validate ``data`` against ``model``; errors become one :class:`ConfigError`. A storage
+    URI carrying credentials is refused first (pydantic's errors would echo the input)."""
+    refuse_credentials_in_uris(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
