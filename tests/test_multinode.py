@@ -35,6 +35,7 @@ from tests.test_jobs import _free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+BEIR_DIR = ROOT / "tests" / "fixtures" / "retrieval" / "coffee_beir"
 STACKEXCHANGE_DOCS = 885  # bundled beer + coffee posts the demo config embeds
 
 pytestmark = [
@@ -271,6 +272,28 @@ def test_retrieve_spreads_its_actors(three_workers, run_dir):
     stats = bounded(lambda: run_retrieve(cfg), 300)
     watch.stop()
     assert stats["rows_out"] == 24
+    assert len(watch.nodes) == 2, watch.nodes
+
+
+def test_eval_retrieval_with_work_on_s3_spreads_its_embedders(three_workers, s3_bucket):
+    """eval-retrieval with its BEIR folder and work folder in the bucket: the converted
+    corpus is uploaded, two embedding actors on two nodes read it and write the store to the
+    bucket, the similarity actors read the store from there (train-retriever's mining and
+    held-out evaluation run this way when its OUT is a URI)."""
+    from craft_ray.retrieval.evaluation import RetrievalEvalConfig, run_eval_retrieval
+    from craft_ray.runtime import storage
+    from craft_ray.store.vectors import read_info
+
+    storage.upload(BEIR_DIR, f"{s3_bucket}/beir")
+    cfg = RetrievalEvalConfig(data=f"{s3_bucket}/beir", run_dir=f"{s3_bucket}/work",
+                              concurrency=2, embed_batch_size=32)
+    watch = ActorWatch(three_workers, "Embedder")
+    watch.start()
+    result = bounded(lambda: run_eval_retrieval(cfg), 300)
+    watch.stop()
+    assert result["embedded"] == 120 and result["queries"] == 40
+    assert result["metrics"]["recall@100"] == 1.0 and result["metrics"]["ndcg@10"] > 0.3
+    assert read_info(f"{s3_bucket}/work/embed/store").num_rows == 120
     assert len(watch.nodes) == 2, watch.nodes
 
 

@@ -20,9 +20,11 @@ from typer.testing import CliRunner
 
 from craft_ray.cli import app
 from craft_ray.runtime import storage
+from craft_ray.store.vectors import read_info
 from tests.stages.embed.test_embed import make_c4_corpus, store_rows
 
 ROOT = Path(__file__).resolve().parents[1]
+BEIR_DIR = ROOT / "tests" / "fixtures" / "retrieval" / "coffee_beir"
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
@@ -97,6 +99,20 @@ def test_missing_bucket_is_one_clear_error_before_ray(s3_env, tmp_path: Path, mo
     r = CliRunner().invoke(app, ["embed", "--config", str(cfg), "--set",
                                  "embed.corpora.0.paths=[s3://no-such-bucket/c4]"])
     assert r.exit_code == 2 and "s3://no-such-bucket/c4" in r.output, r.output
+    beir = str(BEIR_DIR)
+    for args, named in [
+            (["eval-retrieval", "--data", "s3://no-such-bucket/beir"], "no-such-bucket/beir"),
+            (["eval-retrieval", "--data", beir, "--run-dir", "s3://no-such-bucket/run"],
+             "no-such-bucket/run"),
+            (["eval-retrieval", "--data", beir, "--out", "s3://no-such-bucket/m.json"],
+             "no-such-bucket/m.json"),
+            (["mine-negatives", "--data", beir, "--split", "test", "--out",
+              "s3://no-such-bucket/neg.jsonl"], "no-such-bucket/neg.jsonl")]:
+        monkeypatch.chdir(tmp_path)
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert f"s3://{named}" in r.output and "does not exist" in r.output, r.output
+    assert not (tmp_path / "runs").exists()  # nothing was started or written
     assert started == []  # every error came before Ray would start
 
 
@@ -252,10 +268,11 @@ def test_train_retriever_with_data_and_model_on_s3(s3_bucket: str, tmp_path: Pat
                                                    monkeypatch):
     """`craft-ray train-retriever` with its training data, eval set and output model in the
     bucket: the model, metrics, stats and marker are uploaded there; Ray Train's checkpoints
-    and rank 0's metrics.jsonl are written there by the workers (OUT.work/ray); the work
-    folder is local scratch; the held-out evaluation loads the uploaded model by its URI; a
-    rerun skips from the bucket's marker."""
-    beir = ROOT / "tests" / "fixtures" / "retrieval" / "coffee_beir"
+    and rank 0's metrics.jsonl are written there by the workers (OUT.work/ray), and the
+    evaluation's embedding store (OUT.work/eval-trained); the work folder is local scratch;
+    the held-out evaluation loads the uploaded model by its URI; a rerun skips from the
+    bucket's marker."""
+    beir = BEIR_DIR
     texts = [json.loads(x)["text"] for x in (beir / "corpus.jsonl").read_text().splitlines()]
     queries = [json.loads(x)["text"] for x in (beir / "queries.jsonl").read_text()
                .splitlines()]
@@ -286,8 +303,56 @@ def test_train_retriever_with_data_and_model_on_s3(s3_bucket: str, tmp_path: Pat
     assert any(f.endswith("/train_state.json") for f in files), files  # the checkpoints
     (work,) = (tmp_path / "cache" / "train-retriever").iterdir()  # local scratch
     assert (work / "metrics.jsonl").read_text() == storage.read_text(logs[0])
+    # the held-out evaluation's corpus and embedding store: in the bucket, readable from any
+    # node (not in the driver's scratch)
+    assert read_info(f"{out}.work/eval-trained/embed/store").num_rows == 120
+    assert storage.is_file(f"{out}.work/eval-trained/corpus/corpus.jsonl")
+    assert not list(work.glob("eval-*"))
 
     proc = _cli(args)  # the same config again: skipped, stats read back from the bucket
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-6000:]
     assert json.loads(log.strip().splitlines()[-1])["skipped"] is True
+
+
+@pytest.mark.slow
+def test_eval_retrieval_and_mine_negatives_on_s3(ray_local, s3_bucket: str, tmp_path: Path,
+                                                 monkeypatch):
+    """`eval-retrieval` and `mine-negatives` with the BEIR folder, the work folder and the
+    output in the bucket, as a user types them: the converted corpus and the embedding store
+    are written to the bucket (the embedding actors read and write there, not on the driver's
+    disk), the metrics and the negatives equal those of a local run, and mine-negatives on the
+    same work folder reuses the bucket's store instead of embedding again."""
+    from craft_ray.retrieval.evaluation import RetrievalEvalConfig, run_eval_retrieval
+    from craft_ray.retrieval.negatives import MineNegativesConfig, run_mine_negatives
+
+    local_metrics = run_eval_retrieval(RetrievalEvalConfig(
+        data=str(BEIR_DIR), run_dir=str(tmp_path / "eval")))["metrics"]
+    run_mine_negatives(MineNegativesConfig(data=str(BEIR_DIR), split="test",
+                                           out=str(tmp_path / "neg.jsonl"),
+                                           run_dir=str(tmp_path / "eval"), num_negatives=5))
+
+    storage.upload(BEIR_DIR, f"{s3_bucket}/beir/coffee")
+    work = f"{s3_bucket}/work/coffee"
+    monkeypatch.setenv("CRAFT_RAY_STORAGE_CACHE", str(tmp_path / "cache"))
+    proc = _cli(["eval-retrieval", "--data", f"{s3_bucket}/beir/coffee", "--run-dir", work,
+                 "--out", f"{s3_bucket}/results/coffee.json", "--set", "ray.num_cpus=2"])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-6000:]
+    assert storage.read_json(f"{s3_bucket}/results/coffee.json")["metrics"] == local_metrics
+    assert json.loads(log.strip().splitlines()[-1]) == local_metrics
+    assert read_info(f"{work}/embed/store").num_rows == 120
+    assert storage.is_file(f"{work}/corpus/corpus.jsonl")
+    assert storage.list_files(f"{work}/embed/store/data", ".parquet", recursive=True)
+
+    proc = _cli(["mine-negatives", "--data", f"{s3_bucket}/beir/coffee", "--split", "test",
+                 "--out", f"{s3_bucket}/negatives/coffee.jsonl", "--set", f"run_dir={work}",
+                 "--set", "num_negatives=5", "--set", "ray.num_cpus=2"])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-6000:]
+    assert "embed: already complete" in log  # the bucket's store, same corpus and config
+    mined = storage.read_text(f"{s3_bucket}/negatives/coffee.jsonl")
+    assert mined == (tmp_path / "neg.jsonl").read_text()
+    rows = [json.loads(x) for x in mined.splitlines()]
+    assert len(rows) == 40 and all(len(r["neg"]) == 5 for r in rows)
+    assert not (ROOT / "runs" / "mine-negatives" / "coffee").exists()  # nothing local

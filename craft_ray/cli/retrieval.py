@@ -21,6 +21,13 @@ from craft_ray.cli.common import (
 )
 
 
+def _folder_name(data: str) -> str:
+    """The last part of a folder path or URI (the default work folder's name)."""
+    from craft_ray.runtime import storage
+
+    return storage.name(data.rstrip("/")) if storage.is_uri(data) else Path(data).resolve().name
+
+
 @app.command("eval-retrieval")
 def eval_retrieval(
     data: Annotated[str, typer.Option(help="BEIR-format folder (corpus.jsonl, queries.jsonl, "
@@ -28,38 +35,41 @@ def eval_retrieval(
     split: Annotated[str, typer.Option(help="qrels split.")] = "test",
     model: Annotated[str, typer.Option(help="sentence-transformers model id or path.")] = (
         "sentence-transformers/all-MiniLM-L6-v2"),
-    out: Annotated[str | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    out: Annotated[str | None, typer.Option(help="Write the metrics JSON here (a path or "
+                                            "s3:// / gs:// URI).")] = None,
     run_dir: Annotated[str | None, typer.Option(
-        help="Work folder for the embedding store (default runs/eval-retrieval/NAME).")] = None,
+        help="Work folder for the embedding store (default runs/eval-retrieval/NAME; may be "
+        "s3:// / gs://).")] = None,
     set_: SetOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """nDCG/MRR/Recall@{1,5,10,100} of the embed + retrieve stages on a BEIR folder."""
-    from craft_ray.config import ConfigError, apply_overrides, validate
+    from craft_ray.config import apply_overrides, validate
     from craft_ray.retrieval.evaluation import (
         RetrievalEvalConfig,
         format_table,
         load_beir,
         run_eval_retrieval,
     )
-    from craft_ray.runtime import atomic_write_json, init_ray, storage
+    from craft_ray.runtime import init_ray, storage
 
     def body() -> dict[str, Any]:
         raw = {"data": data, "split": split, "model": model,
-               "run_dir": run_dir or str(Path("runs/eval-retrieval") / Path(data).resolve().name)}
+               "run_dir": run_dir or str(Path("runs/eval-retrieval") / _folder_name(data))}
         sets = list(set_ or []) + ([f"ray.address={address}"] if address else [])
         cfg = validate(RetrievalEvalConfig, apply_overrides(raw, sets), "<eval-retrieval>")
-        try:
-            storage.refuse_uris("eval-retrieval", {"out": out})
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        beir = load_beir(cfg.data, cfg.split)  # bad folders fail before Ray starts
+        if out is not None:
+            storage.check_no_credentials(out)
+            storage.check_location(out, "--out")
+        storage.check_location(cfg.run_dir)
+        beir = load_beir(cfg.data, cfg.split)  # bad folders and buckets fail before Ray
         init_ray(cfg.ray)
-        return run_eval_retrieval(cfg, beir)
+        result = run_eval_retrieval(cfg, beir)
+        if out is not None:
+            storage.write_json(out, result)
+        return result
 
     result = guarded(body)
-    if out is not None:
-        atomic_write_json(out, result)
     typer.echo(format_table(result["metrics"], sorted({int(k.split("@")[1])
                                                         for k in result["metrics"]})))
     typer.echo(json.dumps(result["metrics"]))
@@ -77,14 +87,16 @@ def mine_negatives(
     from craft_ray.config import apply_overrides, validate
     from craft_ray.retrieval.evaluation import load_beir
     from craft_ray.retrieval.negatives import MineNegativesConfig, run_mine_negatives
-    from craft_ray.runtime import init_ray
+    from craft_ray.runtime import init_ray, storage
 
     def body() -> dict[str, Any]:
         raw = {"data": data, "out": out, "split": split,
-               "run_dir": str(Path("runs/mine-negatives") / Path(data).resolve().name)}
+               "run_dir": str(Path("runs/mine-negatives") / _folder_name(data))}
         sets = list(set_ or []) + ([f"ray.address={address}"] if address else [])
         cfg = validate(MineNegativesConfig, apply_overrides(raw, sets), "<mine-negatives>")
-        beir = load_beir(cfg.data, cfg.split)  # bad folders fail before Ray starts
+        storage.check_location(cfg.out, "--out")
+        storage.check_location(cfg.run_dir)
+        beir = load_beir(cfg.data, cfg.split)  # bad folders and buckets fail before Ray
         if "dense" in cfg.retrievers:
             init_ray(cfg.ray)
         return run_mine_negatives(cfg, beir)

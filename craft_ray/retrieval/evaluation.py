@@ -9,11 +9,17 @@ BEIR / pytrec_eval: nDCG@k with linear graded gains and a log2 discount (trec_ev
 ``ndcg_cut``), Recall@k over documents with relevance > 0, MRR@k = 1 / rank of the first
 relevant document (BEIR's ``mrr``). Scores are means over the queries that have qrels in the
 split. As BEIR does by default, a retrieved document whose id equals the query id is dropped.
+
+On object storage: ``data`` may be an ``s3://`` / ``gs://`` folder (downloaded into this
+machine's storage cache, :func:`craft_ray.runtime.storage.local_copy`) and ``run_dir`` a URI:
+the converted corpus is uploaded there and the embed stage's actors read it and write the
+store there, so no node's local disk is needed by another.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -50,7 +56,8 @@ class EmbedderSettings(StrictModel):
 class RetrievalEvalConfig(StrictModel):
     """Config of ``craft-ray eval-retrieval``."""
 
-    data: str = Field(description="BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/).")
+    data: str = Field(description="BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/); "
+                      "local or s3:// / gs://.")
     split: str = Field(default="test", description="qrels split: qrels/{split}.tsv.")
     model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2",
                        description="sentence-transformers model id or path.")
@@ -63,7 +70,8 @@ class RetrievalEvalConfig(StrictModel):
         default=None, ge=8, description="Token limit (default: the model's own).")
     query_batch_size: int = Field(default=64, ge=1, description="Queries per encode batch.")
     run_dir: str = Field(default="runs/eval-retrieval",
-                         description="Work folder: converted corpus and embedding store.")
+                         description="Work folder: converted corpus and embedding store "
+                         "(local or s3:// / gs://).")
     embed_batch_size: int = Field(default=512, ge=1, description="Rows per embedding actor "
                                   "call.")
     concurrency: int = Field(default=1, ge=1, description="Embedding and similarity actors.")
@@ -73,8 +81,9 @@ class RetrievalEvalConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
 
     @model_validator(mode="after")
-    def _local(self) -> RetrievalEvalConfig:
-        storage.refuse_uris("eval-retrieval", {"data": self.data, "run_dir": self.run_dir})
+    def _no_credentials(self) -> RetrievalEvalConfig:
+        for p in (self.data, self.run_dir):
+            storage.check_no_credentials(p)
         return self
 
 
@@ -131,9 +140,22 @@ def load_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
+def beir_folder(data: str | Path) -> Path:
+    """The local folder of a BEIR dataset: itself, or (``s3://`` / ``gs://``) its download
+    in this machine's storage cache."""
+    if not storage.is_uri(data):
+        return Path(data)
+    storage.check_location(data, "data")
+    try:
+        return storage.local_copy(data)
+    except FileNotFoundError:
+        raise BeirError(f"BEIR folder {storage.redact(data)} does not exist") from None
+
+
 def load_beir(data: str | Path, split: str = "test") -> Beir:
-    """Load queries and qrels of a BEIR folder; queries without qrels are left out."""
-    data = Path(data)
+    """Load queries and qrels of a BEIR folder (local, or a URI downloaded first); queries
+    without qrels are left out."""
+    data = beir_folder(data)
     if not data.is_dir():
         raise BeirError(f"BEIR folder {data} does not exist")
     corpus = data / "corpus.jsonl"
@@ -239,6 +261,31 @@ def convert_corpus(corpus: Path, out: Path) -> tuple[list[str], bool]:
     return ids, True
 
 
+def stage_corpus(corpus: Path, run_dir: str) -> tuple[str, list[str], bool]:
+    """The converted corpus (:func:`convert_corpus`) where the embed stage reads it: in
+    ``run_dir/corpus/``, locally or in the bucket. A URI run_dir gets it converted in this
+    machine's storage cache and uploaded when its content differs from the bucket's copy
+    (compared by SHA-256, uploaded last). Returns (its location, BEIR ids by line, whether it
+    changed, i.e. the store must be re-embedded)."""
+    if not storage.is_uri(run_dir):
+        text_file = Path(run_dir) / "corpus" / "corpus.jsonl"
+        ids, rewritten = convert_corpus(corpus, text_file)
+        return str(text_file), ids, rewritten
+    key = hashlib.sha256(storage.redact(run_dir).encode()).hexdigest()[:16]
+    local = storage.cache_root() / "eval-retrieval" / key / "corpus.jsonl"
+    ids, _ = convert_corpus(corpus, local)
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    remote = storage.join(run_dir, "corpus", "corpus.jsonl")
+    marker = storage.join(run_dir, "corpus", "corpus.sha256")
+    if storage.is_file(marker) and storage.is_file(remote) and \
+            storage.read_text(marker).strip() == digest:
+        return remote, ids, False
+    storage.upload(local, remote)
+    storage.write_json(storage.join(run_dir, "corpus", "corpus.ids.json"), ids)
+    storage.write_text(marker, digest + "\n")
+    return remote, ids, True
+
+
 def encode_queries(model_name: str, texts: list[str], batch_size: int,
                    max_seq_length: int | None, embed: EmbedderSettings | None = None,
                    cache_dir: str | Path | None = None) -> np.ndarray:
@@ -263,29 +310,30 @@ def dense_rankings(cfg: RetrievalEvalConfig, beir: Beir, queries: dict[str, str]
     timings/counts. Ray must be initialised.
     """
     from craft_ray.stages.embed import EmbedConfig, EmbedStageConfig, run_embed
+    from craft_ray.stages.embed.stage import model_cache_dir
     from craft_ray.stages.retrieve import ranked_lists, search_store
     from craft_ray.store.corpus import CorpusConfig, parse_doc_id
     from craft_ray.store.vectors import read_info
 
     t0 = time.time()
-    work = Path(cfg.run_dir)
-    text_file = work / "corpus" / "corpus.jsonl"
-    ids, rewritten = convert_corpus(beir.corpus_path, text_file)
-    embed_cfg = EmbedStageConfig(run_dir=str(work), ray=cfg.ray, embed=EmbedConfig(
-        corpora=[CorpusConfig(name="beir", format="jsonl", paths=[str(text_file)],
+    text_file, ids, rewritten = stage_corpus(beir.corpus_path, cfg.run_dir)
+    embed_cfg = EmbedStageConfig(run_dir=cfg.run_dir, ray=cfg.ray, embed=EmbedConfig(
+        corpora=[CorpusConfig(name="beir", format="jsonl", paths=[text_file],
                               min_chars=0, max_chars=100_000_000)],
         model=cfg.model, max_seq_length=cfg.max_seq_length, export_h5=False,
         batch_size=cfg.embed_batch_size, concurrency=cfg.concurrency,
         num_gpus=cfg.num_gpus, backend=cfg.embed.backend, quantize=cfg.embed.quantize))
     embed_stats = run_embed(embed_cfg, force=rewritten)  # a new corpus file: re-embed
     t_embed = time.time()
-    store = work / "embed" / "store"
+    store = storage.join(cfg.run_dir, "embed", "store")
     info = read_info(store)
     qids = list(queries)
     q = encode_queries(cfg.model, [queries[i] for i in qids], cfg.query_batch_size,
-                       cfg.max_seq_length, cfg.embed, work / "_models")
+                       cfg.max_seq_length, cfg.embed,  # the corpus encoder's export, if any
+                       model_cache_dir(embed_cfg.embed, storage.join(cfg.run_dir, "embed")))
     if q.shape[1] != info.dim:
-        raise BeirError(f"queries are {q.shape[1]}-dim but the store {store} is {info.dim}-dim")
+        raise BeirError(f"queries are {q.shape[1]}-dim but the store {storage.redact(store)} "
+                        f"is {info.dim}-dim")
     t_q = time.time()
     k = min(k, info.num_rows)
     res = search_store(store, info, q, {"*": (k, 0)}, num_gpus=cfg.num_gpus,

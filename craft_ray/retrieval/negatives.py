@@ -12,6 +12,11 @@ and, optionally, candidates containing one of the query's answer strings; keep t
 
 ``pos_index`` / ``neg_index`` are 0-based line numbers in the BEIR ``corpus.jsonl`` (blank
 lines not counted), i.e. indices into the corpus LLM-Embedder is given.
+
+``data``, ``out`` and ``run_dir`` may be ``s3://`` / ``gs://`` URIs: the BEIR folder is read
+from its download in this machine's storage cache, the dense retriever's work folder is the
+bucket's (see :mod:`craft_ray.retrieval.evaluation`), and the jsonl is written locally and
+uploaded whole when complete.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from craft_ray.retrieval.evaluation import (
     dense_rankings,
     load_beir,
 )
-from craft_ray.runtime import atomic_path, storage
+from craft_ray.runtime import storage
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +46,11 @@ logger = logging.getLogger(__name__)
 class MineNegativesConfig(StrictModel):
     """Config of ``craft-ray mine-negatives``."""
 
-    data: str = Field(description="BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/).")
+    data: str = Field(description="BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/); "
+                      "local or s3:// / gs://.")
     split: str = Field(default="train", description="qrels split holding the positives.")
-    out: str = Field(description="Output jsonl (LLM-Embedder training format).")
+    out: str = Field(description="Output jsonl (LLM-Embedder training format); a path or "
+                     "s3:// / gs:// URI.")
     retrievers: list[Literal["dense", "bm25"]] = Field(
         default_factory=lambda: ["dense", "bm25"], min_length=1,
         description="Where candidates come from (LLM-Embedder mined with BGE and BM25).")
@@ -57,7 +64,8 @@ class MineNegativesConfig(StrictModel):
     model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2",
                        description="Dense retriever (sentence-transformers id or path).")
     run_dir: str = Field(default="runs/mine-negatives",
-                         description="Work folder: converted corpus and embedding store.")
+                         description="Work folder: converted corpus and embedding store "
+                         "(local or s3:// / gs://).")
     bm25_k1: float = Field(default=1.5, gt=0, description="BM25 k1.")
     bm25_b: float = Field(default=0.75, ge=0, le=1, description="BM25 b.")
     concurrency: int = Field(default=1, ge=1, description="Embedding/similarity actors.")
@@ -65,9 +73,9 @@ class MineNegativesConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
 
     @model_validator(mode="after")
-    def _local(self) -> MineNegativesConfig:
-        storage.refuse_uris("mine-negatives", {"data": self.data, "out": self.out,
-                                               "run_dir": self.run_dir})
+    def _no_credentials(self) -> MineNegativesConfig:
+        for p in (self.data, self.out, self.run_dir):
+            storage.check_no_credentials(p)
         return self
 
 
@@ -177,7 +185,8 @@ def run_mine_negatives(cfg: MineNegativesConfig, beir: Beir | None = None) -> di
     if unknown:
         logger.warning("mine-negatives: %d positives are not in corpus.jsonl; ignored", unknown)
     queries = {q: beir.queries[q] for q in positives}
-    answers = load_answers(Path(cfg.data), cfg.answers_field) if cfg.filter_answers else {}
+    answers = load_answers(beir.corpus_path.parent, cfg.answers_field) \
+        if cfg.filter_answers else {}
 
     rankings: dict[str, dict[str, list[int]]] = {}
     timings: dict[str, float] = {}
@@ -193,10 +202,8 @@ def run_mine_negatives(cfg: MineNegativesConfig, beir: Beir | None = None) -> di
         rankings["bm25"] = bm25_rankings(texts, queries, cfg.top_k, cfg.bm25_k1, cfg.bm25_b)
         timings["bm25_s"] = round(time.time() - t, 2)
 
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     n_neg: list[int] = []
-    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
+    with storage.write_once(cfg.out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for qid, pos in positives.items():
             cands = merge_rankings([rankings[r].get(qid, []) for r in cfg.retrievers])
             neg = pick_negatives(cands, pos, texts, cfg.num_negatives, answers.get(qid, ()))
@@ -210,7 +217,7 @@ def run_mine_negatives(cfg: MineNegativesConfig, beir: Beir | None = None) -> di
                 item["answers"] = answers[qid]
             fh.write(json.dumps(item, ensure_ascii=False) + "\n")
     return {
-        "out": str(out), "queries": len(positives), "corpus": len(texts),
+        "out": storage.redact(cfg.out), "queries": len(positives), "corpus": len(texts),
         "retrievers": list(cfg.retrievers), "top_k": cfg.top_k,
         "negatives_mean": round(sum(n_neg) / len(n_neg), 2) if n_neg else 0.0,
         "queries_without_negatives": sum(1 for n in n_neg if n == 0),

@@ -130,8 +130,10 @@ class TrainRetrieverConfig(StrictModel):
     out: str = Field(description="Output folder (local or s3:// / gs://): a "
                      "sentence-transformers model, plus metrics.json, stats.json, config.yaml.")
     work_dir: str | None = Field(default=None, description="Local scratch: mined negatives, "
-                                 "eval stores (default: OUT.work beside a local OUT, or a "
-                                 "folder of the storage cache).")
+                                 "training examples, logs, and the mining/evaluation "
+                                 "embedding stores (default: OUT.work beside a local OUT; for "
+                                 "an OUT in object storage a folder of the storage cache, the "
+                                 "stores going to OUT.work in the bucket).")
     model: str = Field(default=DEFAULT_MODEL, description="Base sentence-transformers model "
                        "(id or folder; the default is the bundled offline copy).")
     max_seq_length: int = Field(default=256, ge=8, le=8192, description="Token limit of "
@@ -231,6 +233,14 @@ class TrainRetrieverConfig(StrictModel):
             return storage.cache_root() / "train-retriever" / f"{storage.name(self.out)}-{key}"
         out = Path(self.out)
         return out.with_name(out.name + ".work")
+
+    def stores_root(self) -> str:
+        """Where the mining and evaluation embed stages keep their converted corpora and
+        embedding stores: OUT.work in OUT's bucket when OUT is a URI (the embedding actors may
+        run on any node), else the work folder."""
+        if storage.is_uri(self.out) and not self.work_dir:
+            return f"{self.out.rstrip('/')}.work"
+        return str(self.work_path())
 
     def storage_root(self) -> str:
         """Ray Train's storage (checkpoints, rank 0's metrics.jsonl): storage_path, else

@@ -23,8 +23,10 @@ Invariants:
   with the same config is not redone.
 * OUT, the inputs and Ray Train's storage may be in object storage (``s3://``, ``gs://``):
   inputs are read from their downloads in the driver's storage cache, the model is uploaded,
-  checkpoints and rank 0's metrics.jsonl go to OUT.work/ray in the bucket by default; the work
-  folder (mined negatives, evaluation stores) is local scratch.
+  checkpoints and rank 0's metrics.jsonl go to OUT.work/ray in the bucket by default, and the
+  embedding stores of negative mining and evaluation to OUT.work/mine and OUT.work/eval-* (the
+  embedding actors may run on any node); the work folder (mined negatives, examples, the
+  training log) is the driver's local scratch.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def mined_negatives(cfg: TrainRetrieverConfig, work: Path) -> dict[str, list[str
     mcfg = MineNegativesConfig(
         data=str(cfg.data), split=cfg.split, out=str(out), retrievers=n.mine_retrievers,
         top_k=n.mine_top_k, num_negatives=n.mine_keep + n.mine_skip_top, model=cfg.model,
-        run_dir=str(work / "mine"), ray=cfg.ray)
+        run_dir=storage.join(cfg.stores_root(), "mine"), ray=cfg.ray)
     stats = run_mine_negatives(mcfg)
     logger.info("train-retriever: mined negatives for %d queries (mean %s each)",
                 stats["queries"], stats["negatives_mean"])
@@ -146,7 +148,7 @@ def make_plan(cfg: TrainRetrieverConfig, n_examples: int) -> dict[str, int]:
 # --- evaluation (driver) -------------------------------------------------------------------
 
 
-def evaluate_model(cfg: TrainRetrieverConfig, model: str, tag: str, work: Path
+def evaluate_model(cfg: TrainRetrieverConfig, model: str, tag: str
                    ) -> dict[str, float] | None:
     """nDCG/MRR/Recall@{10,100} of ``model`` on the eval split (None without one)."""
     from craft_ray.retrieval.evaluation import RetrievalEvalConfig, run_eval_retrieval
@@ -154,10 +156,10 @@ def evaluate_model(cfg: TrainRetrieverConfig, model: str, tag: str, work: Path
     folder = cfg.eval_folder()
     if folder is None:
         return None
-    run_dir = work / f"eval-{tag}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a retrained OUT has the same path: re-embed
+    run_dir = storage.join(cfg.stores_root(), f"eval-{tag}")
+    storage.remove(run_dir)  # a retrained OUT has the same path: re-embed
     ecfg = RetrievalEvalConfig(data=folder, split=str(cfg.eval_split), model=model,
-                               cutoffs=EVAL_CUTOFFS, run_dir=str(run_dir),
+                               cutoffs=EVAL_CUTOFFS, run_dir=run_dir,
                                max_seq_length=cfg.max_seq_length,
                                concurrency=cfg.eval_concurrency,
                                num_gpus=1.0 if cfg.use_gpu else 0.0, ray=cfg.ray)
@@ -440,13 +442,13 @@ def run_train_retriever(cfg: TrainRetrieverConfig, *, force: bool = False) -> di
                 cfg.batch_size, plan["steps_per_epoch"], plan["total_steps"])
     before = None
     if cfg.eval_before and local.eval_folder():
-        before = evaluate_model(local, cfg.model, "base", work)
+        before = evaluate_model(local, cfg.model, "base")
         logger.info("train-retriever: base model %s", before)
 
     result = _fit(cfg, examples, plan, out, work)
     final = dict(result.metrics or {})
     finished = final.get("step", 0) >= plan["total_steps"]
-    after = evaluate_model(local, out, "trained", work)
+    after = evaluate_model(local, out, "trained")
     metrics = {"before": before, "after": after, "split": cfg.eval_split,
                "eval_data": local.eval_folder() and (cfg.eval_data or cfg.data),
                "steps": final.get("step"),
