@@ -133,7 +133,8 @@ def demo_in_bucket(bucket: str, lm: str) -> list[str]:
     return [f"run_dir={bucket}/run", f"embed.corpora.0.paths=[{bucket}/corpora/stackexchange]",
             f"retrieve.fewshots={shots}", f"generate.fewshots={shots}",
             f"filter.fewshots={shots}", f"generate.model={lm}", f"train.base_model={lm}",
-            "generate.max_new_tokens=96", "generate.max_prompt_tokens=600",
+            # the tiny LM's byte-level tokens are many: room for a few-shot and a text
+            "generate.max_new_tokens=96", "generate.max_prompt_tokens=3000",
             # S = the 8 few-shots (+ any survivor): buildable whatever the random LM writes
             "filter.datasets.sizes={S: 8}",
             f"evaluate.models=[{{name: base, model: {lm}}}, {{name: lora-S, model: {lm}, "
@@ -150,6 +151,9 @@ def check_demo_in_bucket(run: str) -> None:
     assert storage.is_file(f"{run}/embed/embeddings.h5")
     assert storage.is_file(f"{run}/retrieve/corpus_samples.parquet")
     assert storage.is_file(f"{run}/generate/clean.parquet")
+    gen = storage.read_json(f"{run}/generate/stats.json")  # the LM loaded from the bucket
+    assert gen["backend_errors"] == 0 and gen["generations"] > 0 and gen["tokens_out"] > 0, \
+        json.dumps(gen)
     assert storage.is_file(f"{run}/filter/datasets/S/hf/dataset_info.json")
     assert storage.is_file(f"{run}/train/S-seed1234/adapter/adapter_config.json")
     assert storage.list_files(f"{run}/train/S-seed1234/ray", recursive=True)  # Ray Train's

@@ -139,6 +139,7 @@ def run_backend(ds: Any, backend: str, model: str, settings: Any, sampling: dict
         return openai_generate(ds, model, settings, sampling)
     if backend == "vllm":
         from craft_ray.backends.vllm import vllm_generate
+        from craft_ray.models.tokenizers import engine_ref
 
-        return vllm_generate(ds, model, settings, sampling)
+        return vllm_generate(ds, engine_ref(model) or model, settings, sampling)
     raise ValueError(f"unknown generation backend {backend!r}; expected hf, openai or vllm")

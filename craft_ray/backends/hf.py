@@ -20,6 +20,7 @@ from pydantic import Field
 
 from craft_ray.backends import ERR_ENGINE, batch_rows, error_row, merge_outputs, row_seed
 from craft_ray.config import StrictModel
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.hf import generate_new_tokens
 from craft_ray.resources import actor_resources, torch_threads
 from craft_ray.runtime.progress import report_progress
@@ -69,6 +70,9 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM
 
+        # On this node: an s3:// / gs:// model downloaded, a GGUF converted (cached per node)
+        model = resolve_model_path(model)
+        tokenizer = resolve_model_path(tokenizer) if tokenizer else None
         self.cfg = HFBackendConfig.model_validate(cfg)
         self.sampling = sampling
         torch.set_num_threads(torch_threads(self.cfg.num_cpus or 1.0, self.cfg.torch_threads))

@@ -10,6 +10,7 @@ from craft_ray.backends import check_backend, run_backend
 from craft_ray.judging.config import JudgeModelConfig
 from craft_ray.judging.pairwise import JudgeReply
 from craft_ray.models.chat import chat_messages, render_chat
+from craft_ray.models.gguf import resolve_model_path
 from craft_ray.models.tokenizers import local_ref
 
 
@@ -48,7 +49,7 @@ def backend_generate(cfg: JudgeModelConfig, seed: int = 0, section: str = "judge
         from transformers import AutoTokenizer
 
         tok_name = cfg.tokenizer or (None if cfg.backend == "openai" else cfg.model)
-        tok = AutoTokenizer.from_pretrained(local_ref(tok_name)) if tok_name else None
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(tok_name)) if tok_name else None
         ds = ray.data.from_items(judge_rows(prompts, cfg, tok))
         sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": seed,
                     "guided": False}

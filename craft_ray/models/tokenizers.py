@@ -9,9 +9,28 @@ from craft_ray.models.gguf import PKG_SCHEME, resolve_model_path
 
 
 def local_ref(name: str | None) -> str | None:
-    """A model reference resolved for workers: a local path made absolute (Ray workers may run
-    elsewhere), a GGUF file or ``pkg://`` spec converted to its cached HF folder; ids and
-    object-store URIs unchanged (each node downloads its own copy when it loads the model)."""
+    """A model reference for a Ray actor that resolves it on its own node
+    (:func:`resolve_model_path`: the hf backend, evaluation, tokenizers): a local path made
+    absolute (Ray workers may run in another directory), a ``.gguf`` file included; ids,
+    ``pkg://`` specs and object-store URIs unchanged. Each node then converts the GGUF of its
+    installed package or downloads the URI into its own cache: no node needs a path that only
+    the driver's disk holds."""
+    from pathlib import Path
+
+    from craft_ray.runtime import storage
+
+    if name is None or storage.is_uri(name):
+        return name
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def engine_ref(name: str | None) -> str | None:
+    """A model reference for an engine that loads it itself (vLLM through Ray Data LLM):
+    ids and object-store URIs unchanged (Ray Data LLM downloads a URI on each engine's node);
+    a ``pkg://`` spec or ``.gguf`` file converted here into its cached HF folder, which an
+    engine on another node finds only in a model cache every node shares
+    (``$CRAFT_RAY_MODEL_CACHE``)."""
     from craft_ray.runtime import storage
 
     if name is None or (storage.is_uri(name) and not name.startswith(PKG_SCHEME)):

@@ -46,8 +46,37 @@ def test_a_model_in_object_storage_is_downloaded_where_it_is_loaded(s3_bucket, t
     assert AutoModelForCausalLM.from_pretrained(local).config.vocab_size == \
         AutoModelForCausalLM.from_pretrained(tiny_causal_lm).config.vocab_size
     assert load_train_tokenizer(uri).pad_token_id is not None
+    # the hf backend's actor is given the URI and loads its own download
+    from craft_ray.backends.hf import HFGenerator
+
+    gen = HFGenerator(uri, None, {"num_cpus": 1.0}, {"temperature": 0.0, "guided": False})
+    assert gen.model.config.vocab_size == \
+        AutoModelForCausalLM.from_pretrained(tiny_causal_lm).config.vocab_size
     with pytest.raises(FileNotFoundError, match="models/missing does not exist"):
         resolve_model_path(f"{s3_bucket}/models/missing")
+
+
+def test_what_the_driver_sends_to_actors_and_engines(tmp_path, monkeypatch):
+    """local_ref (to actors that resolve on their own node) keeps pkg:// specs and URIs and
+    makes local paths absolute without converting a .gguf, so no node needs a folder that
+    only the driver's cache holds; engine_ref (vLLM) converts a GGUF here."""
+    from craft_ray.models.tokenizers import engine_ref, local_ref
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(gg.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    (tmp_path / "folder").mkdir()
+    for ref, want in [(SMOLLM2_SPEC, SMOLLM2_SPEC), ("s3://b/models/lm", "s3://b/models/lm"),
+                      ("org/model", "org/model"), ("m.gguf", str(tmp_path / "m.gguf")),
+                      ("folder", str(tmp_path / "folder")), (None, None)]:
+        assert local_ref(ref) == want, ref
+    assert not (tmp_path / "cache").exists()  # nothing converted for the actors
+    assert engine_ref("s3://b/models/lm") == "s3://b/models/lm"
+    assert engine_ref("org/model") == "org/model"
+    converted = tmp_path / "cache" / "m-x"
+    converted.mkdir(parents=True)
+    monkeypatch.setattr(gg, "convert_gguf", lambda path, cache_dir=None: converted)
+    assert engine_ref("m.gguf") == str(converted)
 
 
 def test_bad_references_fail_clearly(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 
 from craft_ray.evalsets.base import LETTERS
 from craft_ray.models.hf import generate_new_tokens, load_hf_model
-from craft_ray.models.tokenizers import ensure_pad_token, local_ref, pad_token_ids
+from craft_ray.models.tokenizers import engine_ref, ensure_pad_token, pad_token_ids
 from craft_ray.resources import actor_resources
 from craft_ray.runtime.progress import report_progress
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec
@@ -182,7 +182,7 @@ def generate_rows(cfg: EvaluateConfig, model: ModelSpec, rows: list[dict[str, An
     vrows = [{**r, "sample_id": f"{r['model_name']}/{r['eval_set']}/{r['id']}",
               "prompt_token_ids": r["tokenized_prompt"], "schema": ""} for r in rows]
     processor = build_processor(
-        processor_config(vllm_generation_config(cfg, model), local_ref(model.model)),
+        processor_config(vllm_generation_config(cfg, model), engine_ref(model.model)),
         preprocess=partial(vllm_generation_request, sampling=sampling, adapter=model.adapter),
         postprocess=postprocess)
     got = []

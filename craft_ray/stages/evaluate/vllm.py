@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from craft_ray.evalsets.base import LETTERS
-from craft_ray.models.tokenizers import local_ref
+from craft_ray.models.tokenizers import engine_ref
 from craft_ray.stages.evaluate.config import EvaluateConfig, ModelSpec
 from craft_ray.stages.evaluate.scoring import score_columns, scores_from_logprobs
 
@@ -30,7 +30,7 @@ def vllm_processor_config(cfg: EvaluateConfig, model: ModelSpec) -> Any:
     engine.update(cfg.vllm.engine_kwargs)
     return vLLMEngineProcessorConfig(
         # an s3:// / gs:// model stays a URI: Ray Data LLM downloads it on each engine's node
-        model_source=local_ref(model.model), engine_kwargs=engine,
+        model_source=engine_ref(model.model), engine_kwargs=engine,
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency, accelerator_type=None,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
