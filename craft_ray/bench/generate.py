@@ -26,10 +26,13 @@ time for nothing the sides need), guided and unguided:
 up to and including the first end-of-sequence token, counted the same way on both sides.
 ``stage_time.overhead_s`` is the generation phase minus the actors' time in ``generate()``: a
 fixed cost per stage run (a fresh worker process importing torch and transformers, the model
-load, Ray Data's start, parse and write), about 8 s on a 2-core CPU machine. The default size
-(32 prompts of up to 96 new tokens, ~2-3 minutes per side on such a machine) keeps it a small
-part of the phase, as it is in a real run of thousands of prompts; a smaller ``prompts``
-measures mostly that fixed cost.
+load, Ray Data's start, parse and write), about 8 s on a 2-core CPU machine, of which ~5 s is
+Python importing torch and transformers in a fresh process (measured: preloading those modules
+into every Ray worker made it worse, ~21 s, each worker importing them). The default size (64
+prompts of up to 96 new tokens, ~3.5 minutes per side on such a machine) keeps it a small part
+of the phase (~4%), as it is in a real run of thousands of prompts; with 32 prompts it was ~8%
+(guided ratio 0.892 on a quiet machine), and a smaller ``prompts`` measures mostly that fixed
+cost.
 """
 
 from __future__ import annotations
@@ -246,7 +249,7 @@ class _Runs:
         }
 
 
-def run_bench_generate(*, model: str = DEFAULT_MODEL, prompts: int = 32,
+def run_bench_generate(*, model: str = DEFAULT_MODEL, prompts: int = 64,
                        max_new_tokens: int = 96, batch_size: int = 8, repeats: int = 3,
                        modes: tuple[str, ...] = MODES, max_prompt_tokens: int = 900,
                        overrides: list[str] | None = None) -> dict[str, Any]:

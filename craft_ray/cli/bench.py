@@ -40,7 +40,7 @@ def bench_embed(
 def bench_generate(
     model: Annotated[str, typer.Option(help="Generator: HF folder/id, .gguf or pkg://.")] = (
         SMOLLM2),
-    prompts: Annotated[int, typer.Option(help="Prompts (bundled StackExchange posts).")] = 32,
+    prompts: Annotated[int, typer.Option(help="Prompts (bundled StackExchange posts).")] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 96,
     batch_size: Annotated[int, typer.Option(help="Rows per generate() call, both sides.")] = 8,
     repeats: Annotated[int, typer.Option(help="Interleaved rounds per side.")] = 3,
