@@ -267,6 +267,8 @@ def stage_corpus(corpus: Path, run_dir: str) -> tuple[str, list[str], bool]:
     machine's storage cache and uploaded when its content differs from the bucket's copy
     (compared by SHA-256, uploaded last). Returns (its location, BEIR ids by line, whether it
     changed, i.e. the store must be re-embedded)."""
+    from craft_ray.models.gguf import file_sha256
+
     if not storage.is_uri(run_dir):
         text_file = Path(run_dir) / "corpus" / "corpus.jsonl"
         ids, rewritten = convert_corpus(corpus, text_file)
@@ -274,14 +276,13 @@ def stage_corpus(corpus: Path, run_dir: str) -> tuple[str, list[str], bool]:
     key = hashlib.sha256(storage.redact(run_dir).encode()).hexdigest()[:16]
     local = storage.cache_root() / "eval-retrieval" / key / "corpus.jsonl"
     ids, _ = convert_corpus(corpus, local)
-    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    digest = file_sha256(local)  # streamed, not the whole corpus in memory
     remote = storage.join(run_dir, "corpus", "corpus.jsonl")
     marker = storage.join(run_dir, "corpus", "corpus.sha256")
     if storage.is_file(marker) and storage.is_file(remote) and \
             storage.read_text(marker).strip() == digest:
         return remote, ids, False
     storage.upload(local, remote)
-    storage.write_json(storage.join(run_dir, "corpus", "corpus.ids.json"), ids)
     storage.write_text(marker, digest + "\n")
     return remote, ids, True
 
