@@ -71,3 +71,60 @@ def test_config_rules() -> None:
         validate(EmbedStageConfig, {"embed": {"corpora": corpora, "backend": "tensorrt"}}, "t")
     with pytest.raises(ValueError, match="needs embed.backend=onnx"):
         load_sentence_transformer("all-MiniLM-L6-v2", "cpu", quantize="int8")
+
+
+def test_onnx_encoder_needs_neither_torch_nor_sentence_transformers(cache: Path) -> None:
+    """An embedding actor of the onnx backend loads tokenizer + session + pooling only: in a
+    fresh process neither torch nor sentence-transformers is imported, and its vectors and
+    token counts are sentence-transformers' around the same session."""
+    import subprocess
+    import sys
+
+    export_onnx("all-MiniLM-L6-v2", cache)  # the stage's driver exports once
+    code = (
+        "import sys, json, numpy as np\n"
+        "from craft_ray.models.embedder import load_embedder, encode_texts\n"
+        f"m = load_embedder('all-MiniLM-L6-v2', None, 128, False, backend='onnx', "
+        f"quantize='int8', cache_dir={str(cache)!r}, threads=1)\n"
+        f"v = encode_texts(m, {TEXTS!r}, 2)\n"
+        "print(json.dumps({'cls': type(m).__name__, 'torch': 'torch' in sys.modules,\n"
+        "  'st': 'sentence_transformers' in sys.modules, 'v': v.astype(float).tolist()}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {**got, "cls": "OnnxEncoder", "torch": False, "st": False}
+    from craft_ray.models.embedder import encode_texts, token_counts
+
+    st = load_sentence_transformer("all-MiniLM-L6-v2", None, 128, False, backend="onnx",
+                                   quantize="int8", cache_dir=cache, threads=1)
+    ref = encode_texts(st, TEXTS, 2).astype(np.float32)
+    v = np.array(got["v"], dtype=np.float32)
+    assert v.shape == ref.shape
+    assert float(np.max(np.abs(v - ref))) < 1e-3  # float16 storage: a unit or two of rounding
+    from craft_ray.models.embedder import load_embedder
+
+    light = load_embedder("all-MiniLM-L6-v2", None, 128, False, backend="onnx",
+                          cache_dir=cache, threads=1)
+    counts = token_counts(light, TEXTS)
+    assert counts.tolist() == token_counts(st, TEXTS).tolist()
+    assert counts[-1] == 128  # truncated at max_seq_length, special tokens in
+
+
+def test_onnx_encoder_falls_back_for_other_layouts(cache: Path, tmp_path: Path) -> None:
+    """A model whose modules are not Transformer -> Pooling(mean|cls) -> Normalize (here max
+    pooling) keeps the sentence-transformers path."""
+    import json
+    import shutil
+
+    from craft_ray.models.embedder import load_embedder, resolve_model
+
+    model = tmp_path / "maxpool"
+    shutil.copytree(resolve_model("all-MiniLM-L6-v2"), model)
+    pool = json.loads((model / "1_Pooling" / "config.json").read_text())
+    pool.update(pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+    (model / "1_Pooling" / "config.json").write_text(json.dumps(pool))
+    m = load_embedder(str(model), None, 128, False, backend="onnx", cache_dir=cache, threads=1)
+    assert type(m).__name__ == "SentenceTransformer"
+    assert type(m[0].model).__name__ == "OnnxTransformer"

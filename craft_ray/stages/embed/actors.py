@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from craft_ray.models.embedder import encode_texts, load_sentence_transformer
+from craft_ray.models.embedder import encode_texts, load_embedder
 
 
 class Embedder:
@@ -16,14 +16,13 @@ class Embedder:
                  encode_batch_size: int, torch_threads: int | None,
                  trust_remote_code: bool = False, backend: str = "torch",
                  quantize: str = "none", cache_dir: str | None = None) -> None:
-        import torch
+        if torch_threads and backend == "torch":
+            import torch
 
-        if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model = load_sentence_transformer(model, None, max_seq_length, fp16,
-                                               trust_remote_code, backend=backend,
-                                               quantize=quantize, cache_dir=cache_dir,
-                                               threads=torch_threads)
+        self.model = load_embedder(model, None, max_seq_length, fp16, trust_remote_code,
+                                   backend=backend, quantize=quantize, cache_dir=cache_dir,
+                                   threads=torch_threads)
         self.encode_batch_size = encode_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

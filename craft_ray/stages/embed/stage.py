@@ -105,16 +105,24 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
 
     items = [{"corpus": s.corpus, "path": s.path, "shard": s.shard} for s in shards]
     corpora = {c.name: c.model_dump(mode="json") for c in cfg.corpora}
+    max_actors = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
+    # The readers' concurrency (one per shard: no real cap) is kept different from the pool's
+    # size because Ray Data fuses a task pool into an actor pool when their sizes match (none
+    # given) and they ask the same CPUs (0.5 each: two actors on 2 CPUs). The fused operator
+    # bundled its input, the shards, by the embedder's batch_size (rows): a whole wave became
+    # one task on one actor while the others idled.
     docs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_shards, batch_size=1, num_cpus=cfg.read_num_cpus,
+        concurrency=max(len(items), max_actors + 1),
         fn_kwargs={"corpora": corpora, "store": str(store), "stage_dir": str(stage_dir),
                    "chunk_rows": cfg.read_chunk_rows},
     )
     cpus, threads = pool_resources(cfg)
     if isinstance(cfg.concurrency, int):
-        pool = ray.data.ActorPoolStrategy(size=cfg.concurrency)
+        pool = ray.data.ActorPoolStrategy(size=cfg.concurrency, max_tasks_in_flight_per_actor=2)
     else:
-        pool = ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1])
+        pool = ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1],
+                                          max_tasks_in_flight_per_actor=2)
     emb = docs.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
         num_gpus=cfg.num_gpus or None, num_cpus=cpus,

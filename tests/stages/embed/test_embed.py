@@ -173,3 +173,31 @@ def test_resume_after_sigkill_gives_the_same_store(ray_local, tmp_path: Path):
         assert got[did][0] == row
         np.testing.assert_allclose(got[did][1].astype(np.float32), vec.astype(np.float32),
                                    atol=2e-3)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, [1, 2]])
+@pytest.mark.parametrize("num_shards", [2, 3, 8])
+def test_readers_stay_apart_from_the_embedding_actors(ray_local, tmp_path: Path,
+                                                      concurrency, num_shards):
+    """Ray Data must not fuse the readers into the actor pool: fused, its input (the shards)
+    is bundled by the embedder's batch_size, so a wave ran as one task on one actor. With two
+    actors on this 2-CPU Ray both ask 0.5 CPU, which is when Ray Data fused them."""
+    from ray.data._internal.logical.optimizers import get_execution_plan
+
+    from craft_ray.stages.embed.stage import embed_dataset, pool_resources
+    from craft_ray.store.corpus import Shard
+
+    cfg = stage_cfg(tmp_path, tmp_path, concurrency=concurrency).embed
+    if concurrency == 2:
+        assert pool_resources(cfg)[0] == cfg.read_num_cpus  # the case that fused
+    shards = [Shard(corpus="c4", path=str(tmp_path / f"{i}.json.gz"), shard=f"s{i}")
+              for i in range(num_shards)]
+    plan = get_execution_plan(embed_dataset(shards, cfg, tmp_path / "store", tmp_path)
+                              ._logical_plan)
+    op = plan[0].dag if isinstance(plan, tuple) else plan.dag
+    names = []
+    while op is not None:
+        names.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert names == ["MapBatches(write_parts)", "MapBatches(Embedder)",
+                     "MapBatches(read_shards)", "Input"]
