@@ -94,6 +94,21 @@ def pool_resources(cfg: EmbedConfig) -> tuple[float, int]:
         min_size=cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[0])
 
 
+def _readers(num_shards: int, cfg: EmbedConfig) -> int | None:
+    """The readers' task-pool size: one per shard, kept different from the actor pool's size.
+
+    Ray Data fuses a task pool into an actor pool when their sizes match (or none is given)
+    and they ask the same CPUs (0.5 each: two actors on 2 CPUs). The fused operator bundled
+    its input, the shards, by the embedder's batch_size (rows): a whole wave ran as one task
+    on one actor while the others idled. With one shard and one actor, fused or not is the
+    same, and None (no cap) is what Ray Data wants there.
+    """
+    max_actors = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
+    if num_shards != max_actors:
+        return num_shards
+    return num_shards - 1 if num_shards > 1 else None
+
+
 def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
                   stage_dir: str | Path) -> Any:
     """The lazy Ray Data plan embedding ``shards`` into part files of ``store``.
@@ -105,15 +120,9 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
 
     items = [{"corpus": s.corpus, "path": s.path, "shard": s.shard} for s in shards]
     corpora = {c.name: c.model_dump(mode="json") for c in cfg.corpora}
-    max_actors = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
-    # The readers' concurrency (one per shard: no real cap) is kept different from the pool's
-    # size because Ray Data fuses a task pool into an actor pool when their sizes match (none
-    # given) and they ask the same CPUs (0.5 each: two actors on 2 CPUs). The fused operator
-    # bundled its input, the shards, by the embedder's batch_size (rows): a whole wave became
-    # one task on one actor while the others idled.
     docs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_shards, batch_size=1, num_cpus=cfg.read_num_cpus,
-        concurrency=max(len(items), max_actors + 1),
+        compute=ray.data.TaskPoolStrategy(size=_readers(len(items), cfg)),
         fn_kwargs={"corpora": corpora, "store": str(store), "stage_dir": str(stage_dir),
                    "chunk_rows": cfg.read_chunk_rows},
     )
