@@ -26,3 +26,16 @@ def test_bench_embed_small(ray_local) -> None:
     assert r["stage_config"]["backend"] == "torch"
     assert r["threads_encode"]["torch_threads"] >= 1 and "quiet" in r
     json.dumps(r)  # the CLI prints it as its last line
+
+
+def test_where_time_goes_counts_model_time_per_actor() -> None:
+    """The stage reports its actors' model time summed: with two actors in parallel it can
+    exceed the wall time (a 2-actor bench gave other_s = -61.9 s before this)."""
+    from craft_ray.bench.embed import _where_time_goes
+
+    stats = {"seconds_wall": 81.15, "encode_seconds_this_run": 143.06}
+    two = _where_time_goes(stats, 2)
+    assert two["model_s"] == 71.53 and two["model_s_total"] == 143.06
+    assert two["other_s"] == 9.62 and 0 < two["other_frac"] < 0.2
+    assert _where_time_goes(stats, [1, 2])["actors"] == 2
+    assert _where_time_goes({"seconds_wall": 10.0, "encode_seconds_this_run": 9.0})["other_s"] == 1.0
