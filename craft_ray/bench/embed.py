@@ -43,6 +43,7 @@ from craft_ray.config import apply_overrides, validate
 from craft_ray.models.embedder import load_sentence_transformer, plain_encode
 from craft_ray.runtime import init_ray
 from craft_ray.stages.embed import EmbedStageConfig, run_embed
+from craft_ray.stages.embed.stage import max_actors
 from craft_ray.store.corpus import CorpusConfig, list_shards
 from craft_ray.store.stackexchange import html_to_text, iter_posts
 from craft_ray.store.vectors import read_info, read_shard_table, vectors_of
@@ -170,7 +171,7 @@ def _figures(n_docs: int, times: dict[str, list[float]], runs: _Runs, per: int,
         "baseline_docs_per_s": round(n_docs / summary(times["encode"])["median"], 2),
         "stage_docs_per_s": round(n_docs / summary(times["stage"])["median"], 2),
         "max_cos_dist": float(f"{worst:.3g}"),
-        "stage_time": _where_time_goes(runs.stats["stage"], ecfg.concurrency),
+        "stage_time": _where_time_goes(runs.stats["stage"], max_actors(ecfg)),
         "threads_encode": runs.threads_encode,
         "stage_config": {k: v for k, v in ecfg.model_dump(mode="json").items()
                          if k not in ("corpora",)},
@@ -184,7 +185,7 @@ def _figures(n_docs: int, times: dict[str, list[float]], runs: _Runs, per: int,
             "ratio_int8": ratio8["median"], "ratio_int8_summary": ratio8,
             "ratio_int8_encode": paired_ratio(times["encode"], times["int8_encode"])["median"],
             "int8_max_cos_dist": float(f"{worst8:.3g}"),
-            "int8_stage_time": _where_time_goes(runs.stats["int8_stage"], ecfg.concurrency),
+            "int8_stage_time": _where_time_goes(runs.stats["int8_stage"], max_actors(ecfg)),
         })
     return result
 
@@ -212,13 +213,12 @@ def run_bench_embed(data: Path, *, min_docs: int = 2000, overrides: list[str] | 
     return result
 
 
-def _where_time_goes(stats: dict[str, Any], concurrency: Any = 1) -> dict[str, Any]:
+def _where_time_goes(stats: dict[str, Any], actors: int = 1) -> dict[str, Any]:
     """The stage's wall time split into the actors' model time and the rest (Ray: read,
     schedule, write, finalise, actor start-up and model load). The model time is summed over
     the actors: with several, ``model_s`` is its mean per actor (``model_s_total`` the sum;
     an autoscaling pool is counted at its maximum size)."""
     wall = stats["seconds_wall"]
-    actors = concurrency if isinstance(concurrency, int) else concurrency[1]
     total = stats["encode_seconds_this_run"]
     enc = total / max(1, actors)
     return {"wall_s": round(wall, 2), "model_s": round(enc, 2), "actors": actors,

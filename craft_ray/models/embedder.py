@@ -296,7 +296,7 @@ def encode_texts(model: Any, texts: list[str], batch_size: int) -> np.ndarray:
     for lo in range(0, len(texts), batch_size):
         idx = order[lo:lo + batch_size]
         batch = [texts[i] for i in idx]
-        if isinstance(model, OnnxEncoder):  # normalises when the model does (as encode)
+        if isinstance(model, OnnxEncoder):  # normalised always, as encode(normalize=True)
             vec = model.embed(batch)
             vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
         else:

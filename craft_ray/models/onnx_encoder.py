@@ -33,13 +33,10 @@ class OnnxEncoder:
     """Tokenizer + ONNX session + pooling (+ normalisation) of one exported model."""
 
     def __init__(self, tokenizer: Any, session: Any, inputs: list[str], pooling: str,
-                 normalize: bool, lowercase: bool, max_seq_length: int, dim: int,
-                 pad: tuple[int, str]) -> None:
-        self.tokenizer, self.session, self.inputs = tokenizer, session, inputs
-        self.pooling, self.normalize, self.lowercase = pooling, normalize, lowercase
-        self.max_seq_length, self.dim = max_seq_length, dim
-        self._pad_id, self._pad_token = pad
-        self._pad()
+                 normalize: bool, lowercase: bool, max_seq_length: int, dim: int) -> None:
+        self.tokenizer, self.session, self.inputs = tokenizer, session, inputs  # tokenizer:
+        self.pooling, self.normalize, self.lowercase = pooling, normalize, lowercase  # pads,
+        self.max_seq_length, self.dim = max_seq_length, dim  # truncates at max_seq_length
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dim
@@ -49,16 +46,10 @@ class OnnxEncoder:
                                            else texts)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
-        """Tokens of each text as the model sees it (special tokens in, truncated)."""
-        self.tokenizer.no_padding()
-        try:
-            enc = self._encodings(texts)
-        finally:
-            self._pad()
-        return np.fromiter((len(e.ids) for e in enc), dtype=np.int64, count=len(texts))
-
-    def _pad(self) -> None:
-        self.tokenizer.enable_padding(pad_id=self._pad_id, pad_token=self._pad_token)
+        """Tokens of each text as the model sees it (special tokens in, truncated): the
+        padded encodings' attention masks."""
+        return np.fromiter((sum(e.attention_mask) for e in self._encodings(texts)),
+                           dtype=np.int64, count=len(texts))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Float32 embeddings of one batch (padded to its longest text), pooled as the model's
@@ -128,6 +119,7 @@ def load_onnx_encoder(model_dir: str | Path, export_dir: Path, quantize: str,
     pad_id = tok.token_to_id(pad_token)
     if pad_id is None:
         return None
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token)  # to the batch's longest text
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -137,5 +129,4 @@ def load_onnx_encoder(model_dir: str | Path, export_dir: Path, quantize: str,
     if not set(inputs) <= {"input_ids", "attention_mask", "token_type_ids"}:
         return None
     return OnnxEncoder(tok, session, inputs, layout[0], layout[1],
-                       bool(bert_cfg.get("do_lower_case")), limit, int(hf_cfg["hidden_size"]),
-                       (pad_id, pad_token))
+                       bool(bert_cfg.get("do_lower_case")), limit, int(hf_cfg["hidden_size"]))

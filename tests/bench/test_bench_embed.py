@@ -37,5 +37,10 @@ def test_where_time_goes_counts_model_time_per_actor() -> None:
     two = _where_time_goes(stats, 2)
     assert two["model_s"] == 71.53 and two["model_s_total"] == 143.06
     assert two["other_s"] == 9.62 and 0 < two["other_frac"] < 0.2
-    assert _where_time_goes(stats, [1, 2])["actors"] == 2
+    from craft_ray.stages.embed.config import EmbedConfig
+    from craft_ray.stages.embed.stage import max_actors
+
+    auto = EmbedConfig(corpora=[{"name": "c", "format": "jsonl", "paths": ["x"]}],
+                       concurrency=[1, 2])
+    assert _where_time_goes(stats, max_actors(auto))["actors"] == 2
     assert _where_time_goes({"seconds_wall": 10.0, "encode_seconds_this_run": 9.0})["other_s"] == 1.0

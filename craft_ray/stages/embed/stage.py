@@ -84,12 +84,16 @@ def model_cache_dir(cfg: EmbedConfig, stage_dir: str | Path) -> Path:
     return Path(storage.parent(stage_dir)) / "_models"
 
 
+def max_actors(cfg: EmbedConfig) -> int:
+    """The embedding pool's size (an autoscaling pool's maximum)."""
+    return cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
+
+
 def pool_resources(cfg: EmbedConfig) -> tuple[float, int]:
     """(CPUs, torch threads) of an embedding actor, sized from the cluster's nodes with room
     for the readers and writers beside the pool; raises ResourceFitError when it cannot fit."""
-    size = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
     return actor_resources(
-        cfg.num_cpus, size, cfg.num_gpus, cfg.torch_threads, key="embed",
+        cfg.num_cpus, max_actors(cfg), cfg.num_gpus, cfg.torch_threads, key="embed",
         task_cpus=max(cfg.read_num_cpus, WRITE_NUM_CPUS),
         min_size=cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[0])
 
@@ -103,8 +107,7 @@ def _readers(num_shards: int, cfg: EmbedConfig) -> int | None:
     on one actor while the others idled. With one shard and one actor, fused or not is the
     same, and None (no cap) is what Ray Data wants there.
     """
-    max_actors = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[1]
-    if num_shards != max_actors:
+    if num_shards != max_actors(cfg):
         return num_shards
     return num_shards - 1 if num_shards > 1 else None
 
@@ -127,11 +130,11 @@ def embed_dataset(shards: list[Shard], cfg: EmbedConfig, store: str | Path,
                    "chunk_rows": cfg.read_chunk_rows},
     )
     cpus, threads = pool_resources(cfg)
-    if isinstance(cfg.concurrency, int):
-        pool = ray.data.ActorPoolStrategy(size=cfg.concurrency, max_tasks_in_flight_per_actor=2)
-    else:
-        pool = ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1],
-                                          max_tasks_in_flight_per_actor=2)
+    # At most 2 batches per actor (one running, one queued): the first actor ready does not
+    # take every waiting batch (Ray Data's default queues 4) while a later one starts.
+    low = cfg.concurrency if isinstance(cfg.concurrency, int) else cfg.concurrency[0]
+    pool = ray.data.ActorPoolStrategy(min_size=low, max_size=max_actors(cfg),
+                                      max_tasks_in_flight_per_actor=2)
     emb = docs.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
         num_gpus=cfg.num_gpus or None, num_cpus=cpus,
